@@ -1,0 +1,431 @@
+"""Input pipeline: packed text (the Python stdlib, or local files) or synthetic MQAR, served by grain.
+
+    train_iter, eval_batches_fn = create_datasets(config.data, tokenizer=tok, seq_len=256,
+                                                  global_batch_size=16, seed=0)
+
+Every batch is a dict of numpy arrays [global_batch_size // process_count, seq_len]:
+  inputs       int32    token ids
+  targets      int32    the next token (inputs shifted left by one inside the row)
+  segment_ids  int32    1, 2, ... for the documents of the row, in order; 0 for padding
+  loss_mask    float32  1 where the target is a real token to score, else 0
+
+Text sources. Each document is tokenized and ends with eos; the documents of a split are concatenated
+into one token array, cached in memory, that is cut into rows of seq_len + 1 tokens overlapping by one
+(row i = tokens[i*L : i*L + L + 1], so every token but the first is a target exactly once). A row
+starts in the middle of whatever document covers it (segment 1) and a new segment begins after each
+eos. Only the very last row of a split is padded (pad_id, segment 0). Every real target is scored,
+including the one at an eos, which predicts the first token of the next document: the model sees the
+boundary through segment_ids (reset the recurrent state where they change) and learns where documents
+begin, as in usual LM packing. Train rows are shuffled (seeded, reshuffled each epoch with seed + epoch)
+and repeated forever. Eval rows are not shuffled: all of them in order when they fit in
+`num_eval_batches` batches (the last one padded with empty rows), else as many as fit, evenly spread
+over the split.
+
+Sources (`source`):
+  'stdlib'  the `.py` files of this Python's standard library, test suites included (site-packages
+            skipped; ~1,800 files, ~31 MB on CPython 3.11), read as UTF-8 with errors='replace'.
+  'files'   comma-separated globs `files_glob` (`**` allowed). A `.jsonl` file holds one document per
+            line, its text in field `jsonl_text_field`; any other file is one plain-text document.
+  'mqar'    synthetic multi-query associative recall (Zoology, Arora et al. 2023), see `_MqarRows`.
+            The token ids are the data: the tokenizer is unused and the model's vocab must be at
+            least `mqar_vocab_size` (see `vocab_size`).
+
+Train/validation split: by file, on a hash of each file's path (relative to the stdlib directory, or to
+the common directory of the matched files), so it does not depend on listing order: a file is held out
+when its hash, read as a number in [0, 1), is below `val_fraction`. A single file is split the same way
+by document index. Each split gets at least one unit. Exact duplicate documents are kept once (the
+first, in path order), so no text is in both splits.
+
+Multi-host: host `process_index` of `process_count` reads rows process_index::process_count (train and
+eval), so hosts read disjoint data and together cover all of it.
+
+Config keys and defaults (`DEFAULTS`; a missing key takes its default, an unknown key is an error):
+  source='stdlib'; tokenizer='byte' ('byte' | 'sentencepiece'); sp_vocab_size=4096;
+  files_glob=''; jsonl_text_field='text';
+  val_fraction=0.03 (stdlib on CPython 3.11: 44 non-empty files, 0.74 MB held out);
+  shuffle=True (train only);
+  num_workers=0 (> 0: that many grain worker processes through mp_prefetch);
+  prefetch_buffer_size=8 (batches prefetched by a background thread, and per worker; 0: none);
+  num_eval_batches=16 (at most; a split with fewer rows gives fewer, the last one padded);
+  mqar_num_kv_pairs=8; mqar_vocab_size=256.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+
+from absl import flags
+import grain
+import numpy as np
+
+DEFAULTS = dict(
+    source='stdlib',
+    tokenizer='byte',
+    sp_vocab_size=4096,
+    files_glob='',
+    jsonl_text_field='text',
+    val_fraction=0.03,
+    shuffle=True,
+    num_workers=0,
+    prefetch_buffer_size=8,
+    num_eval_batches=16,
+    mqar_num_kv_pairs=8,
+    mqar_vocab_size=256,
+)
+SOURCES = ('stdlib', 'files', 'mqar')
+TOKENIZERS = ('byte', 'sentencepiece')
+SPLITS = ('train', 'validation')
+_MQAR_EVAL_SEED = 0  # MQAR eval examples do not depend on the run's seed, so runs compare.
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def resolve_config(data_config) -> dict:
+  """`data_config` (ConfigDict, dict or None) with defaults filled in, validated. Returns a dict."""
+  data_config = {} if data_config is None else data_config
+  unknown = sorted(set(data_config.keys()) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f'Unknown data config keys {unknown}; allowed keys: {sorted(DEFAULTS)}.')
+  cfg = {k: data_config.get(k, v) for k, v in DEFAULTS.items()}
+  if cfg['source'] not in SOURCES:
+    raise ValueError(f"Unknown data source {cfg['source']!r}; expected one of {SOURCES}.")
+  if cfg['tokenizer'] not in TOKENIZERS:
+    raise ValueError(f"Unknown tokenizer {cfg['tokenizer']!r}; expected one of {TOKENIZERS}.")
+  if not isinstance(cfg['val_fraction'], (int, float)) or not 0.0 < cfg['val_fraction'] < 1.0:
+    raise ValueError(f"val_fraction must be in (0, 1); got {cfg['val_fraction']}.")
+  for key, low in [('sp_vocab_size', 1), ('num_workers', 0), ('prefetch_buffer_size', 0),
+                   ('num_eval_batches', 1), ('mqar_num_kv_pairs', 1), ('mqar_vocab_size', 1)]:
+    if not _is_int(cfg[key]) or cfg[key] < low:
+      raise ValueError(f'{key} must be an int >= {low}; got {cfg[key]!r}.')
+  if cfg['source'] == 'files' and not str(cfg['files_glob']).strip(' ,'):
+    raise ValueError("source='files' needs data_config.files_glob (comma-separated globs).")
+  if cfg['source'] == 'mqar':
+    n, v = cfg['mqar_num_kv_pairs'], cfg['mqar_vocab_size']
+    if v // 2 - 1 < n:  # Keys come from [1, v/2) without replacement; 0 is padding.
+      raise ValueError(f'mqar_vocab_size={v} is too small for mqar_num_kv_pairs={n}: '
+                       f'need mqar_vocab_size >= 2 * (mqar_num_kv_pairs + 1) = {2 * (n + 1)}.')
+  return cfg
+
+
+def vocab_size(data_config, tokenizer) -> int:
+  """Number of token ids the model's embedding must cover for this source."""
+  cfg = resolve_config(data_config)
+  return cfg['mqar_vocab_size'] if cfg['source'] == 'mqar' else tokenizer.vocab_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documents.
+
+
+def _unit_hash(key: str) -> float:
+  """Stable hash of a string to [0, 1)."""
+  return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'little') / 2.0**64
+
+
+def _is_val(keys: list[str], val_fraction: float) -> np.ndarray:
+  """Which units are held out, by hash; both splits get at least one. [len(keys)] bool."""
+  if len(keys) < 2:
+    raise ValueError(f'Need at least 2 documents to make a train/validation split; got {len(keys)}.')
+  h = np.array([_unit_hash(k) for k in keys])
+  is_val = h < val_fraction
+  if not is_val.any():
+    is_val[np.argmin(h)] = True
+  if is_val.all():
+    is_val[np.argmax(h)] = False
+  return is_val
+
+
+def _read_text(path: str) -> str:
+  with open(path, 'rb') as f:
+    return f.read().decode('utf-8', errors='replace')
+
+
+def _list_stdlib() -> tuple[str, tuple[str, ...]]:
+  """(stdlib directory, sorted relative posix paths of its .py files, site-packages skipped)."""
+  root = sysconfig.get_paths()['stdlib']
+  rel_paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in ('site-packages', 'dist-packages', '__pycache__')]
+    for name in filenames:
+      if name.endswith('.py'):
+        rel_paths.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, '/'))
+  if not rel_paths:
+    raise ValueError(f'No .py files found in the stdlib directory {root!r}.')
+  return root, tuple(sorted(rel_paths))
+
+
+def _glob_files(files_glob: str) -> list[str]:
+  """Sorted absolute paths matched by comma-separated globs; each glob must match a file."""
+  paths = set()
+  for pattern in (p.strip() for p in files_glob.split(',')):
+    if not pattern:
+      continue
+    matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+    if not matched:
+      raise ValueError(f'files_glob pattern {pattern!r} matches no files.')
+    paths.update(os.path.abspath(p) for p in matched)
+  return sorted(paths)
+
+
+def _read_documents(path: str, text_field: str) -> list[str]:
+  """A file's documents: one per line of a .jsonl file, else the whole file. Errors if none."""
+  if not path.endswith('.jsonl'):
+    text = _read_text(path)
+    if not text.strip():
+      raise ValueError(f'Data file {path!r} is empty.')
+    return [text]
+  docs = []
+  for line_number, line in enumerate(_read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}:{line_number} is not valid JSON: {e}') from e
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+      raise ValueError(f'{path}:{line_number} has no string field {text_field!r} '
+                       '(set data_config.jsonl_text_field).')
+    if record[text_field].strip():
+      docs.append(record[text_field])
+  if not docs:
+    raise ValueError(f'Data file {path!r} is empty: no non-empty {text_field!r} documents.')
+  return docs
+
+
+def _list_files(cfg) -> tuple[str, tuple[str, ...]]:
+  """(root directory, sorted relative posix paths) of a text source's files."""
+  if cfg['source'] == 'stdlib':
+    return _list_stdlib()
+  paths = _glob_files(cfg['files_glob'])
+  root = os.path.commonpath([os.path.dirname(p) for p in paths])
+  return root, tuple(os.path.relpath(p, root).replace(os.sep, '/') for p in paths)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_split(source: str, root: str, files: tuple, text_field: str,
+                  val_fraction: float) -> dict[str, tuple[str, ...]]:
+  """{'train': texts, 'validation': texts}, in file order. `files` holds (rel_path, mtime, size)."""
+  rel_paths = [f[0] for f in files]
+  per_file = []
+  for rel_path in rel_paths:
+    path = os.path.join(root, rel_path)
+    if source == 'stdlib':  # Keep every file, even empty ones (many __init__.py): no error here.
+      per_file.append([_read_text(path)])
+    else:
+      per_file.append(_read_documents(path, text_field))
+  if len(rel_paths) == 1:  # Split one file by document.
+    docs = per_file[0]
+    is_val = _is_val([f'{rel_paths[0]}#{i}' for i in range(len(docs))], val_fraction)
+  else:  # Split by file: a file's documents stay together.
+    docs = [d for file_docs in per_file for d in file_docs]
+    is_val = np.repeat(_is_val(rel_paths, val_fraction), [len(d) for d in per_file])
+  splits, seen = {'train': [], 'validation': []}, set()
+  for doc, val in zip(docs, is_val):
+    if doc.strip() and doc not in seen:  # Exact duplicates (a few in the stdlib) are kept once.
+      seen.add(doc)
+      splits['validation' if val else 'train'].append(doc)
+  return {k: tuple(v) for k, v in splits.items()}
+
+
+def load_texts(data_config, split: str) -> tuple[str, ...]:
+  """The documents of a text source's split ('train' or 'validation'), cached in memory."""
+  cfg = resolve_config(data_config)
+  if cfg['source'] == 'mqar':
+    raise ValueError("source='mqar' has no text documents.")
+  if split not in SPLITS:
+    raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
+  root, rel_paths = _list_files(cfg)
+  stats = [os.stat(os.path.join(root, p)) for p in rel_paths]
+  files = tuple((p, s.st_mtime_ns, s.st_size) for p, s in zip(rel_paths, stats))
+  return _cached_split(cfg['source'], root, files, cfg['jsonl_text_field'],
+                       float(cfg['val_fraction']))[split]
+
+
+def tokenize_documents(texts, tokenizer) -> np.ndarray:
+  """Each document's tokens followed by eos, concatenated. [num_tokens] uint16 (int32 if the vocab
+  needs it)."""
+  encode = getattr(tokenizer, 'encode_array', None) or (lambda t: np.asarray(tokenizer.encode(t)))
+  dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+  eos = np.array([tokenizer.eos_id], dtype)
+  return np.concatenate([a for t in texts for a in (encode(t).astype(dtype, copy=False), eos)]
+                        or [np.zeros(0, dtype)])
+
+
+def unigram_bits_per_byte(data_config, tokenizer, split: str = 'train') -> float:
+  """Cross-entropy of the split under its own token frequencies, in bits per UTF-8 byte: the loss of
+  a model that learned only the unigram distribution (eos included, as in training)."""
+  counts = np.bincount(tokenize_documents(load_texts(data_config, split), tokenizer),
+                       minlength=tokenizer.vocab_size).astype(np.float64)
+  seen = counts > 0
+  bits = -(counts[seen] * np.log2(counts[seen] / counts.sum())).sum()
+  return float(bits / (counts * tokenizer.token_bytes).sum())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rows. Each maps a row index to one example: a dict of [seq_len] arrays. Module-level classes, so
+# that grain can pickle them into worker processes.
+
+
+def _text_example(row: np.ndarray, num_real: int, eos_id: int) -> dict[str, np.ndarray]:
+  """Example from a row [seq_len + 1] int32 whose first `num_real` tokens are real."""
+  inputs, targets = row[:-1], row[1:]
+  position = np.arange(len(inputs))
+  is_eos = (inputs == eos_id).astype(np.int32)
+  segment_ids = 1 + np.cumsum(is_eos) - is_eos  # 1 + number of eos strictly before the token.
+  return dict(inputs=inputs, targets=targets,
+              segment_ids=np.where(position < num_real, segment_ids, 0).astype(np.int32),
+              loss_mask=(position < num_real - 1).astype(np.float32))
+
+
+class _TextRows:
+  """Row i = tokens[i*L : i*L + L + 1], padded; rows past the end are all padding."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, pad_id: int, eos_id: int):
+    self.tokens, self.seq_len, self.pad_id, self.eos_id = tokens, seq_len, pad_id, eos_id
+    self.num_rows = max(1, -(-(len(tokens) - 1) // seq_len))
+
+  def __call__(self, index) -> dict[str, np.ndarray]:
+    index, seq_len = int(index), self.seq_len
+    row = np.full(seq_len + 1, self.pad_id, np.int32)
+    if index < self.num_rows:
+      real = self.tokens[index * seq_len: index * seq_len + seq_len + 1]
+      row[:len(real)] = real
+      num_real = len(real)
+    else:
+      num_real = 0
+    return _text_example(row, num_real, self.eos_id)
+
+
+class _MqarRows:
+  """Multi-query associative recall (Zoology, Arora et al. 2023), one example per index.
+
+  Row [seq_len + 1]: k1 v1 k2 v2 ... kN vN, then query pairs k v filling the rest (an odd leftover
+  token is padding, id 0). Keys are drawn without replacement from [1, V/2) and values from [V/2, V)
+  (V = mqar_vocab_size). The queries go through the N keys in a fresh random order, again and again,
+  so every key is queried (seq_len + 1 >= 4N is required). loss_mask is 1 exactly where the input is
+  a query key, whose target is its bound value. Unlike Zoology, which queries each key once at
+  random later positions among noise tokens, and shows no value after a query, the queries here are
+  dense, and a repeated key may also be answered from its previous query.
+  Example i comes from np.random.default_rng((seed, split, i)): deterministic, nothing stored.
+  """
+
+  def __init__(self, seq_len: int, num_kv_pairs: int, vocab_size: int, seed: int, split: int):
+    self.seq_len, self.num_kv_pairs, self.vocab_size = seq_len, num_kv_pairs, vocab_size
+    self.seed, self.split = seed, split
+    self.num_queries = (seq_len + 1 - 2 * num_kv_pairs) // 2
+    if self.num_queries < num_kv_pairs:
+      raise ValueError(f'MQAR with mqar_num_kv_pairs={num_kv_pairs} needs seq_len + 1 >= '
+                       f'4 * mqar_num_kv_pairs = {4 * num_kv_pairs}; got seq_len={seq_len}.')
+
+  def __call__(self, index) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng((self.seed, self.split, int(index)))
+    n, half, num_queries = self.num_kv_pairs, self.vocab_size // 2, self.num_queries
+    keys = 1 + rng.permutation(half - 1)[:n]
+    values = half + rng.permutation(self.vocab_size - half)[:n]
+    rounds = -(-num_queries // n)
+    order = rng.permuted(np.tile(np.arange(n), (rounds, 1)), axis=1).reshape(-1)[:num_queries]
+    row = np.zeros(self.seq_len + 1, np.int32)
+    row[0:2 * n:2], row[1:2 * n:2] = keys, values
+    end = 2 * n + 2 * num_queries
+    row[2 * n:end:2], row[2 * n + 1:end:2] = keys[order], values[order]
+    position = np.arange(self.seq_len)
+    loss_mask = np.zeros(self.seq_len, np.float32)
+    loss_mask[2 * n:end:2] = 1.0
+    return dict(inputs=row[:-1], targets=row[1:],
+                segment_ids=(position < end).astype(np.int32), loss_mask=loss_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def _read_options(cfg) -> grain.ReadOptions:
+  # The rows are cheap numpy slices of data in memory: one background thread is plenty.
+  buffer_size = cfg['prefetch_buffer_size']
+  return grain.ReadOptions(num_threads=1 if buffer_size else 0, prefetch_buffer_size=buffer_size)
+
+
+def _eval_rows(num_rows: int, num_batches: int, global_batch_size: int) -> np.ndarray:
+  """Row indices of the eval batches: evenly spread over the split if it has more rows than needed,
+  else all of them, then indices >= num_rows (padding rows) to fill the last batch."""
+  num_batches = min(num_batches, -(-num_rows // global_batch_size))
+  total = num_batches * global_batch_size
+  if total <= num_rows:
+    return np.arange(total) * num_rows // total
+  return np.arange(total)
+
+
+def create_datasets(data_config, *, tokenizer, seq_len: int, global_batch_size: int, seed: int,
+                    process_index: int | None = None, process_count: int | None = None):
+  """Returns (train_iter, eval_batches_fn) for this host.
+
+  train_iter: infinite grain DatasetIterator of batches (see the module docstring), each array
+    [global_batch_size // process_count, seq_len]. `get_state()` is a JSON-serialisable dict (its
+    layout depends on num_workers); `set_state(state)` on an iterator built with the same arguments
+    and config resumes exactly: the next batches are those the original produced after get_state.
+  eval_batches_fn(): a fresh finite iterable of at most `num_eval_batches` batches of the held-out
+    split, the same on every call and for every seed.
+  process_index / process_count default to jax.process_index() / jax.process_count().
+  """
+  cfg = resolve_config(data_config)
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (lazy: grain workers need not import jax)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  for name, value in [('seq_len', seq_len), ('global_batch_size', global_batch_size),
+                      ('process_count', process_count)]:
+    if not _is_int(value) or value < 1:
+      raise ValueError(f'{name} must be a positive int; got {value!r}.')
+  if not _is_int(process_index) or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index must be in [0, {process_count}); got {process_index!r}.')
+  if global_batch_size % process_count:
+    raise ValueError(f'global_batch_size={global_batch_size} is not divisible by '
+                     f'process_count={process_count}.')
+  if not _is_int(seed) or not 0 <= seed < 2**32:
+    raise ValueError(f'seed must be an int in [0, 2**32); got {seed!r}.')
+  batch_size = global_batch_size // process_count
+  shard = slice(process_index, None, process_count)
+
+  if cfg['source'] == 'mqar':
+    args = (seq_len, cfg['mqar_num_kv_pairs'], cfg['mqar_vocab_size'])
+    train_rows, eval_rows = _MqarRows(*args, seed, 0), _MqarRows(*args, _MQAR_EVAL_SEED, 1)
+    # Every index is a new random example: 2**62 of them is endless, nothing to shuffle or repeat.
+    train = grain.MapDataset.range(2**62)[shard]
+    eval_indices = np.arange(cfg['num_eval_batches'] * global_batch_size)
+  else:
+    def rows(split):
+      tokens = tokenize_documents(load_texts(cfg, split), tokenizer)
+      return _TextRows(tokens, seq_len, tokenizer.pad_id, tokenizer.eos_id)
+    train_rows, eval_rows = rows('train'), rows('validation')
+    if train_rows.num_rows < process_count:
+      raise ValueError(f'The train split has {train_rows.num_rows} rows of seq_len={seq_len}, '
+                       f'fewer than process_count={process_count}.')
+    train = grain.MapDataset.range(train_rows.num_rows)[shard]
+    if cfg['shuffle']:
+      train = train.shuffle(seed)  # Epoch e is shuffled with seed + e.
+    train = train.repeat(None)
+    eval_indices = _eval_rows(eval_rows.num_rows, cfg['num_eval_batches'], global_batch_size)
+
+  train = train.map(train_rows).batch(batch_size, drop_remainder=True)
+  train = train.to_iter_dataset(_read_options(cfg))
+  if cfg['num_workers'] > 0:
+    # grain 0.2.18 reads an absl flag when it starts workers, which fails in a script that did not
+    # parse flags (not an absl app, pytest): grain issue #1355. The flags then keep their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    train = train.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg['num_workers'], per_worker_buffer_size=max(1, cfg['prefetch_buffer_size'])))
+  eval_ds = grain.MapDataset.source(eval_indices)[shard].map(eval_rows).batch(batch_size)
+  eval_ds = eval_ds.to_iter_dataset(_read_options(cfg))
+
+  def eval_batches_fn():
+    return eval_ds
+
+  return iter(train), eval_batches_fn

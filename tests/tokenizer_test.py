@@ -1,0 +1,101 @@
+"""Tests of retnet_jax/tokenizer.py."""
+
+import os
+
+import numpy as np
+import pytest
+
+from retnet_jax import tokenizer as tokenizer_lib
+
+UNICODE_TEXT = 'def f(x):\n\treturn x  # héllo, 日本語, emoji 🙂, ß → ∑\r\n'
+
+
+def test_byte_tokenizer_round_trips_unicode():
+  tok = tokenizer_lib.ByteTokenizer()
+  ids = tok.encode(UNICODE_TEXT)
+  assert ids == list(UNICODE_TEXT.encode('utf-8'))
+  assert all(0 <= i < 256 for i in ids)  # No special tokens added.
+  assert tok.decode(ids) == UNICODE_TEXT
+  assert tok.decode(np.asarray(ids, np.int32)) == UNICODE_TEXT
+  np.testing.assert_array_equal(tok.encode_array(UNICODE_TEXT), ids)
+
+
+def test_byte_tokenizer_ids_and_token_bytes():
+  tok = tokenizer_lib.ByteTokenizer()
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258, 259)
+  assert tok.token_bytes.shape == (259,) and tok.token_bytes.dtype == np.int32
+  np.testing.assert_array_equal(tok.token_bytes[:256], 1)
+  np.testing.assert_array_equal(tok.token_bytes[256:], 0)
+  ids = tok.encode(UNICODE_TEXT)
+  assert tok.token_bytes[ids].sum() == len(UNICODE_TEXT.encode('utf-8'))
+
+
+def test_byte_tokenizer_decode_skips_specials_and_replaces_invalid_utf8():
+  tok = tokenizer_lib.ByteTokenizer()
+  assert tok.decode([tok.bos_id, 104, 105, tok.eos_id, tok.pad_id, tok.pad_id]) == 'hi'
+  assert tok.decode([0xFF, 65]) == '\ufffdA'
+  assert tok.decode(tok.encode('é')[:1]) == '\ufffd'  # Half a two-byte character.
+
+
+def test_get_tokenizer_byte_and_bad_names():
+  assert isinstance(tokenizer_lib.get_tokenizer({}), tokenizer_lib.ByteTokenizer)
+  assert isinstance(tokenizer_lib.get_tokenizer({'tokenizer': 'byte'}),
+                    tokenizer_lib.ByteTokenizer)
+  with pytest.raises(ValueError, match=r"Unknown tokenizer 'gpt2'.*'byte', 'sentencepiece'"):
+    tokenizer_lib.get_tokenizer({'tokenizer': 'gpt2'})
+  with pytest.raises(ValueError, match=r"Unknown data config keys \['tokeniser'\]"):
+    tokenizer_lib.get_tokenizer({'tokeniser': 'byte'})
+  with pytest.raises(ValueError, match='needs a text source'):
+    tokenizer_lib.get_tokenizer({'source': 'mqar', 'tokenizer': 'sentencepiece'})
+
+
+def _training_texts():
+  rng = np.random.default_rng(0)
+  words = ['def', 'return', 'self', 'import', 'class', 'for', 'in', 'if', 'else', 'None', 'x',
+           'value', 'name', '日本', 'héllo', '(', ')', ':', '=', '+', '0', '1', '42']
+  texts = []
+  for _ in range(200):
+    lines = [' ' * int(rng.integers(0, 3) * 4) + ' '.join(rng.choice(words, 6)) for _ in range(5)]
+    texts.append('\n'.join(lines) + '\n')
+  return texts
+
+
+def test_sentencepiece_round_trip_and_save_load(tmp_path):
+  pytest.importorskip('sentencepiece')
+  model_path = str(tmp_path / 'sp' / 'tokenizer.model')
+  tok = tokenizer_lib.SentencePieceTokenizer.train(_training_texts(), 320, model_path)
+  assert tok.vocab_size == 320 and os.path.exists(model_path)
+  assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3
+  assert tok.token_bytes.shape == (320,) and tok.token_bytes.dtype == np.int32
+  for i in (tok.pad_id, tok.bos_id, tok.eos_id):
+    assert tok.token_bytes[i] == 0
+  ids = tok.encode(UNICODE_TEXT)  # Unseen characters go through byte fallback: lossless.
+  assert tok.decode(ids) == UNICODE_TEXT
+  assert tok.token_bytes[ids].sum() == len(UNICODE_TEXT.encode('utf-8'))
+  assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == UNICODE_TEXT
+  assert not {tok.pad_id, tok.bos_id, tok.eos_id} & set(ids)
+  text = _training_texts()[0]
+  assert len(tok.encode(text)) < 0.75 * len(text.encode('utf-8'))  # Learned merges compress.
+  loaded = tokenizer_lib.SentencePieceTokenizer.load(model_path)
+  assert loaded.encode(text) == tok.encode(text)
+  np.testing.assert_array_equal(loaded.token_bytes, tok.token_bytes)
+  with pytest.raises(ValueError, match='sp_vocab_size must be >= 300'):
+    tokenizer_lib.SentencePieceTokenizer.train(_training_texts(), 100, model_path)
+
+
+def test_get_tokenizer_sentencepiece_trains_once_then_reloads(tmp_path, monkeypatch):
+  pytest.importorskip('sentencepiece')
+  for i, text in enumerate(_training_texts()[:20]):
+    (tmp_path / f'doc{i:02d}.txt').write_text(text, encoding='utf-8')
+  config = {'source': 'files', 'files_glob': str(tmp_path / '*.txt'),
+            'tokenizer': 'sentencepiece', 'sp_vocab_size': 300}
+  workdir = tmp_path / 'workdir'
+  tok = tokenizer_lib.get_tokenizer(config, str(workdir))
+  assert (workdir / 'tokenizer.model').exists() and tok.vocab_size == 300
+
+  def fail(*args, **kwargs):
+    raise AssertionError('trained again instead of loading <workdir>/tokenizer.model')
+
+  monkeypatch.setattr(tokenizer_lib.SentencePieceTokenizer, 'train', fail)
+  again = tokenizer_lib.get_tokenizer(config, str(workdir))
+  assert again.model_proto == tok.model_proto
