@@ -10,6 +10,7 @@ import pytest
 from retnet_jax import decay
 from retnet_jax import retention
 from tests import reference
+from tests.util import rel_err
 
 K_DIM, V_DIM = 5, 6  # K ≠ V on purpose.
 SCHEDULE_ARGS = {
@@ -32,11 +33,6 @@ def inputs(seed, B, T, H, K=K_DIM, V=V_DIM, dtype=jnp.float32, with_state=True):
   state = rng.standard_normal((B, H, K, V)) if with_state else None
   cast = lambda x: jnp.asarray(x, dtype)
   return cast(q), cast(k), cast(v), (None if state is None else jnp.asarray(state, jnp.float32))
-
-
-def rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.max(np.abs(x - ref)) / np.max(np.abs(ref))
 
 
 @functools.lru_cache(maxsize=None)

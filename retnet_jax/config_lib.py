@@ -1,0 +1,94 @@
+"""Loading and checking experiment configs (Python files in configs/ with `get_config(arg=None)`).
+
+`load('configs/retnet_tiny.py:gamma=lm', ['total_steps=100', 'model.num_layers=2'])` does what
+`--config=configs/retnet_tiny.py:gamma=lm --config.total_steps=100 ...` does on the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+
+import ml_collections
+
+from retnet_jax import model as model_lib
+
+# Keys every config has, so that any run can be shortened or reseeded from the command line.
+REQUIRED = ('seed', 'total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
+            'checkpoint_every', 'model', 'data', 'optim', 'mesh', 'checkpoint')
+TOP_LEVEL = REQUIRED + ('reset_at_doc_boundaries', 'generate', 'name')
+OPTIM = ('learning_rate', 'warmup_steps', 'schedule', 'end_lr_fraction', 'b1', 'b2', 'eps',
+         'weight_decay', 'grad_clip', 'grad_accum_steps')
+MESH = ('data', 'fsdp', 'tensor', 'rules', 'coordinator_address', 'num_processes', 'process_id')
+CHECKPOINT = ('max_to_keep', 'save_on_sigterm')
+
+
+def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Imports a config file, calls get_config(arg) and applies 'a.b=value' overrides."""
+  path, _, arg = path_and_arg.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path!r} does not exist.')
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None) if arg else module.get_config()
+  for item in overrides:
+    key, _, value = item.partition('=')
+    set_value(config, key, value)
+  return config
+
+
+def set_value(config, dotted_key: str, text: str):
+  """Sets config.<dotted_key> from a command-line string (parsed as a Python literal if it is one)."""
+  *parents, leaf = dotted_key.split('.')
+  node = config
+  for p in parents:
+    if p not in node:
+      raise ValueError(f'unknown config key {dotted_key!r}.')
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f'unknown config key {dotted_key!r}.')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  node[leaf] = value
+
+
+def _check_keys(section, allowed, where):
+  unknown = sorted(set(section.keys()) - set(allowed))
+  if unknown:
+    raise ValueError(f'unknown config key(s) in {where}: {unknown}; allowed: {sorted(allowed)}.')
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the problem for unknown keys, missing keys or impossible values."""
+  missing = [k for k in REQUIRED if k not in config]
+  if missing:
+    raise ValueError(f'config is missing required key(s): {missing}.')
+  _check_keys(config, TOP_LEVEL, 'config')
+  _check_keys(config.optim, OPTIM, 'config.optim')
+  _check_keys(config.mesh, MESH, 'config.mesh')
+  _check_keys(config.checkpoint, CHECKPOINT, 'config.checkpoint')
+  for key in ('total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'checkpoint_every'):
+    if not isinstance(config[key], int) or config[key] <= 0:
+      raise ValueError(f'config.{key} must be a positive integer; got {config[key]!r}.')
+  accum = config.optim.get('grad_accum_steps', 1)
+  if not isinstance(accum, int) or accum < 1 or config.batch_size % accum:
+    raise ValueError(f'config.optim.grad_accum_steps ({accum}) must be a positive divisor of '
+                     f'config.batch_size ({config.batch_size}).')
+  model_config(config)  # Raises on impossible model shapes.
+
+
+def model_config(config) -> model_lib.ModelConfig:
+  """The frozen ModelConfig the model code receives (never the ConfigDict)."""
+  fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
+  values = config.model.to_dict() if hasattr(config.model, 'to_dict') else dict(config.model)
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f'unknown config key(s) in config.model: {unknown}; allowed: {sorted(fields)}.')
+  if 'gamma_values' in values:
+    values['gamma_values'] = tuple(values['gamma_values'] or ())
+  return model_lib.ModelConfig(**values)

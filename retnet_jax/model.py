@@ -1,0 +1,457 @@
+"""The RetNet language model (Sun et al. 2023, §2.2–2.3) and a Transformer baseline, in flax.nnx.
+
+    X ← X + MSR(RMSNorm(X));  X ← X + FFN(RMSNorm(X));  logits = W_head RMSNorm(X)        (eq. 9)
+    MSR(X) = W_O (swish(X W_G) ⊙ GroupNorm_h(Retention_h(X)))                              (eq. 8)
+
+`kind='transformer'` swaps retention for causal softmax attention with a KV cache and keeps
+everything else (embedding, pre-norm, SwiGLU FFN, rotary positions, head).
+
+Both run as `model(tokens_BT, state=None, mode=...) -> (logits_BTV float32, state)`, where `state`
+is a pytree carrying each layer's recurrent state (RetNet: [L, B, H, K, V]; Transformer: the KV
+cache) and the position offset, so that the logits of x[:n] and then of x[n:] with the carried
+state equal the logits of x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retnet_jax import decay
+from retnet_jax import retention
+from retnet_jax import sharding
+
+F32 = jnp.float32
+KINDS = ('retnet', 'transformer')
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture. Built from `config.model` by `ModelConfig(**config.model)`."""
+  kind: str = 'retnet'
+  vocab_size: int = 384
+  num_layers: int = 2
+  embed_dim: int = 128  # D; q and k are D wide, so the q-k head dim is K = D / H.
+  num_heads: int = 4  # H
+  value_dim: int | None = None  # Total value width (V · H); default 2·D for RetNet, D for attention.
+  ffn_dim: int = 256
+  ffn_activation: str = 'swish'  # 'swish' (SwiGLU) | 'gelu' (torchscale's GLU default).
+  # Decay schedule (see decay.py): gamma in decay.SCHEDULES; gamma_value for 'uniform';
+  # gamma_values for 'custom'; gamma_init is the schedule a 'learnable' γ starts from.
+  gamma: str = 'retnet'
+  gamma_value: float | None = None
+  gamma_values: tuple[float, ...] = ()
+  gamma_init: str = 'retnet'
+  form: str = 'chunkwise'  # Default retention form: 'parallel' | 'chunkwise' | 'recurrent'.
+  chunk_size: int = 64
+  # Rotary angles on q and k: 'interleaved' pairs (torchscale), 'half'-split (fla), or 'none';
+  # frequencies 'torchscale' (θ_i = base^−linspace(0, 1, K/2)) or 'standard' (θ_i = base^(−2i/K)).
+  rotary: str = 'interleaved'
+  rotary_freqs: str = 'torchscale'
+  rotary_base: float = 10000.0
+  swish_gate: bool = True  # Table 6 "− swish gate" sets False.
+  group_norm: bool = True  # Per-head RMSNorm of the retention output; "− GroupNorm" sets False.
+  group_norm_affine: bool = False  # A learned per-channel scale in that norm (fla).
+  # Divide o_t by sqrt(Σ_{i≤t} γ^i), the paper's D̃ (§2.2). Under group_norm it cancels (up to eps);
+  # without it, it keeps the output's scale independent of γ, as in the paper's "− GroupNorm" run.
+  decay_row_norm: bool = False
+  norm_eps: float = 1e-6
+  dropout: float = 0.0
+  tie_embeddings: bool = False
+  dtype: str = 'float32'  # Compute dtype; parameters stay param_dtype.
+  param_dtype: str = 'float32'
+  scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth.
+  remat: str = 'none'  # One of REMAT_POLICIES.
+
+  def __post_init__(self):
+    def need(ok, msg):
+      if not ok:
+        raise ValueError(f'model config: {msg}')
+    need(self.kind in KINDS, f'kind must be one of {KINDS}; got {self.kind!r}.')
+    for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'ffn_dim', 'chunk_size'):
+      need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+           f'{name} must be a positive integer; got {getattr(self, name)!r}.')
+    need(self.embed_dim % self.num_heads == 0,
+         f'num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim}).')
+    need(self.values % self.num_heads == 0,
+         f'num_heads ({self.num_heads}) must divide value_dim ({self.values}).')
+    need(self.kind == 'retnet' or self.value_dim in (None, self.embed_dim),
+         'the transformer uses value_dim = embed_dim.')
+    need(self.rotary in ('interleaved', 'half', 'none'),
+         f"rotary must be 'interleaved', 'half' or 'none'; got {self.rotary!r}.")
+    need(self.rotary_freqs in ('torchscale', 'standard'),
+         f"rotary_freqs must be 'torchscale' or 'standard'; got {self.rotary_freqs!r}.")
+    need(self.rotary == 'none' or self.head_dim % 2 == 0,
+         f'rotary angles need an even head dimension; got {self.head_dim}.')
+    need(self.ffn_activation in ('swish', 'gelu'),
+         f"ffn_activation must be 'swish' or 'gelu'; got {self.ffn_activation!r}.")
+    need(self.form in retention.FORMS, f'form must be one of {sorted(retention.FORMS)}.')
+    need(self.remat in REMAT_POLICIES, f'remat must be one of {sorted(REMAT_POLICIES)}.')
+    need(self.dtype in DTYPES and self.param_dtype in DTYPES, f'dtypes must be among {DTYPES}.')
+    need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1); got {self.dropout}.')
+    need(isinstance(self.gamma_values, tuple), 'gamma_values must be a tuple.')
+    if self.kind == 'retnet':
+      self.gammas()  # Raises on an unknown or impossible schedule.
+
+  @property
+  def head_dim(self) -> int:
+    """K, the q-k head dimension."""
+    return self.embed_dim // self.num_heads
+
+  @property
+  def values(self) -> int:
+    """Total value width."""
+    if self.value_dim is not None:
+      return self.value_dim
+    return 2 * self.embed_dim if self.kind == 'retnet' else self.embed_dim
+
+  @property
+  def value_head_dim(self) -> int:
+    return self.values // self.num_heads
+
+  def gammas(self) -> np.ndarray:
+    """Initial (or fixed) γ per head, float64 [H]."""
+    return decay.gammas(self.gamma, self.num_heads, value=self.gamma_value,
+                        values=tuple(self.gamma_values), init=self.gamma_init)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def _xavier(gain, in_axis, out_axis):
+  """torchscale's xavier_uniform_(gain) for a kernel whose fan-in and fan-out axes are given."""
+  return jax.nn.initializers.variance_scaling(gain**2, 'fan_avg', 'uniform', in_axis, out_axis)
+
+
+_TORCH_LINEAR = jax.nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')  # U(±fan_in^−½)
+
+
+def _param(rngs, init, shape, axes, dtype):
+  return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _dropout(x, rate, key):
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """x / sqrt(mean(x²) + eps), in float32, times a learned scale when `affine`."""
+
+  def __init__(self, dim, eps, *, affine=True, axes=('embed',), param_dtype=F32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=axes) if affine else None
+
+  def __call__(self, x):
+    x32 = x.astype(F32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(F32)
+    return y.astype(x.dtype)
+
+
+def rotary_angles(cfg: ModelConfig, positions_T):
+  """(sin, cos) [T, K] of the rotary angles n·θ for each position n (the paper's e^{inθ})."""
+  K = cfg.head_dim
+  if cfg.rotary_freqs == 'torchscale':
+    inv_freq = cfg.rotary_base ** -np.linspace(0.0, 1.0, K // 2)
+  else:
+    inv_freq = cfg.rotary_base ** -(np.arange(0, K, 2) / K)
+  angle_TK2 = jnp.asarray(positions_T, F32)[:, None] * jnp.asarray(inv_freq, F32)[None, :]
+  if cfg.rotary == 'interleaved':
+    angle_TK = jnp.repeat(angle_TK2, 2, axis=-1)  # θ0 θ0 θ1 θ1 ...
+  else:
+    angle_TK = jnp.concatenate([angle_TK2, angle_TK2], axis=-1)  # θ0 θ1 ... θ0 θ1 ...
+  return jnp.sin(angle_TK), jnp.cos(angle_TK)
+
+
+def apply_rotary(x_BTHK, sin_TK, cos_TK, style):
+  """x·cos + rotate(x)·sin; rotate maps each pair (x1, x2) to (−x2, x1)."""
+  if style == 'none':
+    return x_BTHK
+  if style == 'interleaved':
+    x1, x2 = x_BTHK[..., 0::2], x_BTHK[..., 1::2]
+    rotated = jnp.stack([-x2, x1], axis=-1).reshape(x_BTHK.shape)
+  else:
+    x1, x2 = jnp.split(x_BTHK, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+  sin, cos = sin_TK[:, None, :], cos_TK[:, None, :]
+  return (x_BTHK.astype(F32) * cos + rotated.astype(F32) * sin).astype(x_BTHK.dtype)
+
+
+class MultiScaleRetention(nnx.Module):
+  """Gated multi-scale retention, one γ per head (§2.2)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K, V = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.value_head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    small = _xavier(2**-2.5, 0, (1, 2))
+    self.wq = _param(rngs, small, (D, H, K), ('embed', 'heads', 'kv'), pd)
+    self.wk = _param(rngs, small, (D, H, K), ('embed', 'heads', 'kv'), pd)
+    self.wv = _param(rngs, small, (D, H, V), ('embed', 'heads', 'kv'), pd)
+    self.wg = _param(rngs, small, (D, H, V), ('embed', 'heads', 'kv'), pd) if cfg.swish_gate else None
+    self.wo = _param(rngs, _xavier(2**-1, (0, 1), 2), (H, V, D), ('heads', 'kv', 'embed'), pd)
+    self.norm = (RMSNorm(V, cfg.norm_eps, affine=cfg.group_norm_affine, axes=('kv',), param_dtype=pd)
+                 if cfg.group_norm else None)
+    if cfg.gamma == 'learnable':  # log γ = −exp(θ): γ stays in (0, 1).
+      theta = np.log(-np.log(cfg.gammas()))
+      self.decay_log_rate = nnx.Param(jnp.asarray(theta, pd), logical_axes=('heads',))
+    else:
+      self.decay_log_rate = None
+
+  def log_gamma(self):
+    """log γ per head [H] float32."""
+    if self.decay_log_rate is not None:
+      return -jnp.exp(self.decay_log_rate[...].astype(F32))
+    return jnp.asarray(np.log(self.cfg.gammas()), F32)
+
+  def __call__(self, x_BTD, state_BHKV, *, sin, cos, reset_BT, positions_T, form):
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    proj = lambda w: jnp.einsum('btd,dhk->bthk', x_BTD, w[...].astype(dt))
+    q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
+    k_BTHK = apply_rotary(proj(self.wk) * cfg.head_dim**-0.5, sin, cos, cfg.rotary)
+    v_BTHV = proj(self.wv)
+    q_BTHK, k_BTHK, v_BTHV = (sharding.constrain(a, ('batch', 'length', 'heads', 'kv'))
+                              for a in (q_BTHK, k_BTHK, v_BTHV))
+    log_gamma_H = self.log_gamma()
+    o_BTHV, state_BHKV = retention.retention(
+        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, form=form, chunk_size=cfg.chunk_size,
+        reset_BT=reset_BT)
+    if cfg.decay_row_norm:
+      # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
+      n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0
+      g_H = jnp.exp(log_gamma_H)
+      total_TH = jnp.where(g_H < 1.0, -jnp.expm1(n_T1 * log_gamma_H) / (1.0 - g_H), n_T1)
+      o_BTHV = (o_BTHV * jax.lax.rsqrt(total_TH)[None, :, :, None]).astype(o_BTHV.dtype)
+    if self.norm is not None:
+      o_BTHV = self.norm(o_BTHV)
+    if self.wg is not None:
+      o_BTHV = jax.nn.silu(proj(self.wg)) * o_BTHV
+    y_BTD = jnp.einsum('bthv,hvd->btd', o_BTHV.astype(dt), self.wo[...].astype(dt))
+    return y_BTD, state_BHKV
+
+
+class Attention(nnx.Module):
+  """Causal softmax attention with rotary positions and a KV cache (the Transformer baseline)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, H, K = cfg.embed_dim, cfg.num_heads, cfg.head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    init = _xavier(2**-0.5, 0, (1, 2))
+    self.wq = _param(rngs, init, (D, H, K), ('embed', 'heads', 'kv'), pd)
+    self.wk = _param(rngs, init, (D, H, K), ('embed', 'heads', 'kv'), pd)
+    self.wv = _param(rngs, init, (D, H, K), ('embed', 'heads', 'kv'), pd)
+    self.wo = _param(rngs, _xavier(1.0, (0, 1), 2), (H, K, D), ('heads', 'kv', 'embed'), pd)
+
+  def __call__(self, x_BTD, cache, *, sin, cos, mask_BTS, offset):
+    """cache: None (attend within x) or {'k', 'v': [B, S, H, K]} written at [offset, offset + T)."""
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    proj = lambda w: jnp.einsum('btd,dhk->bthk', x_BTD, w[...].astype(dt))
+    q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
+    k_BTHK = apply_rotary(proj(self.wk), sin, cos, cfg.rotary)
+    v_BTHK = proj(self.wv)
+    if cache is None:
+      k_BSHK, v_BSHK = k_BTHK, v_BTHK
+      cache = {'k': k_BTHK, 'v': v_BTHK}
+    else:
+      write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), offset, 1)
+      cache = {'k': write(cache['k'], k_BTHK), 'v': write(cache['v'], v_BTHK)}
+      k_BSHK, v_BSHK = cache['k'].astype(dt), cache['v'].astype(dt)
+    scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BSHK, preferred_element_type=F32)
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5, -1e30)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+    o_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS.astype(dt), v_BSHK)
+    y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHK, self.wo[...].astype(dt))
+    return y_BTD, cache
+
+
+class FeedForward(nnx.Module):
+  """Gated FFN: W_down(act(x W_gate) ⊙ x W_up) — SwiGLU, or torchscale's GLU with gelu."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, F = cfg.embed_dim, cfg.ffn_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    self.w_gate = _param(rngs, _TORCH_LINEAR, (D, F), ('embed', 'mlp'), pd)
+    self.w_up = _param(rngs, _TORCH_LINEAR, (D, F), ('embed', 'mlp'), pd)
+    self.w_down = _param(rngs, _TORCH_LINEAR, (F, D), ('mlp', 'embed'), pd)
+
+  def __call__(self, x_BTD):
+    dt = jnp.dtype(self.cfg.dtype)
+    act = jax.nn.silu if self.cfg.ffn_activation == 'swish' else (
+        lambda a: jax.nn.gelu(a, approximate=False))
+    gate_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_gate[...].astype(dt))
+    up_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_up[...].astype(dt))
+    h_BTF = sharding.constrain(act(gate_BTF.astype(F32)).astype(dt) * up_BTF, ('batch', 'length', 'mlp'))
+    return jnp.einsum('btf,fd->btd', h_BTF, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: mixer (retention or attention), then the FFN."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.mixer_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pd)
+    if cfg.kind == 'retnet':
+      self.retention = MultiScaleRetention(cfg, rngs=rngs)
+    else:
+      self.attention = Attention(cfg, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pd)
+    self.ffn = FeedForward(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, layer_state, ctx, dropout_key=None):
+    keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    h = self.mixer_norm(x_BTD)
+    if self.cfg.kind == 'retnet':
+      h, layer_state = self.retention(h, layer_state, **ctx)
+    else:
+      h, layer_state = self.attention(h, layer_state, **ctx)
+    x_BTD = x_BTD + _dropout(h, self.cfg.dropout, keys[0])
+    x_BTD = x_BTD + _dropout(self.ffn(self.ffn_norm(x_BTD)), self.cfg.dropout, keys[1])
+    return sharding.constrain(x_BTD, ('batch', 'length', 'embed')), layer_state
+
+
+# ------------------------------------------------------------------------------------------------
+# The language model.
+
+
+class Model(nnx.Module):
+  """Embedding, `num_layers` stacked blocks, final RMSNorm, LM head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    D, pd = cfg.embed_dim, jnp.dtype(cfg.param_dtype)
+    normal = jax.nn.initializers.normal(D**-0.5)
+    self.embed = _param(rngs, normal, (cfg.vocab_size, D), ('vocab', 'embed'), pd)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = stacked(rngs)
+    for _, var in nnx.iter_graph(self.blocks):
+      if isinstance(var, nnx.Variable):
+        var.set_metadata(logical_axes=('layers',) + var.get_metadata()['logical_axes'])
+    self.final_norm = RMSNorm(D, cfg.norm_eps, param_dtype=pd)
+    self.head = None if cfg.tie_embeddings else _param(rngs, normal, (D, cfg.vocab_size),
+                                                        ('embed', 'vocab'), pd)
+
+  def init_state(self, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
+    """The empty decoding state. RetNet needs no max_len; the Transformer's cache holds max_len."""
+    cfg, L = self.cfg, self.cfg.num_layers
+    state = {'offset': jnp.zeros((), jnp.int32), 'segment': jnp.zeros((batch_size,), jnp.int32)}
+    if cfg.kind == 'retnet':
+      shape = (L, batch_size, cfg.num_heads, cfg.head_dim, cfg.value_head_dim)
+      state['retention'] = jnp.zeros(shape, F32)
+    else:
+      if max_len is None:
+        raise ValueError('the Transformer needs max_len to allocate its KV cache.')
+      shape = (L, batch_size, max_len, cfg.num_heads, cfg.head_dim)
+      state['k'] = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+      state['v'] = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+      state['segments'] = jnp.zeros((batch_size, max_len), jnp.int32)
+    return state
+
+  def __call__(self, tokens_BT, state=None, *, mode: str | None = None, segment_ids_BT=None,
+               rng=None):
+    """Logits [B, T, vocab] float32 and the state after the last token.
+
+    mode: the retention form ('parallel' | 'chunkwise' | 'recurrent'; default cfg.form).
+    segment_ids_BT: document ids; the state resets (attention is masked) where the id changes,
+      also against the last id of the carried state. Left-padded prompts use 0 for padding.
+    rng: a PRNG key for dropout (None: deterministic).
+    """
+    cfg = self.cfg
+    mode = cfg.form if mode is None else mode
+    if mode not in retention.FORMS:
+      raise ValueError(f'mode must be one of {sorted(retention.FORMS)}; got {mode!r}.')
+    B, T = tokens_BT.shape
+    offset = jnp.zeros((), jnp.int32) if state is None else state['offset']
+    positions_T = offset + jnp.arange(T, dtype=jnp.int32)
+    sin, cos = rotary_angles(cfg, positions_T)
+    if segment_ids_BT is None:
+      prev_B = jnp.zeros((B,), jnp.int32) if state is None else state['segment']
+      segment_ids_BT = jnp.broadcast_to(prev_B[:, None], (B, T))
+      reset_BT = None
+    else:
+      segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
+      prev_B = segment_ids_BT[:, 0] if state is None else state['segment']
+      reset_BT = segment_ids_BT != jnp.concatenate([prev_B[:, None], segment_ids_BT[:, :-1]], 1)
+
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
+    keys = (None, None) if rng is None else jax.random.split(rng)
+    x_BTD = sharding.constrain(_dropout(x_BTD, cfg.dropout, keys[0]), ('batch', 'length', 'embed'))
+
+    new_state = {'offset': offset + T, 'segment': segment_ids_BT[:, -1]}
+    if cfg.kind == 'retnet':
+      ctx = dict(sin=sin, cos=cos, reset_BT=reset_BT, positions_T=positions_T, form=mode)
+      layer_states = None if state is None else state['retention']
+      x_BTD, new_state['retention'] = self._run_blocks(x_BTD, layer_states, ctx, keys[1])
+    else:
+      if state is None:
+        cache, seg_BS = None, segment_ids_BT
+        valid_TS = jnp.tril(jnp.ones((T, T), bool))
+      else:
+        cache = {'k': state['k'], 'v': state['v']}
+        seg_BS = jax.lax.dynamic_update_slice_in_dim(state['segments'], segment_ids_BT, offset, 1)
+        new_state['segments'] = seg_BS
+        valid_TS = jnp.arange(seg_BS.shape[1])[None, :] <= positions_T[:, None]
+      mask_BTS = valid_TS[None] & (segment_ids_BT[:, :, None] == seg_BS[:, None, :])
+      ctx = dict(sin=sin, cos=cos, mask_BTS=mask_BTS, offset=offset)
+      x_BTD, cache = self._run_blocks(x_BTD, cache, ctx, keys[1])
+      new_state.update(cache)
+      new_state.setdefault('segments', segment_ids_BT)
+
+    x_BTD = self.final_norm(x_BTD)
+    head = self.embed[...].T if self.head is None else self.head[...]
+    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head.astype(x_BTD.dtype), preferred_element_type=F32)
+    return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
+
+  def _run_blocks(self, x_BTD, layer_states, ctx, rng):
+    """Applies the stacked blocks, as a lax.scan over layers or a Python loop."""
+    cfg, L = self.cfg, self.cfg.num_layers
+    graphdef, params = nnx.split(self.blocks)
+    keys = None if rng is None else jax.random.split(rng, L)
+
+    def body(x, xs):
+      layer_params, layer_state, key = xs
+      return nnx.merge(graphdef, layer_params)(x, layer_state, ctx, key)
+
+    policy = REMAT_POLICIES[cfg.remat]
+    if cfg.remat != 'none':
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      return jax.lax.scan(body, x_BTD, (params, layer_states, keys))
+    outputs = []
+    for i in range(L):
+      x_BTD, out = body(x_BTD, jax.tree.map(lambda a: a[i], (params, layer_states, keys)))
+      outputs.append(out)
+    return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def create(cfg: ModelConfig, seed: int = 0) -> Model:
+  return Model(cfg, rngs=nnx.Rngs(seed))

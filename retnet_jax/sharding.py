@@ -1,0 +1,132 @@
+"""Sharding as data: logical axis names on parameters and activations, mapped to mesh axes by rules.
+
+Parameters carry their logical axes as variable metadata (`nnx.Param(..., logical_axes=(...))`);
+activations are constrained with `constrain(x, ('batch', 'length', 'embed'))`. The rules, a mapping
+from a logical name to a mesh axis, a tuple of mesh axes or None, live in the config. A mesh axis is
+used at most once per array: a later logical axis that maps to an axis already taken is replicated
+(so 'batch' -> ('data', 'fsdp') and 'embed' -> 'fsdp' shard activations by batch and parameters
+by embed). A dimension that a mesh axis does not divide is replicated too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'tensor')
+LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'layers')
+
+_active: dict[str, Any] = {'mesh': None, 'rules': None}
+
+
+def _as_tuple(x):
+  if x is None:
+    return ()
+  return (x,) if isinstance(x, str) else tuple(x)
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Mapping[str, Any], mesh=None,
+                    shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for an array with these logical axes under `rules` (see the module docstring)."""
+  used, spec = set(), []
+  for i, name in enumerate(axes):
+    if name is not None and name not in rules:
+      raise ValueError(f'No sharding rule for logical axis {name!r}; rules cover {sorted(rules)}.')
+    mesh_axes = [a for a in _as_tuple(rules.get(name) if name else None) if a not in used]
+    if mesh is not None and shape is not None:
+      # Keep the longest prefix of mesh axes whose product divides the dimension.
+      kept, size = [], 1
+      for a in mesh_axes:
+        if shape[i] % (size * mesh.shape[a]):
+          break
+        kept.append(a)
+        size *= mesh.shape[a]
+      mesh_axes = kept
+    used.update(mesh_axes)
+    spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else tuple(mesh_axes))
+  return P(*spec)
+
+
+def logical_axes(tree) -> Any:
+  """The `logical_axes` metadata of every variable of an nnx module or state, as a pure-dict tree."""
+  state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  axes = jax.tree.map(lambda v: v.get_metadata()['logical_axes'], state, is_leaf=is_var)
+  return nnx.to_pure_dict(axes) if isinstance(axes, nnx.State) else axes
+
+
+def tree_shardings(axes_tree, shapes_tree, mesh, rules) -> Any:
+  """NamedShardings for a tree of arrays (or ShapeDtypeStructs) given their logical axes."""
+  is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  return jax.tree.map(
+      lambda axes, x: NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)),
+      axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+@contextlib.contextmanager
+def use_rules(mesh, rules: Mapping[str, Any]):
+  """Makes `mesh` the current mesh and `rules` the rules `constrain` applies."""
+  previous = dict(_active)
+  _active.update(mesh=mesh, rules=dict(rules))
+  try:
+    with jax.set_mesh(mesh):
+      yield
+  finally:
+    _active.update(previous)
+
+
+def constrain(x, axes: Sequence[str | None]):
+  """with_sharding_constraint by logical axes; the identity outside `use_rules`."""
+  mesh, rules = _active['mesh'], _active['rules']
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
+
+
+def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
+  """A mesh with axes ('data', 'fsdp', 'tensor'); one size may be −1 (the remaining devices).
+
+  Axis types are Auto (sharding propagated by the compiler from the in/out shardings and the
+  constraints), not the Explicit default of recent jax.
+  """
+  devices = jax.devices() if devices is None else devices
+  sizes = [int(shape.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh sizes must be positive, with at most one −1; got {dict(zip(AXES, sizes))}.')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'{len(devices)} devices cannot fill mesh {dict(zip(AXES, sizes))}.')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices; '
+                     f'{len(devices)} are available.')
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
+
+
+def describe(params_axes, params_shapes, mesh, rules) -> str:
+  """One line per parameter: path, shape, logical axes and the mesh spec they resolve to."""
+  lines = []
+  flat_axes = jax.tree_util.tree_flatten_with_path(
+      params_axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+  flat_shapes = jax.tree.leaves(params_shapes)
+  for (path, axes), x in zip(flat_axes, flat_shapes):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    spec = logical_to_spec(axes, rules, mesh, x.shape)
+    lines.append(f'  {name:48s} {str(tuple(x.shape)):22s} {str(axes):40s} {spec}')
+  return '\n'.join(lines)
+
+
+def log_summary(mesh, params_axes, params_shapes, rules):
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_shapes))
+  logging.info('Mesh %s over %d devices (%d processes); %s parameters.', dict(mesh.shape),
+               mesh.size, jax.process_count(), f'{count:,}')
+  logging.info('Parameter shardings:\n%s', describe(params_axes, params_shapes, mesh, rules))
