@@ -70,8 +70,8 @@ def get_config(arg=None):
     c.model.update(ABLATIONS[args['ablation']])
 
   c.data = ml_collections.ConfigDict(dict(
-      source='stdlib', tokenizer='byte', sp_vocab_size=1024, files_glob='', jsonl_text_field='text',
-      val_fraction=0.02, shuffle=True, num_workers=0, prefetch_buffer_size=4, num_eval_batches=16,
+      source='stdlib', tokenizer='byte', sp_vocab_size=4096, files_glob='', jsonl_text_field='text',
+      val_fraction=0.03, shuffle=True, num_workers=0, prefetch_buffer_size=8, num_eval_batches=16,
       mqar_num_kv_pairs=8, mqar_vocab_size=256))
 
   c.optim = ml_collections.ConfigDict(dict(
