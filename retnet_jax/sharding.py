@@ -91,9 +91,10 @@ def constrain(x, axes: Sequence[str | None]):
 
 
 def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
-  """A mesh with axes ('data', 'fsdp', 'tensor'); one size may be −1 (the remaining devices).
+  """A mesh with axes ('data', 'fsdp', 'tensor'); one size may be −1 (all remaining devices).
 
-  Axis types are Auto (sharding propagated by the compiler from the in/out shardings and the
+  Without −1 the mesh may use the first devices only (a one-device mesh on a multi-device host).
+  Axis types are Auto (the compiler propagates shardings from the in/out shardings and the
   constraints), not the Explicit default of recent jax.
   """
   devices = jax.devices() if devices is None else devices
@@ -105,11 +106,11 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
     if len(devices) % known:
       raise ValueError(f'{len(devices)} devices cannot fill mesh {dict(zip(AXES, sizes))}.')
     sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+  if int(np.prod(sizes)) > len(devices):
     raise ValueError(f'mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices; '
                      f'{len(devices)} are available.')
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-  return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices)
+  return jax.make_mesh(tuple(sizes), AXES, axis_types=auto, devices=devices[:int(np.prod(sizes))])
 
 
 def describe(params_axes, params_shapes, mesh, rules) -> str:

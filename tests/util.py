@@ -13,7 +13,7 @@ SHRINK = {
     'model.num_layers': 2, 'model.embed_dim': 48, 'model.num_heads': 3, 'model.value_dim': 60,
     'model.ffn_dim': 80, 'model.chunk_size': 16, 'seq_len': 37, 'batch_size': 4,
     'total_steps': 6, 'log_every': 2, 'eval_every': 3, 'checkpoint_every': 3,
-    'data.num_eval_batches': 2,
+    'data.num_eval_batches': 2, 'mesh.data': 1,
 }
 
 

@@ -1,0 +1,526 @@
+"""Training and evaluation: a pure train step over an explicit state pytree, jitted with shardings.
+
+    state = {'step': int32 [], 'params': pure dict of arrays, 'opt_state': optax state}
+
+`train_and_evaluate(config, workdir)` builds the mesh, the data, the sharded state (restored from
+the latest checkpoint in `<workdir>/checkpoints` when there is one), then loops: train step, logs
+with throughput and ETA, evaluation, checkpoints; SIGTERM or Ctrl-C save a checkpoint and stop.
+Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard (`<workdir>/tb`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from retnet_jax import checkpoint
+from retnet_jax import config_lib
+from retnet_jax import data as data_lib
+from retnet_jax import model as model_lib
+from retnet_jax import sharding
+from retnet_jax import tokenizer as tokenizer_lib
+
+LN2 = math.log(2.0)
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimiser.
+
+
+def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine or linear decay to end_lr_fraction of it."""
+  peak, warmup = optim.learning_rate, min(optim.warmup_steps, total_steps)
+  end = peak * optim.get('end_lr_fraction', 0.1)
+  decay_steps = max(total_steps - warmup, 1)
+  if optim.schedule == 'cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+  elif optim.schedule == 'linear':
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif optim.schedule == 'constant':
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ValueError(f"optim.schedule must be 'cosine', 'linear' or 'constant'; got {optim.schedule!r}.")
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+  """Weight decay on matrices only: not on norm scales or the learnable decay rates."""
+  def keep(path, _):
+    name = getattr(path[-1], 'key', '')
+    return name not in ('scale', 'decay_log_rate')
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping (the paper: β = (0.9, 0.98), weight decay 0.05, clip 2.0)."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                  weight_decay=optim.weight_decay, mask=_decay_mask))
+  return tx, schedule
+
+
+# ------------------------------------------------------------------------------------------------
+# The model as pure functions of its parameters.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the step functions close over: static, hashable-free of arrays."""
+  model_config: model_lib.ModelConfig
+  graphdef: Any
+  use_segments: bool
+  token_bytes: np.ndarray  # [vocab] UTF-8 bytes per token id, for bits per byte.
+
+
+def build_setup(config, tok) -> Setup:
+  cfg = config_lib.model_config(config)
+  abstract = nnx.eval_shape(lambda: model_lib.Model(cfg, rngs=nnx.Rngs(0)))
+  token_bytes = np.zeros((cfg.vocab_size,), np.int32)
+  tb = np.asarray(getattr(tok, 'token_bytes', np.ones(0)), np.int32)[:cfg.vocab_size]
+  token_bytes[:len(tb)] = tb
+  return Setup(cfg, nnx.graphdef(abstract), bool(config.get('reset_at_doc_boundaries', True)),
+               token_bytes)
+
+
+def apply_model(setup: Setup, params, tokens, **kwargs):
+  return nnx.merge(setup.graphdef, params)(tokens, **kwargs)
+
+
+def init_params(setup: Setup, key) -> dict:
+  model = model_lib.Model(setup.model_config, rngs=nnx.Rngs(params=key))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def param_logical_axes(setup: Setup):
+  return sharding.logical_axes(nnx.eval_shape(
+      lambda: model_lib.Model(setup.model_config, rngs=nnx.Rngs(0))))
+
+
+def batch_statistics(setup: Setup, logits, batch) -> dict:
+  """Sums over the scored targets: loss (nats), tokens, correct predictions, UTF-8 bytes."""
+  mask = batch['loss_mask'].astype(jnp.float32)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+  correct = (jnp.argmax(logits, axis=-1) == batch['targets']).astype(jnp.float32)
+  nbytes = jnp.asarray(setup.token_bytes)[batch['targets']].astype(jnp.float32)
+  return {'loss_sum': jnp.sum(loss * mask), 'tokens': jnp.sum(mask),
+          'correct': jnp.sum(correct * mask), 'bytes': jnp.sum(nbytes * mask)}
+
+
+def summarize(sums: dict) -> dict:
+  """Per-token loss (nats), bits per byte, perplexity and accuracy from summed statistics."""
+  tokens = max(float(sums['tokens']), 1.0)
+  loss = float(sums['loss_sum']) / tokens
+  out = {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
+         'accuracy': float(sums['correct']) / tokens}
+  if float(sums['bytes']) > 0:
+    out['bits_per_byte'] = float(sums['loss_sum']) / LN2 / float(sums['bytes'])
+  return out
+
+
+def loss_fn(params, setup: Setup, batch, rng):
+  segments = batch['segment_ids'] if setup.use_segments else None
+  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids_BT=segments, rng=rng)
+  stats = batch_statistics(setup, logits, batch)
+  return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
+
+
+def train_step(state, batch, *, setup: Setup, tx, schedule, accum_steps: int, base_key):
+  """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches."""
+  rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if accum_steps == 1:
+    (_, stats), grads = grad_fn(state['params'], setup, batch, rng)
+  else:
+    # [B, ...] -> [A, B/A, ...]: micro-batch i takes rows i, i+A, ... so each keeps the batch sharding.
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+    def body(carry, xs):
+      mb, i = xs
+      key = None if rng is None else jax.random.fold_in(rng, i)
+      (_, stats), grads = grad_fn(state['params'], setup, mb, key)
+      # Weight each micro-batch by its token count so the result is the whole batch's mean.
+      grads = jax.tree.map(lambda g: g * stats['tokens'], grads)
+      return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (state['params'], {k: jnp.zeros(()) for k in
+                                                           ('loss_sum', 'tokens', 'correct', 'bytes')}))
+    (grads, stats), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / jnp.maximum(stats['tokens'], 1.0), grads)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  stats = {**stats, 'grad_norm': optax.tree.norm(grads),
+           'learning_rate': schedule(state['step'])}
+  return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, stats
+
+
+def eval_step(params, batch, *, setup: Setup):
+  segments = batch['segment_ids'] if setup.use_segments else None
+  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids_BT=segments)
+  return batch_statistics(setup, logits, batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded state.
+
+
+def state_shardings(abstract_state, params_axes, mesh, rules):
+  """Shardings of the train state: parameters by their logical axes; optimiser moments like the
+  parameter they belong to (matched by the trailing dict keys of their path); the rest replicated."""
+  param_sh = sharding.tree_shardings(params_axes, abstract_state['params'], mesh, rules)
+  by_path = {tuple(k.key for k in path): s for path, s in
+             jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def for_opt(path, leaf):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    s = by_path.get(tuple(keys))
+    return s if s is not None and s.shard_shape(leaf.shape) is not None and len(
+        s.spec) <= len(leaf.shape) else replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(for_opt, abstract_state['opt_state'])
+  return {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+
+
+def batch_sharding(mesh, rules):
+  return NamedSharding(mesh, sharding.logical_to_spec(('batch', 'length'), rules))
+
+
+def to_global(batch: dict, sh) -> dict:
+  """Per-host numpy batch -> global jax arrays laid out by `sh`."""
+  out = {}
+  for k in BATCH_KEYS:
+    local = np.asarray(batch[k])
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sh, local, global_shape)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Run set-up shared by train and eval.
+
+
+_distributed = {'initialized': False}
+
+
+def init_distributed(mesh_config) -> None:
+  """jax.distributed from config.mesh, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID in the environment; nothing for a single process."""
+  address = mesh_config.get('coordinator_address') or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  if not address or _distributed['initialized']:
+    return
+  num = mesh_config.get('num_processes') or int(os.environ.get('JAX_NUM_PROCESSES', '0')) or None
+  pid = mesh_config.get('process_id')
+  if pid is None and 'JAX_PROCESS_ID' in os.environ:
+    pid = int(os.environ['JAX_PROCESS_ID'])
+  jax.distributed.initialize(address, num_processes=num, process_id=pid)
+  _distributed['initialized'] = True
+
+
+def check_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir {workdir!r} cannot be written: {e.strerror or e}.') from e
+
+
+def rules_of(config) -> dict:
+  rules = config.mesh.rules
+  rules = rules.to_dict() if hasattr(rules, 'to_dict') else dict(rules)
+  unknown = sorted(set(rules) - set(sharding.LOGICAL_AXES))
+  if unknown:
+    raise ValueError(f'unknown logical axes in config.mesh.rules: {unknown}; '
+                     f'known: {sharding.LOGICAL_AXES}.')
+  for name, axes in rules.items():
+    bad = [a for a in sharding._as_tuple(axes) if a not in sharding.AXES]
+    if bad:
+      raise ValueError(f'config.mesh.rules.{name} names unknown mesh axes {bad}; '
+                       f'mesh axes are {sharding.AXES}.')
+  return {a: rules.get(a) for a in sharding.LOGICAL_AXES}
+
+
+class Run:
+  """Everything one training or evaluation run builds from its config."""
+
+  def __init__(self, config, workdir: str, *, for_training: bool = True):
+    config_lib.validate(config)
+    init_distributed(config.mesh)
+    self.config, self.workdir = config, workdir
+    self.rules = rules_of(config)
+    self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES})
+    self.tokenizer = tokenizer_lib.get_tokenizer(config.data, workdir)
+    self.setup = build_setup(config, self.tokenizer)
+    cfg = self.setup.model_config
+    needed = data_lib.vocab_size(config.data, self.tokenizer)
+    if needed > cfg.vocab_size:
+      raise ValueError(f'the data needs {needed} token ids but model.vocab_size is {cfg.vocab_size}.')
+    dp = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    if config.batch_size % dp:
+      raise ValueError(f'batch_size {config.batch_size} is not divisible by the data-parallel '
+                       f'mesh size data×fsdp = {dp}.')
+    self.train_iter, self.eval_batches = data_lib.create_datasets(
+        config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
+        global_batch_size=config.batch_size, seed=config.seed)
+    check_workdir(workdir)
+    self.tx, self.schedule = make_optimizer(config.optim, config.total_steps)
+    self.params_axes = param_logical_axes(self.setup)
+    key = jax.random.key(config.seed)
+
+    def init_state(key):
+      params = init_params(self.setup, key)
+      opt_state = self.tx.init(params) if for_training else None
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state}
+
+    self.abstract_state = jax.eval_shape(init_state, key)
+    self.state_sh = state_shardings(self.abstract_state, self.params_axes, self.mesh, self.rules)
+    self.batch_sh = batch_sharding(self.mesh, self.rules)
+    self._init = jax.jit(init_state, out_shardings=self.state_sh)
+    self._key = key
+    self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
+                                   max_to_keep=config.checkpoint.max_to_keep)
+    self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
+                           in_shardings=(self.state_sh['params'], self.batch_sh))
+
+  def abstract(self, tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+  def initial_state(self):
+    """The latest checkpoint's state (and data state), or a fresh one: (state, data_state | None)."""
+    step = self.ckpt.latest_step()
+    if step is None:
+      with sharding.use_rules(self.mesh, self.rules):
+        return self._init(self._key), None
+    restored = checkpoint.restore(
+        self.ckpt, step,
+        abstract_params=self.abstract(self.abstract_state['params'], self.state_sh['params']),
+        abstract_opt_state=self.abstract(self.abstract_state['opt_state'], self.state_sh['opt_state']),
+        with_data=True)
+    saved = checkpoint.model_config_from_dict(restored['meta']['model_config'])
+    if saved != self.setup.model_config:
+      raise ValueError(f'the checkpoint in {self.ckpt.directory} was trained with a different model '
+                       f'config ({saved}) than this run ({self.setup.model_config}).')
+    state = {'step': jax.device_put(jnp.asarray(restored['meta']['step'], jnp.int32),
+                                    self.state_sh['step']),
+             'params': restored['params'], 'opt_state': restored['opt_state']}
+    return state, restored['data']
+
+  def evaluate(self, params) -> dict:
+    totals = None
+    with sharding.use_rules(self.mesh, self.rules):
+      for batch in self.eval_batches():
+        stats = self.eval_fn(params, to_global(batch, self.batch_sh))
+        totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
+    if totals is None:
+      raise ValueError('the evaluation split produced no batches.')
+    return summarize(jax.device_get(totals))
+
+  def save(self, state, data_state):
+    checkpoint.save(self.ckpt, int(state['step']), params=state['params'],
+                    opt_state=state['opt_state'], data_state=data_state,
+                    model_config=self.setup.model_config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging.
+
+
+class MetricWriter:
+  """metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if self.active:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      except ImportError:
+        logging.warning('tensorboardX is not installed: no TensorBoard event files.')
+
+  def write(self, step: int, split: str, metrics: dict):
+    if not self.active:
+      return
+    record = {'step': int(step), 'split': split, **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self.tb is not None:
+      for k, v in metrics.items():
+        self.tb.add_scalar(f'{split}/{k}', float(v), int(step))
+      self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+class _QuietLibraries:
+  """Drops the INFO chatter of orbax and grain from the absl log; keeps their warnings."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or not any(f'{os.sep}{lib}{os.sep}' in record.pathname
+                                           for lib in ('orbax', 'grain'))
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+class _Stop:
+  """Turns SIGTERM / SIGINT into a request to checkpoint and stop (a second SIGINT aborts)."""
+
+  def __init__(self):
+    self.requested, self._previous = None, {}
+
+  def __enter__(self):
+    if threading_is_main():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    logging.warning('%s received: saving a checkpoint and stopping.', self.requested)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def threading_is_main() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last metrics.
+
+  max_steps: stop (with a checkpoint) after this many steps of this call, e.g. to train in pieces
+  from a notebook; the learning-rate schedule still follows config.total_steps.
+  """
+  quiet_library_logs()
+  run = Run(config, workdir)
+  setup, mesh = run.setup, run.mesh
+  sharding.log_summary(mesh, run.params_axes, run.abstract_state['params'], run.rules)
+  state, data_state = run.initial_state()
+  start = int(state['step'])
+  if data_state is not None:
+    run.train_iter.set_state(data_state)
+  if start:
+    logging.info('Resumed from the checkpoint at step %d.', start)
+  total = config.total_steps
+  stop_at = total if max_steps is None else min(total, start + max_steps)
+  step_fn = jax.jit(
+      functools.partial(train_step, setup=setup, tx=run.tx, schedule=run.schedule,
+                        accum_steps=config.optim.get('grad_accum_steps', 1),
+                        base_key=jax.random.key(config.seed + 1)),
+      in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
+      donate_argnums=(0,))
+  writer = MetricWriter(workdir)
+  last = {}
+  tokens_per_step = config.batch_size * config.seq_len
+  sums, t_window, steps_in_window = None, time.perf_counter(), 0
+  t_start = time.perf_counter()
+  step = start
+  with _Stop() as stop, sharding.use_rules(mesh, run.rules):
+    while step < stop_at and not stop.requested:
+      batch = to_global(next(run.train_iter), run.batch_sh)
+      state, stats = step_fn(state, batch)
+      step += 1
+      steps_in_window += 1
+      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+      if step % config.log_every == 0 or step == total:
+        sums = jax.device_get(sums)
+        elapsed = time.perf_counter() - t_window
+        metrics = summarize(sums)
+        metrics['learning_rate'] = float(stats['learning_rate'])
+        metrics['grad_norm'] = float(sums['grad_norm']) / steps_in_window
+        metrics['tokens_per_second'] = tokens_per_step * steps_in_window / elapsed
+        metrics['steps_per_second'] = steps_in_window / elapsed
+        eta = (total - step) / metrics['steps_per_second']
+        logging.info('step %d/%d | loss %.4f%s | lr %.2e | %.0f tok/s | ETA %s', step, total,
+                     metrics['loss'],
+                     f" | {metrics['bits_per_byte']:.3f} bits/byte" if 'bits_per_byte' in metrics else '',
+                     metrics['learning_rate'], metrics['tokens_per_second'], _duration(eta))
+        writer.write(step, 'train', metrics)
+        last['train'] = metrics
+        sums, t_window, steps_in_window = None, time.perf_counter(), 0
+      if step % config.eval_every == 0 or step == total:
+        t_eval = time.perf_counter()
+        metrics = run.evaluate(state['params'])
+        logging.info('eval at step %d | loss %.4f | %s perplexity %.3f | accuracy %.4f (%.1fs)', step,
+                     metrics['loss'],
+                     f"{metrics['bits_per_byte']:.3f} bits/byte |" if 'bits_per_byte' in metrics else '',
+                     metrics['perplexity'], metrics['accuracy'], time.perf_counter() - t_eval)
+        writer.write(step, 'eval', metrics)
+        last['eval'] = metrics
+        t_window += time.perf_counter() - t_eval
+      if step % config.checkpoint_every == 0 or step in (total, stop_at):
+        run.save(state, run.train_iter.get_state())
+    if stop.requested and step < stop_at:
+      run.save(state, run.train_iter.get_state())
+      logging.warning('Stopped by %s at step %d; rerun the same command to resume.',
+                      stop.requested, step)
+  writer.close()
+  run.ckpt.close()
+  logging.info('Done: %d steps in %s.', step - start, _duration(time.perf_counter() - t_start))
+  return {'step': step, **last, 'stopped': bool(stop.requested and step < total)}
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Restores the latest checkpoint of `workdir` and evaluates it on the held-out split."""
+  quiet_library_logs()
+  run = Run(config, workdir, for_training=False)
+  step = run.ckpt.latest_step()
+  if step is None:
+    raise ValueError(f'no checkpoint to evaluate in {os.path.join(workdir, "checkpoints")}.')
+  restored = checkpoint.restore(
+      run.ckpt, step,
+      abstract_params=run.abstract(run.abstract_state['params'], run.state_sh['params']))
+  metrics = run.evaluate(restored['params'])
+  logging.info('eval of step %d: %s', step, json.dumps(metrics))
+  writer = MetricWriter(workdir)
+  writer.write(step, 'eval', metrics)
+  writer.close()
+  run.ckpt.close()
+  return {'step': step, 'eval': metrics}

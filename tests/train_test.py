@@ -1,0 +1,184 @@
+"""Training: exact resume, eval restores, metrics files, SIGTERM, and clear errors for bad inputs."""
+
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from retnet_jax import config_lib
+from retnet_jax import train
+from tests import util
+
+
+def read_metrics(workdir, split):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['split'] == split]
+
+
+def small(**overrides):
+  # Dropout and gradient accumulation on: resuming must reproduce their randomness and order too.
+  base = dict(total_steps=6, log_every=1, eval_every=6, checkpoint_every=3, model__dropout=0.1,
+              optim__grad_accum_steps=2, optim__warmup_steps=2)
+  return util.config(**{**base, **overrides})
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  result = train.train_and_evaluate(small(), workdir)
+  return workdir, result
+
+
+def test_resume_gives_identical_losses(straight_run, tmp_path):
+  workdir, result = straight_run
+  assert result['step'] == 6
+  first = train.train_and_evaluate(small(), str(tmp_path), max_steps=3)
+  assert first['step'] == 3 and first['stopped'] is False
+  second = train.train_and_evaluate(small(), str(tmp_path))
+  assert second['step'] == 6
+  straight = [(r['step'], r['loss'], r['grad_norm']) for r in read_metrics(workdir, 'train')]
+  resumed = [(r['step'], r['loss'], r['grad_norm']) for r in read_metrics(str(tmp_path), 'train')]
+  assert [s for s, _, _ in straight] == list(range(1, 7))
+  assert resumed == straight  # Bit-identical, not approximately equal.
+  assert read_metrics(str(tmp_path), 'eval')[-1]['loss'] == read_metrics(workdir, 'eval')[-1]['loss']
+
+
+def test_metrics_and_event_files(straight_run):
+  workdir, result = straight_run
+  for record in read_metrics(workdir, 'train'):
+    for key in ('step', 'split', 'loss', 'learning_rate', 'tokens_per_second', 'bits_per_byte'):
+      assert key in record, key
+  evals = read_metrics(workdir, 'eval')
+  assert evals and {'loss', 'bits_per_byte', 'perplexity'} <= set(evals[-1])
+  assert result['eval']['loss'] == evals[-1]['loss']
+  assert glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
+
+
+def test_eval_mode_restores_checkpoint(straight_run):
+  workdir, result = straight_run
+  out = train.evaluate(small(), workdir)
+  assert out['step'] == 6
+  assert out['eval']['loss'] == pytest.approx(result['eval']['loss'], rel=1e-6)
+
+
+def test_eval_without_checkpoint_is_an_error(tmp_path):
+  with pytest.raises(ValueError, match='no checkpoint to evaluate'):
+    train.evaluate(small(), str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad inputs: one clear message, nothing written.
+
+
+def test_unknown_config_key(tmp_path):
+  c = small()
+  c.lerning_rate = 1e-3
+  with pytest.raises(ValueError, match=r"unknown config key\(s\) in config: \['lerning_rate'\]"):
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+  c = small()
+  c.optim.warmup = 10
+  with pytest.raises(ValueError, match='config.optim'):
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_impossible_shapes(tmp_path):
+  with pytest.raises(ValueError, match=r'num_heads \(5\) must divide embed_dim \(48\)'):
+    train.train_and_evaluate(small(model__num_heads=5), str(tmp_path / 'w'))
+  with pytest.raises(ValueError, match='grad_accum_steps'):
+    train.train_and_evaluate(small(optim__grad_accum_steps=3), str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_missing_and_empty_data(tmp_path):
+  missing = small(data__source='files', data__files_glob=str(tmp_path / 'nothing' / '*.txt'))
+  with pytest.raises(ValueError, match='nothing'):
+    train.train_and_evaluate(missing, str(tmp_path / 'w'))
+  (tmp_path / 'empty.txt').write_text('')
+  empty = small(data__source='files', data__files_glob=str(tmp_path / 'empty.txt'))
+  with pytest.raises(ValueError, match='empty'):
+    train.train_and_evaluate(empty, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w')
+
+
+def test_workdir_that_cannot_be_written(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  with pytest.raises(ValueError, match='cannot be written'):
+    train.train_and_evaluate(small(), str(blocker / 'workdir'))
+
+
+def _tree_digest(directory):
+  h = hashlib.sha256()
+  for path in sorted(glob.glob(os.path.join(directory, '**'), recursive=True)):
+    if os.path.isfile(path):
+      h.update(path.encode())
+      with open(path, 'rb') as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+def test_corrupt_checkpoint(straight_run, tmp_path):
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(small(), workdir)  # Checkpoints at steps 3 and 6.
+  ckpts = os.path.join(workdir, 'checkpoints')
+  earlier = _tree_digest(os.path.join(ckpts, '3'))
+  for path in glob.glob(os.path.join(ckpts, '6', 'params', '**'), recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 0:
+      with open(path, 'r+b') as f:
+        f.truncate(max(os.path.getsize(path) // 3, 1))
+  before = sorted(os.listdir(ckpts))
+  with pytest.raises(ValueError, match='cannot restore checkpoint step 6'):
+    train.train_and_evaluate(small(total_steps=9), workdir)
+  assert sorted(os.listdir(ckpts)) == before
+  assert _tree_digest(os.path.join(ckpts, '3')) == earlier
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _main_command(workdir, **overrides):
+  flags = [f'--config.{k}={v}' for k, v in {**util.SHRINK, **overrides}.items()]
+  return [sys.executable, '-m', 'retnet_jax.main',
+          f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+          f'--workdir={workdir}', *flags]
+
+
+def test_command_line_error_is_one_clear_line(tmp_path):
+  proc = subprocess.run(_main_command(str(tmp_path / 'w'), **{'model.num_heads': 5}),
+                        capture_output=True, text=True, cwd=util.ROOT, timeout=300)
+  assert proc.returncode == 1
+  assert 'error: model config: num_heads (5) must divide embed_dim (48).' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  proc = subprocess.run(_main_command(str(tmp_path / 'w'), **{'model.num_expertz': 4}),
+                        capture_output=True, text=True, cwd=util.ROOT, timeout=300)
+  assert proc.returncode != 0 and 'num_expertz' in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
+  workdir = str(tmp_path / 'w')
+  cmd = _main_command(workdir, total_steps=100000, log_every=1, checkpoint_every=100000,
+                      eval_every=100000)
+  proc = subprocess.Popen(cmd, cwd=util.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(open(metrics).readlines()) >= 2:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  err, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert 'SIGTERM received' in err
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))]
+  assert len(steps) == 1 and steps[0] >= 2
+  assert steps[0] >= len(read_metrics(workdir, 'train'))
