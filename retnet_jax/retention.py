@@ -199,13 +199,32 @@ def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=6
 
 
 FORMS = {'parallel': parallel, 'recurrent': recurrent, 'chunkwise': chunkwise}
+IMPLS = ('auto', 'xla', 'pallas')
 
 
 def retention(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, *, form='chunkwise',
-              chunk_size=64, reset_BT=None):
-  """Dispatches to one of the three forms by name."""
+              chunk_size=64, reset_BT=None, impl='auto'):
+  """Dispatches to one of the three forms by name.
+
+  impl picks the chunkwise implementation: 'auto' runs the fused Pallas kernel
+  (`retention_pallas`) on GPU/TPU where it supports the shapes and there is no reset, else
+  `chunkwise`; 'xla' always `chunkwise`; 'pallas' always the kernel (interpreted on CPU; a reset
+  still falls back to `chunkwise`). The other forms take only 'auto' or 'xla'.
+  """
   if form not in FORMS:
     raise ValueError(f'Unknown retention form {form!r}; expected one of {sorted(FORMS)}.')
+  if impl not in IMPLS:
+    raise ValueError(f'Unknown retention impl {impl!r}; expected one of {IMPLS}.')
   if form == 'chunkwise':
-    return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
+    if impl == 'xla':
+      return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
+    from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
+    if impl == 'pallas':
+      return retention_pallas.chunkwise(
+          q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT,
+          interpret=jax.default_backend() not in retention_pallas.TARGETS)
+    return retention_pallas.chunkwise_auto(
+        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
+  if impl == 'pallas':
+    raise ValueError(f'impl="pallas" is only for form="chunkwise"; got form={form!r}.')
   return FORMS[form](q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)

@@ -1,0 +1,404 @@
+"""Fused chunkwise retention (eq. 7) as Pallas kernels, forward and backward, for GPU and TPU.
+
+Same contract as `retention.chunkwise`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H]; state
+[B, H, K, V] float32; returns (o [B, T, H, V] in the input dtype, final state [B, H, K, V] float32).
+
+Per (batch, head, block of BV value columns) the kernels run one linear recurrence over the N chunks
+of C tokens, carrying a [K, BV] float32 state. With S_n the state before chunk n (S_0 = S_in),
+L_n ≤ C the chunk's length (only the last chunk of a ragged T is shorter), D_ij = γ^{i−j} (i ≥ j),
+ξ_i = γ^{i+1} and ζ_j = γ^{L_n−1−j} (j < L_n, else 0):
+
+    O_n     = (Q_n K_nᵀ ⊙ D) V_n + (Q_n ⊙ ξ) S_n                                        (eq. 7)
+    S_{n+1} = γ^{L_n} S_n + (K_n ⊙ ζ)ᵀ V_n
+
+and, with G_n = ∂L/∂S_{n+1} (G_{N−1} = the final state's cotangent) and dP_n = dO_n V_nᵀ ⊙ D,
+
+    dQ_n = dP_n K_n + ξ ⊙ (dO_n S_nᵀ)               (forward loop, recomputes S_n)
+    dK_n = dP_nᵀ Q_n + ζ ⊙ (V_n G_nᵀ)               (reverse loop)
+    dV_n = (Q_n K_nᵀ ⊙ D)ᵀ dO_n + (K_n ⊙ ζ) G_n     (reverse loop)
+    G_{n−1} = γ^{L_n} G_n + (Q_n ⊙ ξ)ᵀ dO_n,        dS_in = G_{−1}.
+
+dQ and dK sum over the value blocks: each block writes a float32 partial that a plain sum reduces.
+
+A ragged T is zero-padded at the END to a multiple of C; the kernels know the true length, so the
+last chunk decays the state by γ^{L}, not γ^C: nothing is ever divided by a power of γ.
+
+Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk`):
+- 'gpu' (Pallas Triton): grid (B, H, V/BV); each program holds its head's whole sequence as a ref
+  and walks the chunks with an in-kernel `lax.fori_loop`, the state in registers.
+- 'tpu' (Pallas Mosaic): grid (B, H, V/BV, N) with the chunk axis last and 'arbitrary'; the state
+  lives in a VMEM scratch buffer across grid steps; blocks are [C, K] / [C, BV] tiles.
+Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
+dtype (float32 operands ask for full precision; with bfloat16 inputs the float32 state enters Q·S as
+bfloat16, as in fla, where the XLA path keeps it float32), products accumulate in float32 and the
+carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp.
+`reset` is not supported by the kernels: `chunkwise` then runs `retention.chunkwise`.
+
+Not handled here: under a GSPMD-sharded `jit` a pallas_call is not partitioned (XLA would gather its
+operands); sharded callers should wrap the kernel in `shard_map` over batch/heads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from retnet_jax import retention
+
+try:  # Either backend's module may be missing from some jax builds; each is only needed there.
+  from jax.experimental.pallas import tpu as pltpu
+except ImportError:  # pragma: no cover
+  pltpu = None
+try:
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover
+  plgpu = None
+
+F32 = jnp.float32
+TARGETS = ('gpu', 'tpu')
+GPU_MAX_BLOCK_V = 64  # [K, BV] float32 state in registers: fla's fused_chunk uses 64 too.
+TPU_BLOCK_V = 128
+_SMEM = None if pltpu is None else getattr(pltpu, 'SMEM', None) or pltpu.MemorySpace.SMEM
+
+
+def _compiler_params(target, state_size):
+  """Triton warps (more for a bigger register-resident state) or Mosaic grid semantics."""
+  if target == 'gpu':
+    cls = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
+    return cls(num_warps=4 if state_size <= 64 * 64 else 8, num_stages=2)
+  cls = getattr(pltpu, 'CompilerParams', None) or getattr(pltpu, 'TPUCompilerParams')
+  parallel, arbitrary = getattr(pltpu, 'PARALLEL', 'parallel'), getattr(pltpu, 'ARBITRARY', 'arbitrary')
+  return cls(dimension_semantics=(parallel,) * 3 + (arbitrary,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which shapes the kernels take.
+
+
+def _pow2(n):
+  return n > 0 and n & (n - 1) == 0
+
+
+def default_block_v(V, target):
+  if target == 'tpu':
+    return TPU_BLOCK_V if V % TPU_BLOCK_V == 0 else V
+  return min(V, GPU_MAX_BLOCK_V)
+
+
+def unsupported(H, K, V, chunk_size, dtype, target, block_v=None):
+  """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); '' when it can."""
+  bv = block_v or default_block_v(V, target)
+  if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'
+  if V % bv:
+    return f'block_v {bv} does not divide V = {V}'
+  if target == 'gpu':
+    # Triton tensors have power-of-two sizes and tl.dot needs every dimension ≥ 16.
+    if not all(_pow2(x) and x >= 16 for x in (K, bv, chunk_size)):
+      return f'K = {K}, block_v = {bv}, chunk = {chunk_size} must be powers of two ≥ 16'
+    if K > 256 or bv > 128 or chunk_size > 128:
+      return f'K = {K} > 256, block_v = {bv} > 128 or chunk = {chunk_size} > 128 (registers)'
+    return ''
+  if target == 'tpu':
+    # Mosaic blocks: the last two dims are multiples of (8, 128) or the whole array dim; the
+    # [B, T, H·K] view's last dim is H·K, so K (and BV) must be multiples of 128 unless H = NV = 1.
+    if chunk_size % 16 or chunk_size > 1024:
+      return f'chunk = {chunk_size} must be a multiple of 16 (at most 1024)'
+    whole = H == 1 and bv == V
+    if not whole and (K % 128 or bv % 128):
+      return f'K = {K} and block_v = {bv} must be multiples of 128 (or H = 1, one value block)'
+    return ''
+  return f'target {target!r} (one of {TARGETS})'
+
+
+def use_kernel(q_BTHK, v_BTHV, chunk_size=64, reset_BT=None, backend=None) -> bool:
+  """True where `chunkwise_auto` runs the Pallas kernel: a GPU/TPU backend, no reset, and a
+  supported (K, V, chunk, dtype). False on CPU (interpret mode is only for tests)."""
+  backend = backend or jax.default_backend()
+  if backend not in TARGETS or reset_BT is not None:
+    return False
+  _, _, H, K = q_BTHK.shape
+  return not unsupported(H, K, v_BTHV.shape[-1], chunk_size, v_BTHV.dtype, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chunk maths, shared by both drivers. Values only (no refs): ops that Triton and Mosaic lower.
+
+
+def _dot(a, b, contract=(1, 0)):
+  """2-D matmul contracting a's dim contract[0] with b's dim contract[1], float32 accumulation."""
+  precision = lax.Precision.HIGHEST if a.dtype == F32 else None  # Triton's DEFAULT for f32 is TF32.
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                         precision=precision, preferred_element_type=F32)
+
+
+def _decay_in_chunk(lam, C):
+  """D_CC (γ^{i−j} for i ≥ j, else 0; eq. 5 inside a chunk) and ξ_C1 = γ^{i+1}, float32."""
+  i_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  j_CC = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  causal_CC = i_CC >= j_CC
+  diff_CC = jnp.where(causal_CC, i_CC - j_CC, 0).astype(F32)
+  decay_CC = jnp.where(causal_CC, jnp.exp(lam * diff_CC), 0.0)
+  i_C1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  xi_C1 = jnp.exp(lam * (i_C1 + 1).astype(F32))
+  return decay_CC, xi_C1
+
+
+def _decay_across(lam, C, length_n):
+  """ζ_C1 = γ^{L−1−j} for j < L (else 0) and the carry γ^L as [1, 1], L = length_n ≤ C."""
+  j_C1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  valid_C1 = j_C1 < length_n
+  exponent_C1 = jnp.where(valid_C1, length_n - 1 - j_C1, 0).astype(F32)  # Never negative.
+  zeta_C1 = jnp.where(valid_C1, jnp.exp(lam * exponent_C1), 0.0)
+  carry_11 = jnp.exp(lam * (jnp.zeros((1, 1), jnp.int32) + length_n).astype(F32))
+  return zeta_C1, carry_11
+
+
+def _forward_chunk(consts, ins, state_KB):
+  """O_n = (Q Kᵀ ⊙ D) V + (Q ⊙ ξ) S;  S ← γ^L S + (K ⊙ ζ)ᵀ V."""
+  decay_CC, xi_C1, zeta_C1, carry_11 = consts
+  q_CK, k_CK, v_CB = ins
+  dt = v_CB.dtype
+  scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
+  o_CB = _dot(scores_CC.astype(dt), v_CB) + _dot((q_CK * xi_C1).astype(dt), state_KB.astype(dt))
+  state_KB = carry_11 * state_KB + _dot((k_CK * zeta_C1).astype(dt), v_CB, (0, 0))
+  return (o_CB,), state_KB
+
+
+def _dq_chunk(consts, ins, state_KB):
+  """dQ_n = (dO Vᵀ ⊙ D) K + ξ ⊙ (dO Sᵀ), one value block's share;  S advances as forward."""
+  decay_CC, xi_C1, zeta_C1, carry_11 = consts
+  k_CK, v_CB, do_CB = ins
+  dt = v_CB.dtype
+  dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
+  dq_CK = _dot(dp_CC.astype(dt), k_CK) + xi_C1 * _dot(do_CB, state_KB.astype(dt), (1, 1))
+  state_KB = carry_11 * state_KB + _dot((k_CK * zeta_C1).astype(dt), v_CB, (0, 0))
+  return (dq_CK,), state_KB
+
+
+def _dkv_chunk(consts, ins, grad_KB):
+  """dK_n (value block's share), dV_n from G_n = ∂L/∂S_{n+1};  G ← γ^L G + (Q ⊙ ξ)ᵀ dO."""
+  decay_CC, xi_C1, zeta_C1, carry_11 = consts
+  q_CK, k_CK, v_CB, do_CB = ins
+  dt = v_CB.dtype
+  grad_dt_KB = grad_KB.astype(dt)
+  scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
+  dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
+  dk_CK = _dot(dp_CC.astype(dt), q_CK, (0, 0)) + zeta_C1 * _dot(v_CB, grad_dt_KB, (1, 1))
+  dv_CB = _dot(scores_CC.astype(dt), do_CB, (0, 0)) + _dot((k_CK * zeta_C1).astype(dt), grad_dt_KB)
+  grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
+  return (dk_CK, dv_CB), grad_KB
+
+
+# ----------------------------------------------------------------------------------------------
+# Drivers: one pallas_call per pass. Operands are [B, Tp, H·K] ('k'), [B, Tp, H·V] ('v', split in
+# value blocks) or float32 partials [NV, B, Tp, H·K] ('kp', one per value block).
+
+
+def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log_gamma_H, *,
+                 dims, chunk, length, reverse, target, interpret):
+  """Runs `chunk_fn` over the chunks of every (b, h, value block); returns (*outs, state)."""
+  B, Tp, H, K, V, BV = dims
+  C, NV, N = chunk, V // BV, Tp // chunk
+  last_length = length - (N - 1) * C  # L of the last chunk; C when T divides evenly.
+  tpu = target == 'tpu'
+  width = {'k': K, 'v': BV, 'kp': K}
+  rows = C if tpu else Tp  # Block length along time: one chunk (tpu) or the whole sequence (gpu).
+
+  def block(kind, chunk_index):
+    """BlockSpec of an operand kind; chunk_index(grid ids) -> time-block index."""
+    def index_map(b, h, j, *i):
+      n = chunk_index(*i)
+      if kind == 'k':
+        return b, n, h
+      if kind == 'v':
+        return b, n, h * NV + j
+      return j, b, n, h
+    shape = (None, rows, width[kind]) if kind != 'kp' else (None, None, rows, width[kind])
+    return pl.BlockSpec(shape, index_map)
+
+  out_shapes = []
+  for kind, dtype in zip(out_kinds, out_dtypes):
+    shape = (B, Tp, H * K) if kind == 'k' else (B, Tp, H * V) if kind == 'v' else (NV, B, Tp, H * K)
+    out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
+  out_shapes.append(jax.ShapeDtypeStruct((B, H, K, V), F32))
+  state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j, *i: (b, h, 0, j))
+  n_in, n_out = len(ins), len(out_kinds)
+
+  def consts(lam, n, invariant):
+    """(D_CC, ξ_C1, ζ_C1, γ^L) of chunk n; only the last chunk of a ragged T has L < C."""
+    length_n = C if last_length == C else jnp.minimum(C, length - n * C)
+    return (*invariant, *_decay_across(lam, C, length_n))
+
+  if not tpu:
+    def kernel(lam_ref, *refs):
+      in_refs, s0_ref = refs[:n_in], refs[n_in]
+      out_refs, s_out_ref = refs[n_in + 1:n_in + 1 + n_out], refs[-1]
+      lam = lam_ref[0]
+      invariant = _decay_in_chunk(lam, C)  # Built once per program, outside the loop.
+      hoisted = consts(lam, 0, invariant) if last_length == C else None
+
+      def body(step, state_KB):
+        n = N - 1 - step if reverse else step
+        t = pl.ds(pl.multiple_of(n * C, C), C)
+        outs, state_KB = chunk_fn(hoisted or consts(lam, n, invariant),
+                                  tuple(r[t, :] for r in in_refs), state_KB)
+        for r, x in zip(out_refs, outs):
+          r[t, :] = x.astype(r.dtype)
+        return state_KB
+
+      s_out_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(F32))
+
+    grid = (B, H, NV)
+    in_specs = [pl.BlockSpec((1,), lambda b, h, j: (h,))]  # log γ of the program's head.
+    in_specs += [block(kind, lambda: 0) for kind in in_kinds]
+    out_specs = [block(kind, lambda: 0) for kind in out_kinds]
+    scratch = ()
+  else:
+    def kernel(lam_ref, *refs):
+      in_refs, s0_ref = refs[:n_in], refs[n_in]
+      out_refs, s_out_ref, state_ref = refs[n_in + 1:n_in + 1 + n_out], refs[-2], refs[-1]
+      step = pl.program_id(3)
+      n = N - 1 - step if reverse else step
+
+      @pl.when(step == 0)
+      def _():
+        state_ref[...] = s0_ref[...].astype(F32)
+
+      lam = lam_ref[pl.program_id(1)]
+      outs, state_KB = chunk_fn(consts(lam, n, _decay_in_chunk(lam, C)),
+                                tuple(r[...] for r in in_refs), state_ref[...])
+      for r, x in zip(out_refs, outs):
+        r[...] = x.astype(r.dtype)
+      state_ref[...] = state_KB
+
+      @pl.when(step == N - 1)
+      def _():
+        s_out_ref[...] = state_KB
+
+    grid = (B, H, NV, N)
+    chunk_index = (lambda i: N - 1 - i) if reverse else (lambda i: i)
+    in_specs = [pl.BlockSpec(memory_space=_SMEM)]  # All of log γ, read as scalars.
+    in_specs += [block(kind, chunk_index) for kind in in_kinds]
+    out_specs = [block(kind, chunk_index) for kind in out_kinds]
+    scratch = (pltpu.VMEM((K, BV), F32),)
+
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs + [state_spec], out_specs=out_specs + [state_spec],
+      out_shape=out_shapes, scratch_shapes=scratch, interpret=interpret,
+      compiler_params=None if interpret else _compiler_params(target, K * BV),
+      name=f'retention_{chunk_fn.__name__.strip("_")}',
+  )(log_gamma_H.astype(F32), *ins, state_BHKV)
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom VJP over padded inputs (Tp = N·C ≥ length).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, static, interpret):
+  return _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, static, interpret)[0]
+
+
+def _flat(x_BTHD):
+  B, T, H, D = x_BTHD.shape
+  return x_BTHD.reshape(B, T, H * D)
+
+
+def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, static, interpret):
+  chunk, length, target, BV = static
+  B, Tp, H, K = q_BTHK.shape
+  V = v_BTHV.shape[-1]
+  o_BTV, final_BHKV = _scan_chunks(
+      _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), ('v',),
+      (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, BV), chunk=chunk,
+      length=length, reverse=False, target=target, interpret=interpret)
+  residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, final_BHKV)
+  return (o_BTV.reshape(B, Tp, H, V), final_BHKV), residuals
+
+
+def _fused_bwd(static, interpret, residuals, cotangents):
+  chunk, length, target, BV = static
+  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, final_BHKV = residuals
+  do_BTHV, dfinal_BHKV = cotangents
+  B, Tp, H, K = q_BTHK.shape
+  V = v_BTHV.shape[-1]
+  do_BTHV = do_BTHV.astype(v_BTHV.dtype)
+  q, k, v, do = map(_flat, (q_BTHK, k_BTHK, v_BTHV, do_BTHV))
+  common = dict(dims=(B, Tp, H, K, V, BV), chunk=chunk, length=length, target=target,
+                interpret=interpret)
+  dq_JBTK, _ = _scan_chunks(_dq_chunk, (k, v, do), ('k', 'v', 'v'), ('kp',), (F32,), state_BHKV,
+                            log_gamma_H, reverse=False, **common)
+  dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
+      _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', 'v'), (F32, v_BTHV.dtype),
+      dfinal_BHKV.astype(F32), log_gamma_H, reverse=True, **common)
+  dq_BTHK = dq_JBTK.sum(0).reshape(B, Tp, H, K)
+  dk_BTHK = dk_JBTK.sum(0).reshape(B, Tp, H, K)
+  # d log γ from the other gradients: with a_t = (t+1) log γ, the operator only sees q_t e^{a_t},
+  # k_s e^{−a_s} and the final state's factor e^{a_{T−1}}, so ∂L/∂a_t = q_t·dq_t − k_t·dk_t (+
+  # ⟨dS_T, S_T⟩ at t = T−1) and d log γ = Σ_t (t+1) ∂L/∂a_t. Padded tokens have q = k = 0.
+  pos_T = jnp.arange(1, Tp + 1, dtype=F32)
+  qdq_BTH = jnp.sum(q_BTHK.astype(F32) * dq_BTHK, -1) - jnp.sum(k_BTHK.astype(F32) * dk_BTHK, -1)
+  dlog_gamma_H = (jnp.einsum('bth,t->h', qdq_BTH, pos_T)
+                  + length * jnp.sum(dfinal_BHKV.astype(F32) * final_BHKV, (0, 2, 3)))
+  return (dq_BTHK.astype(q_BTHK.dtype), dk_BTHK.astype(k_BTHK.dtype),
+          dv_BTV.reshape(B, Tp, H, V), dlog_gamma_H.astype(log_gamma_H.dtype),
+          dstate_BHKV.astype(state_BHKV.dtype))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=64, reset_BT=None,
+              *, interpret=False, target=None, block_v=None):
+  """Chunkwise retention (eq. 7) by the fused kernels; the semantics of `retention.chunkwise`.
+
+  interpret: run the kernels in the Pallas interpreter (required on CPU; tests). target: the
+  lowering the kernels are built for, 'gpu' (Triton) or 'tpu' (Mosaic); by default the backend's,
+  'gpu' on CPU. block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V).
+  Interpret mode takes any shape; compiled, `unsupported` must be ''. `reset_BT` is not supported
+  by the kernels: with a reset this runs `retention.chunkwise` (XLA) instead.
+  """
+  B, T, H, K, V = retention._check(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be positive; got {chunk_size}.')
+  if reset_BT is not None:
+    return retention.chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size,
+                               reset_BT)
+  backend = jax.default_backend()
+  target = target or ('tpu' if backend == 'tpu' else 'gpu')
+  if target not in TARGETS:
+    raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
+  if not interpret and backend not in TARGETS:
+    raise ValueError(f'No GPU or TPU (backend {backend!r}): the kernel runs there only with '
+                     'interpret=True.')
+  block_v = block_v or default_block_v(V, target)
+  why = unsupported(H, K, V, chunk_size, v_BTHV.dtype, target, block_v)
+  if why and not interpret:
+    raise ValueError(f'The Pallas retention kernel does not support {why}.')
+  if state_BHKV is None:
+    state_BHKV = retention.zero_state(B, H, K, V)
+  q_BTHK, k_BTHK = q_BTHK.astype(v_BTHV.dtype), k_BTHK.astype(v_BTHV.dtype)  # o has v's dtype.
+  pad = -T % chunk_size
+  if pad:
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    q_BTHK, k_BTHK, v_BTHV = (jnp.pad(x, widths) for x in (q_BTHK, k_BTHK, v_BTHV))
+  o_BTHV, final_BHKV = _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H.astype(F32),
+                              state_BHKV.astype(F32), (chunk_size, T, target, block_v), interpret)
+  return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV
+
+
+def chunkwise_auto(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=64,
+                   reset_BT=None):
+  """The kernel where `use_kernel` says so (GPU/TPU, supported shape, no reset), else XLA."""
+  if use_kernel(q_BTHK, v_BTHV, chunk_size, reset_BT):
+    return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size)
+  return retention.chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)

@@ -1,0 +1,218 @@
+"""The fused chunkwise Pallas kernels, in interpret mode on CPU, against the float64 reference.
+
+Both drivers are exercised: 'gpu' (one program per (b, h, value block) looping over chunks) and
+'tpu' (chunks on the grid, the state in scratch). Interpret mode checks the maths and the block
+plumbing, not the Triton or Mosaic compilation.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retnet_jax import decay
+from retnet_jax import retention
+from retnet_jax import retention_pallas
+from tests import reference
+from tests.retention_test import gammas
+from tests.util import rel_err
+
+K_DIM, V_DIM, CHUNK = 16, 32, 16  # K ≠ V; the smallest sizes the Triton lowering takes.
+
+
+def inputs(seed, B, T, H, dtype=jnp.float32, with_state=True):
+  rng = np.random.default_rng(seed)
+  q, k = rng.standard_normal((2, B, T, H, K_DIM))
+  v = rng.standard_normal((B, T, H, V_DIM))
+  state = rng.standard_normal((B, H, K_DIM, V_DIM)) if with_state else None
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(q), cast(k), cast(v), (None if state is None else jnp.asarray(state, jnp.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(chunk=CHUNK, target='gpu', block_v=None):
+  return jax.jit(functools.partial(retention_pallas.chunkwise, chunk_size=chunk, interpret=True,
+                                   target=target, block_v=block_v))
+
+
+def log_gammas(g):
+  return jnp.asarray(np.log(g), jnp.float32)
+
+
+@pytest.mark.parametrize('T,H,schedule,with_state', [
+    (64, 1, 'retnet', True), (64, 3, 'none', False), (100, 3, 'lm', True), (100, 1, 'none', True),
+    (100, 3, 'custom', False), (256, 3, 'retnet', True), (256, 1, 'uniform', False),
+])
+def test_forward_matches_reference(T, H, schedule, with_state):
+  g = gammas(schedule, H)
+  q, k, v, state = inputs(T + H, 2, T, H, with_state=with_state)
+  o_ref, s_ref = reference.retention(q, k, v, g, state)
+  o, s = kernel()(q, k, v, log_gammas(g), state)
+  assert o.dtype == jnp.float32 and s.dtype == jnp.float32
+  assert o.shape == o_ref.shape and s.shape == s_ref.shape
+  assert rel_err(o, o_ref) <= 1e-5, rel_err(o, o_ref)
+  assert rel_err(s, s_ref) <= 1e-5, rel_err(s, s_ref)
+
+
+@pytest.mark.parametrize('target,chunk,block_v,T', [
+    ('gpu', 16, 16, 100),  # Two value blocks: dq/dk partials summed.
+    ('gpu', 64, None, 100),  # One full chunk, then a ragged one.
+    ('gpu', 64, None, 40),  # Shorter than one chunk.
+    ('tpu', 16, None, 100),
+    ('tpu', 32, 16, 64),
+])
+def test_forward_blocks_and_drivers(target, chunk, block_v, T):
+  H = 3
+  g = gammas('retnet', H)
+  q, k, v, state = inputs(T, 2, T, H)
+  o_ref, s_ref = reference.retention(q, k, v, g, state)
+  o, s = kernel(chunk, target, block_v)(q, k, v, log_gammas(g), state)
+  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, (rel_err(o, o_ref),
+                                                                    rel_err(s, s_ref))
+
+
+@pytest.mark.parametrize('schedule', ['retnet', 'none'])
+def test_bfloat16_inputs(schedule):
+  H = 3
+  g = gammas(schedule, H)
+  q, k, v, state = inputs(7, 2, 100, H, dtype=jnp.bfloat16)
+  o_ref, s_ref = reference.retention(q, k, v, g, state)
+  o, s = kernel()(q, k, v, log_gammas(g), state)
+  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+  assert rel_err(o, o_ref) <= 1e-2 and rel_err(s, s_ref) <= 1e-2, (rel_err(o, o_ref),
+                                                                    rel_err(s, s_ref))
+
+
+def test_state_carries_across_calls():
+  """Prefill in two kernel calls (the first ragged) equals one call."""
+  H = 3
+  q, k, v, state = inputs(3, 2, 100, H)
+  lg = log_gammas(gammas('lm', H))
+  o_full, s_full = kernel()(q, k, v, lg, state)
+  o1, s = kernel()(q[:, :37], k[:, :37], v[:, :37], lg, state)
+  o2, s = kernel()(q[:, 37:], k[:, 37:], v[:, 37:], lg, s)
+  assert rel_err(jnp.concatenate([o1, o2], 1), o_full) <= 1e-5 and rel_err(s, s_full) <= 1e-5
+
+
+@pytest.mark.parametrize('schedule,target,block_v,T', [
+    ('retnet', 'gpu', None, 100), ('none', 'gpu', 16, 100), ('lm', 'tpu', 16, 64),
+])
+def test_gradients_match_parallel(schedule, target, block_v, T):
+  B, H = 2, 3
+  q, k, v, state = inputs(9, B, T, H)
+  lg = log_gammas(gammas(schedule, H))
+  rng = np.random.default_rng(1)
+  w_o = jnp.asarray(rng.standard_normal((B, T, H, V_DIM)), jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal((B, H, K_DIM, V_DIM)), jnp.float32)
+
+  def loss(fn, *args):
+    o, s = fn(*args)
+    return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
+  ref = grad(retention.parallel)(q, k, v, lg, state)
+  got = grad(functools.partial(retention_pallas.chunkwise, chunk_size=CHUNK, interpret=True,
+                               target=target, block_v=block_v))(q, k, v, lg, state)
+  for name, x, r in zip('q k v log_gamma state'.split(), got, ref):
+    assert x.shape == r.shape and x.dtype == r.dtype, name
+    assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
+
+
+def test_gradient_without_initial_state():
+  B, T, H = 1, 48, 2
+  q, k, v, _ = inputs(2, B, T, H, with_state=False)
+  lg = log_gammas(gammas('retnet', H))
+  w_o = jnp.asarray(np.random.default_rng(3).standard_normal((B, T, H, V_DIM)), jnp.float32)
+  loss = lambda fn: lambda q, k, v, lg: jnp.sum(fn(q, k, v, lg)[0] * w_o)
+  ref = jax.grad(loss(retention.parallel), argnums=(0, 1, 2, 3))(q, k, v, lg)
+  got = jax.jit(jax.grad(loss(functools.partial(retention_pallas.chunkwise, chunk_size=CHUNK,
+                                                interpret=True)), argnums=(0, 1, 2, 3)))(q, k, v, lg)
+  for name, x, r in zip('q k v log_gamma'.split(), got, ref):
+    assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
+
+
+def test_reset_falls_back_to_xla():
+  B, T, H = 2, 40, 3
+  q, k, v, state = inputs(11, B, T, H)
+  reset = np.zeros((B, T), bool)
+  reset[0, [0, 16, 21]] = True
+  reset[1, 39] = True
+  g = gammas('lm', H)
+  o_ref, s_ref = reference.retention(q, k, v, g, state, reset)
+  o, s = retention_pallas.chunkwise(q, k, v, log_gammas(g), state, CHUNK, jnp.asarray(reset),
+                                    interpret=True)
+  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+  assert not retention_pallas.use_kernel(q, v, CHUNK, jnp.asarray(reset), backend='gpu')
+
+
+def test_use_kernel():
+  q, _, v, _ = inputs(0, 1, 8, 2)
+  assert jax.default_backend() == 'cpu'
+  assert not retention_pallas.use_kernel(q, v, CHUNK)  # CPU: never.
+  assert retention_pallas.use_kernel(q, v, CHUNK, backend='gpu')
+  assert not retention_pallas.use_kernel(q, v, 12, backend='gpu')  # Chunk not a power of two.
+  assert not retention_pallas.use_kernel(q[..., :5], v, CHUNK, backend='gpu')  # K = 5.
+  assert not retention_pallas.use_kernel(q, v, CHUNK, backend='tpu')  # K = 16: not a lane tile.
+  big_q = jax.ShapeDtypeStruct((8, 16384, 32, 128), jnp.bfloat16)  # fla's benchmark shape.
+  for backend in ('gpu', 'tpu'):
+    assert retention_pallas.use_kernel(big_q, big_q, 64, backend=backend), backend
+  with pytest.raises(ValueError, match='interpret=True'):
+    retention_pallas.chunkwise(*inputs(0, 1, 8, 2)[:3], jnp.zeros(2))
+
+
+def test_retention_dispatch():
+  H = 3
+  q, k, v, state = inputs(5, 2, 45, H)
+  g = gammas('retnet', H)
+  lg = log_gammas(g)
+  o_ref, s_ref = reference.retention(q, k, v, g, state)
+
+  def run(impl):
+    fn = functools.partial(retention.retention, form='chunkwise', chunk_size=CHUNK, impl=impl)
+    return 'pallas_call' in str(jax.make_jaxpr(fn)(q, k, v, lg, state)), fn(q, k, v, lg, state)
+
+  for impl, uses_kernel in (('pallas', True), ('auto', False), ('xla', False)):
+    used, (o, s) = run(impl)
+    assert used == uses_kernel, impl
+    assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, impl
+  with pytest.raises(ValueError, match='impl'):
+    retention.retention(q, k, v, lg, impl='triton')
+  with pytest.raises(ValueError, match='only for form'):
+    retention.retention(q, k, v, lg, form='parallel', impl='pallas')
+  o, _ = retention.retention(q, k, v, lg, form='parallel', impl='xla')
+  assert rel_err(o, reference.retention(q, k, v, g)[0]) <= 1e-5
+
+
+def test_no_overflow_long_sequence_no_decay():
+  """γ = 1 over 4096 tokens (the state only grows): finite, and the last token matches q_T S_T."""
+  T, H = 4096, 1
+  q, k, v, _ = inputs(0, 1, T, H, dtype=jnp.bfloat16, with_state=False)
+  lg = log_gammas(decay.gammas('none', H))
+  o, s = kernel(64)(q, k, v, lg, None)
+  assert np.all(np.isfinite(np.asarray(o, np.float32))) and np.all(np.isfinite(s))
+  expect = np.einsum('bhk,bhkv->bhv', np.asarray(q[:, -1], np.float64), np.asarray(s, np.float64))
+  assert rel_err(o[:, -1], expect) <= 1e-2
+
+
+@pytest.mark.parametrize('platform,target,T', [('cuda', 'gpu', 16384), ('cuda', 'gpu', 1000),
+                                               ('tpu', 'tpu', 16384), ('tpu', 'tpu', 1000)])
+def test_lowers_to_triton_and_mosaic(monkeypatch, platform, target, T):
+  """Forward and backward at fla's benchmark shape (and a ragged T) pass Pallas' Triton / Mosaic
+  lowering. Lowering only: compiling and running them needs the GPU / TPU."""
+  monkeypatch.setattr(jax, 'default_backend', lambda: target)
+  B, H, K, V = 8, 32, 128, 128
+  spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+  args = (spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), spec(H, dtype=jnp.float32),
+          spec(B, H, K, V, dtype=jnp.float32))
+  fn = functools.partial(retention_pallas.chunkwise, chunk_size=64, target=target)
+
+  def loss(*args):
+    o, s = fn(*args)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+  call = {'gpu': 'xla.gpu.triton', 'tpu': 'tpu_custom_call'}[target]
+  for f, calls in ((fn, 1), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 3)):
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert text.count(call) >= calls, (target, calls)
