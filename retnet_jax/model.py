@@ -398,7 +398,10 @@ class Model(nnx.Module):
       prev_B = segment_ids_BT[:, 0] if state is None else state['segment']
       reset_BT = segment_ids_BT != jnp.concatenate([prev_B[:, None], segment_ids_BT[:, :-1]], 1)
 
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
+    # Gather from the whole table (as FSDP gathers every weight): a lookup into a table sharded
+    # over vocab and embed makes the partitioner rematerialise the output.
+    table_VD = sharding.constrain(self.embed[...], (None, None))
+    x_BTD = jnp.take(table_VD, tokens_BT, axis=0).astype(jnp.dtype(cfg.dtype))
     keys = (None, None) if rng is None else jax.random.split(rng)
     x_BTD = sharding.constrain(_dropout(x_BTD, cfg.dropout, keys[0]), ('batch', 'length', 'embed'))
 

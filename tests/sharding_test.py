@@ -1,0 +1,122 @@
+"""Sharded training on 8 virtual CPU devices (tests/conftest.py): same losses on every mesh, parameter
+shardings as the rules say, checkpoints that move between meshes, and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from retnet_jax import sharding
+from retnet_jax import train
+from tests import util
+
+MESHES = [(8, 1, 1), (2, 2, 2), (1, 8, 1), (1, 2, 4)]
+
+
+def cfg(mesh=(1, 1, 1), **overrides):
+  # 4 heads so that tensor = 2 and 4 split them; batch 8 so data × fsdp = 8 splits it.
+  base = dict(model__num_heads=4, model__value_dim=64, batch_size=8, total_steps=4, log_every=1,
+              eval_every=4, checkpoint_every=100, mesh__data=mesh[0], mesh__fsdp=mesh[1],
+              mesh__tensor=mesh[2])
+  return util.config(**{**base, **overrides})
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
+
+
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  train.train_and_evaluate(cfg(), workdir)
+  return losses(workdir)
+
+
+def test_eight_devices_are_visible():
+  assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize('mesh', MESHES)
+def test_losses_match_one_device(mesh, one_device, tmp_path):
+  train.train_and_evaluate(cfg(mesh), str(tmp_path))
+  sharded = losses(str(tmp_path))
+  assert len(sharded) == len(one_device) == 4
+  np.testing.assert_allclose(sharded, one_device, rtol=1e-5)
+
+
+def test_parameter_shardings_follow_the_rules():
+  run = train.Run(cfg((1, 2, 4)), '/tmp/unused_workdir_sharding_test', for_training=True)
+  state, _ = run.initial_state()
+  ret = state['params']['blocks']['retention']
+  ffn = state['params']['blocks']['ffn']
+  expect = {
+      # ('layers', 'embed', 'heads', 'kv'): layers unsharded, embed over fsdp, heads over tensor.
+      'wq': P(None, 'fsdp', 'tensor', None),
+      'wo': P(None, 'tensor', None, 'fsdp'),  # ('layers', 'heads', 'kv', 'embed')
+  }
+  for name, spec in expect.items():
+    assert ret[name].sharding.spec == spec, name
+    assert ret[name].sharding.mesh.shape == {'data': 1, 'fsdp': 2, 'tensor': 4}
+  assert ffn['w_gate'].sharding.spec == P(None, 'fsdp', 'tensor')  # ('layers', 'embed', 'mlp')
+  assert state['params']['embed'].sharding.spec == P('tensor', 'fsdp')  # ('vocab', 'embed')
+  # Every parameter, stacked layer axis included, resolves through the rules; Adam's moments
+  # are laid out like their parameters.
+  axes = run.params_axes
+  flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+  flat_params = jax.tree.leaves(state['params'])
+  for ax, p in zip(flat_axes, flat_params):
+    assert p.sharding.spec == sharding.logical_to_spec(ax, run.rules, run.mesh, p.shape)
+    if p.ndim > 1 and ax[0] == 'layers':
+      assert p.sharding.spec[0] is None
+  mu = state['opt_state'][1][0].mu
+  assert mu['blocks']['retention']['wq'].sharding.spec == expect['wq']
+  run.ckpt.close()
+
+
+def test_indivisible_dimensions_are_replicated():
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 8})
+  rules = {'heads': 'tensor', 'embed': 'fsdp'}
+  assert sharding.logical_to_spec(('embed', 'heads'), rules, mesh, (48, 3)) == P('fsdp', None)
+  assert sharding.logical_to_spec(('embed', 'heads'), rules, mesh, (48, 16)) == P('fsdp', 'tensor')
+
+
+def test_bad_mesh_configs():
+  with pytest.raises(ValueError, match='needs 16 devices'):
+    sharding.make_mesh({'data': 4, 'fsdp': 4})
+  with pytest.raises(ValueError, match='at most one'):
+    sharding.make_mesh({'data': -1, 'fsdp': -1})
+  with pytest.raises(ValueError, match='unknown mesh axes'):
+    train.rules_of(cfg(mesh__rules__heads='model'))
+  with pytest.raises(ValueError, match='not divisible by the data-parallel'):
+    train.Run(cfg((8, 1, 1), batch_size=4), '/tmp/unused')
+
+
+def test_checkpoint_moves_between_meshes(one_device, tmp_path):
+  """Three steps on mesh (2, 2, 2), then the last step on (1, 8, 1): the same losses as one device."""
+  workdir = str(tmp_path)
+  train.train_and_evaluate(cfg((2, 2, 2)), workdir, max_steps=3)
+  train.train_and_evaluate(cfg((1, 8, 1)), workdir)
+  np.testing.assert_allclose(losses(workdir), one_device, rtol=1e-5)
+  out = train.evaluate(cfg((8, 1, 1)), workdir)
+  assert out['step'] == 4 and np.isfinite(out['eval']['loss'])
+
+
+def test_command_line_with_a_2x2x2_mesh(tmp_path):
+  overrides = {**util.SHRINK, 'model.num_heads': 4, 'model.value_dim': 64, 'batch_size': 8,
+               'total_steps': 2, 'log_every': 1, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+  cmd = [sys.executable, '-m', 'retnet_jax.main',
+         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+         f'--workdir={tmp_path}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=util.ROOT, env=env, timeout=600)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert "Mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in out
+  assert 'blocks/retention/wq' in out and "P(None, 'fsdp', 'tensor', None)" in out
+  assert len(losses(str(tmp_path))) == 2
