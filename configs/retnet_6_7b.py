@@ -1,0 +1,14 @@
+r"""RetNet 6.7B as in the paper (§3.1); see configs/retnet_paper.py for the settings.
+
+  python -m retnet_jax.main --config=configs/retnet_6_7b.py --workdir=gs://bucket/retnet_6_7b \
+      --config.data.files_glob='/data/corpus/*.jsonl'
+"""
+
+import os
+
+from retnet_jax import config_lib
+
+
+def get_config(arg=None):
+  del arg
+  return config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'retnet_paper.py:6.7b'))
