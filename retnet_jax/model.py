@@ -144,6 +144,20 @@ def _param(rngs, init, shape, axes, dtype):
   return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+def dense(x, w, dtype, in_dims=1, out_dtype=None):
+  """x [..., *w.shape[:in_dims]] · w [*in, *out] -> [..., *out], as one 2-D matmul over all tokens.
+
+  XLA:CPU lays 3-D einsum operands out transposed in the backward pass, which made the layer's
+  gradient ~1.7× slower than this form; accelerators run both alike.
+  """
+  in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
+  lead = x.shape[:x.ndim - in_dims]
+  n_in = math.prod(in_shape)
+  y = jnp.matmul(x.reshape(-1, n_in).astype(dtype), w.reshape(n_in, -1).astype(dtype),
+                 preferred_element_type=out_dtype)
+  return y.reshape(*lead, *out_shape)
+
+
 def _dropout(x, rate, key):
   if key is None or rate == 0.0:
     return x
@@ -224,7 +238,7 @@ class MultiScaleRetention(nnx.Module):
 
   def __call__(self, x_BTD, state_BHKV, *, sin, cos, reset_BT, positions_T, form):
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    proj = lambda w: jnp.einsum('btd,dhk->bthk', x_BTD, w[...].astype(dt))
+    proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk) * cfg.head_dim**-0.5, sin, cos, cfg.rotary)
     v_BTHV = proj(self.wv)
@@ -244,7 +258,7 @@ class MultiScaleRetention(nnx.Module):
       o_BTHV = self.norm(o_BTHV)
     if self.wg is not None:
       o_BTHV = jax.nn.silu(proj(self.wg)) * o_BTHV
-    y_BTD = jnp.einsum('bthv,hvd->btd', o_BTHV.astype(dt), self.wo[...].astype(dt))
+    y_BTD = dense(o_BTHV, self.wo[...], dt, in_dims=2)
     return y_BTD, state_BHKV
 
 
@@ -264,7 +278,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD, cache, *, sin, cos, mask_BTS, offset):
     """cache: None (attend within x) or {'k', 'v': [B, S, H, K]} written at [offset, offset + T)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    proj = lambda w: jnp.einsum('btd,dhk->bthk', x_BTD, w[...].astype(dt))
+    proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk), sin, cos, cfg.rotary)
     v_BTHK = proj(self.wv)
@@ -279,7 +293,7 @@ class Attention(nnx.Module):
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5, -1e30)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
     o_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS.astype(dt), v_BSHK)
-    y_BTD = jnp.einsum('bthk,hkd->btd', o_BTHK, self.wo[...].astype(dt))
+    y_BTD = dense(o_BTHK, self.wo[...], dt, in_dims=2)
     return y_BTD, cache
 
 
@@ -298,10 +312,10 @@ class FeedForward(nnx.Module):
     dt = jnp.dtype(self.cfg.dtype)
     act = jax.nn.silu if self.cfg.ffn_activation == 'swish' else (
         lambda a: jax.nn.gelu(a, approximate=False))
-    gate_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_gate[...].astype(dt))
-    up_BTF = jnp.einsum('btd,df->btf', x_BTD, self.w_up[...].astype(dt))
+    gate_BTF = dense(x_BTD, self.w_gate[...], dt)
+    up_BTF = dense(x_BTD, self.w_up[...], dt)
     h_BTF = sharding.constrain(act(gate_BTF.astype(F32)).astype(dt) * up_BTF, ('batch', 'length', 'mlp'))
-    return jnp.einsum('btf,fd->btd', h_BTF, self.w_down[...].astype(dt))
+    return dense(h_BTF, self.w_down[...], dt)
 
 
 class Block(nnx.Module):
@@ -427,7 +441,7 @@ class Model(nnx.Module):
 
     x_BTD = self.final_norm(x_BTD)
     head = self.embed[...].T if self.head is None else self.head[...]
-    logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head.astype(x_BTD.dtype), preferred_element_type=F32)
+    logits_BTV = dense(x_BTD, head, x_BTD.dtype, out_dtype=F32)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
 
   def _run_blocks(self, x_BTD, layer_states, ctx, rng):
