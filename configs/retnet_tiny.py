@@ -86,4 +86,9 @@ def get_config(arg=None):
       coordinator_address=None, num_processes=None, process_id=None))
 
   c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, save_on_sigterm=True))
+
+  # `--mode=generate` defaults (retnet_jax/generate.py); the main flags override them.
+  c.generate = ml_collections.ConfigDict(dict(
+      max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, seed=0, stop_at_eos=True,
+      prefill_form='chunkwise', block_size=16))
   return c

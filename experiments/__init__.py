@@ -1,0 +1,1 @@
+"""Experiments, each run from the repository root as `python -m experiments.<name>`."""
