@@ -42,12 +42,12 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.name = 'retnet_tiny'
   c.seed = 0
-  c.total_steps = 2400
+  c.total_steps = 400
   c.batch_size = 16
   c.seq_len = 256
   c.log_every = 50
-  c.eval_every = 400
-  c.checkpoint_every = 400
+  c.eval_every = 200
+  c.checkpoint_every = 200
   c.reset_at_doc_boundaries = True
 
   c.model = ml_collections.ConfigDict(dict(
@@ -57,7 +57,7 @@ def get_config(arg=None):
       rotary_freqs='torchscale', rotary_base=10000.0, swish_gate=True, group_norm=True,
       group_norm_affine=False, decay_row_norm=False, norm_eps=1e-6, dropout=0.0,
       tie_embeddings=False, dtype='float32', param_dtype='float32', scan_layers=True,
-      remat='none'))
+      remat='dots_no_batch'))
   if 'gamma' in args:
     c.model.gamma = args['gamma']
     if args['gamma'] == 'custom':
@@ -75,7 +75,7 @@ def get_config(arg=None):
       mqar_num_kv_pairs=8, mqar_vocab_size=256))
 
   c.optim = ml_collections.ConfigDict(dict(
-      learning_rate=2e-3, warmup_steps=100, schedule='cosine', end_lr_fraction=0.1, b1=0.9,
+      learning_rate=2e-3, warmup_steps=50, schedule='cosine', end_lr_fraction=0.1, b1=0.9,
       b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip=2.0, grad_accum_steps=1))
 
   c.mesh = ml_collections.ConfigDict(dict(

@@ -402,11 +402,11 @@ def _duration(seconds: float) -> str:
 class _Stop:
   """Turns SIGTERM / SIGINT into a request to checkpoint and stop (a second SIGINT aborts)."""
 
-  def __init__(self):
-    self.requested, self._previous = None, {}
+  def __init__(self, enabled: bool = True):
+    self.requested, self._previous, self.enabled = None, {}, enabled
 
   def __enter__(self):
-    if threading_is_main():
+    if self.enabled and threading_is_main():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -462,7 +462,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
   sums, t_window, steps_in_window = None, time.perf_counter(), 0
   t_start = time.perf_counter()
   step = start
-  with _Stop() as stop, sharding.use_rules(mesh, run.rules):
+  with _Stop(config.checkpoint.get('save_on_sigterm', True)) as stop, \
+       sharding.use_rules(mesh, run.rules):
     while step < stop_at and not stop.requested:
       batch = to_global(next(run.train_iter), run.batch_sh)
       state, stats = step_fn(state, batch)
