@@ -53,8 +53,8 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       kind='retnet', vocab_size=384, num_layers=4, embed_dim=256, num_heads=4, value_dim=512,
       ffn_dim=512, ffn_activation='swish', gamma='retnet', gamma_value=None, gamma_values=(),
-      gamma_init='retnet', form='chunkwise', chunk_size=64, rotary='interleaved',
-      rotary_freqs='torchscale', rotary_base=10000.0, swish_gate=True, group_norm=True,
+      gamma_init='retnet', form='chunkwise', chunk_size=64, retention_impl='auto',
+      rotary='interleaved', rotary_freqs='torchscale', rotary_base=10000.0, swish_gate=True, group_norm=True,
       group_norm_affine=False, decay_row_norm=False, norm_eps=1e-6, dropout=0.0,
       tie_embeddings=False, dtype='float32', param_dtype='float32', scan_layers=True,
       remat='dots_no_batch'))

@@ -57,6 +57,9 @@ class ModelConfig:
   gamma_init: str = 'retnet'
   form: str = 'chunkwise'  # Default retention form: 'parallel' | 'chunkwise' | 'recurrent'.
   chunk_size: int = 64
+  # Chunkwise implementation: 'auto' (the fused Pallas kernel on GPU/TPU where it applies, else
+  # XLA), 'xla', or 'pallas' (interpreted on CPU: slow, for tests).
+  retention_impl: str = 'auto'
   # Rotary angles on q and k: 'interleaved' pairs (torchscale), 'half'-split (fla), or 'none';
   # frequencies 'torchscale' (θ_i = base^−linspace(0, 1, K/2)) or 'standard' (θ_i = base^(−2i/K)).
   rotary: str = 'interleaved'
@@ -99,6 +102,8 @@ class ModelConfig:
     need(self.ffn_activation in ('swish', 'gelu'),
          f"ffn_activation must be 'swish' or 'gelu'; got {self.ffn_activation!r}.")
     need(self.form in retention.FORMS, f'form must be one of {sorted(retention.FORMS)}.')
+    need(self.retention_impl in retention.IMPLS,
+         f'retention_impl must be one of {retention.IMPLS}; got {self.retention_impl!r}.')
     need(self.remat in REMAT_POLICIES, f'remat must be one of {sorted(REMAT_POLICIES)}.')
     need(self.dtype in DTYPES and self.param_dtype in DTYPES, f'dtypes must be among {DTYPES}.')
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1); got {self.dropout}.')
@@ -247,7 +252,7 @@ class MultiScaleRetention(nnx.Module):
     log_gamma_H = self.log_gamma()
     o_BTHV, state_BHKV = retention.retention(
         q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, form=form, chunk_size=cfg.chunk_size,
-        reset_BT=reset_BT)
+        reset_BT=reset_BT, impl=cfg.retention_impl if form == 'chunkwise' else 'auto')
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
       n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0

@@ -78,6 +78,17 @@ def test_prefill_then_continue(mode):
     assert util.rel_err(jnp.concatenate([first, second], 1), ref) <= 1e-4, n
 
 
+def test_pallas_kernel_in_the_model_matches_xla():
+  """retention_impl='pallas' (interpreted on CPU) gives the XLA chunkwise logits and state."""
+  model, cfg = build(model__value_dim=96)  # K = 16, V = 32: shapes the kernel supports.
+  kernel, _ = build(model__value_dim=96, model__retention_impl='pallas')
+  toks = tokens(cfg)
+  ref, ref_state = jitted(model, mode='chunkwise')(toks, None)
+  out, state = jitted(kernel, mode='chunkwise')(toks, None)
+  assert util.rel_err(out, ref) <= 1e-5
+  assert util.rel_err(state['retention'], ref_state['retention']) <= 1e-5
+
+
 def test_transformer_cache_matches_full_pass():
   model, cfg = build(model__kind='transformer', model__value_dim=None)
   toks = tokens(cfg, seed=4)
