@@ -51,13 +51,36 @@ def get_config(arg=None):
   c.reset_at_doc_boundaries = True
 
   c.model = ml_collections.ConfigDict(dict(
-      kind='retnet', vocab_size=384, num_layers=4, embed_dim=256, num_heads=4, value_dim=512,
-      ffn_dim=512, ffn_activation='swish', gamma='retnet', gamma_value=None, gamma_values=(),
-      gamma_init='retnet', form='chunkwise', chunk_size=64, retention_impl='auto',
-      rotary='interleaved', rotary_freqs='torchscale', rotary_base=10000.0, swish_gate=True, group_norm=True,
-      group_norm_affine=False, decay_row_norm=False, norm_eps=1e-6, dropout=0.0,
-      tie_embeddings=False, dtype='float32', param_dtype='float32', scan_layers=True,
-      remat='dots_no_batch'))
+      kind='retnet',  # or 'transformer' (configs/transformer_tiny.py)
+      vocab_size=384,  # 259 byte-level ids, padded to a multiple of 128
+      num_layers=4,
+      embed_dim=256,
+      num_heads=4,  # q-k head dim 64
+      value_dim=512,  # value head dim 128
+      ffn_dim=512,
+      ffn_activation='swish',
+      gamma='retnet',  # decay schedule: retnet_jax.decay.SCHEDULES
+      gamma_value=None,  # for 'uniform'
+      gamma_values=(),  # for 'custom'
+      gamma_init='retnet',  # for 'learnable'
+      form='chunkwise',  # retention form used for training
+      chunk_size=64,
+      retention_impl='auto',  # Pallas kernel on GPU/TPU, XLA on CPU
+      rotary='interleaved',
+      rotary_freqs='torchscale',
+      rotary_base=10000.0,
+      swish_gate=True,
+      group_norm=True,
+      group_norm_affine=False,
+      decay_row_norm=False,
+      norm_eps=1e-6,
+      dropout=0.0,
+      tie_embeddings=False,
+      dtype='float32',  # compute; 'bfloat16' on accelerators
+      param_dtype='float32',
+      scan_layers=True,
+      remat='dots_no_batch',
+  ))
   if 'gamma' in args:
     c.model.gamma = args['gamma']
     if args['gamma'] == 'custom':
