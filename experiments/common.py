@@ -1,0 +1,407 @@
+"""What the experiment runners share: named config variants trained into one experiment directory,
+their curves, and the tables and plots written from them.
+
+Layout of an experiment's runs directory (`--workdir`, default `<output_dir>/runs`):
+
+    <runs>/<name>/config.json    the run's full config, written before it trains
+    <runs>/<name>/metrics.jsonl  train.py's metrics; checkpoints/ and tb/ beside it
+    <runs>/<name>/result.json    written when the run has finished: steps, final metrics
+
+A run with result.json is skipped; one without it is (re)started by `train.train_and_evaluate`,
+which resumes from its latest checkpoint. A run directory whose config.json differs from the config
+asked for now is an error (no mixing of results from two configs).
+Plots use matplotlib's Agg canvas through `Figure` (no pyplot, no global backend change).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+from retnet_jax import checkpoint
+from retnet_jax import config_lib
+from retnet_jax import decay
+from retnet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The retnet_tiny config shrunk for `--quick` (2 layers of width 128, 400 steps of 8×128 tokens):
+# about 1.5 minutes a run on 2 busy CPU cores, compile included.
+TINY_QUICK = (
+    'model.num_layers=2', 'model.embed_dim=128', 'model.value_dim=256', 'model.ffn_dim=256',
+    'model.remat=none', 'seq_len=128', 'batch_size=8', 'total_steps=400', 'log_every=50',
+    'eval_every=100', 'checkpoint_every=100', 'data.num_eval_batches=8', 'optim.warmup_steps=40')
+
+
+class Interrupted(RuntimeError):
+  """A run stopped early (SIGTERM / Ctrl-C) with a checkpoint: rerun the same command to resume."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One run of an experiment: a name, a config (path[:arg], relative to the repository root or
+  absolute) and config overrides of its own ('a.b=value')."""
+  name: str
+  config: str
+  overrides: tuple[str, ...] = ()
+
+
+def build_config(variant: Variant, overrides: Sequence[str] = ()):
+  """The variant's validated ConfigDict: the file, then `overrides`, then the variant's own."""
+  path, sep, arg = variant.config.partition(':')
+  if not os.path.isabs(path) and not os.path.isfile(path):
+    path = os.path.join(ROOT, path)
+  config = config_lib.load(path + sep + arg, [*overrides, *variant.overrides])
+  config_lib.validate(config)
+  return config
+
+
+def _plain(config) -> dict:
+  """A config as JSON would store it (tuples as lists)."""
+  return json.loads(json.dumps(config.to_dict() if hasattr(config, 'to_dict') else config))
+
+
+def config_differences(old: dict, new: dict, prefix: str = '') -> list[str]:
+  """'key: old -> new' for every leaf that differs between two plain config dicts."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, '<missing>'), new.get(key, '<missing>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_differences(a, b, f'{prefix}{key}.')
+    elif a != b:
+      out.append(f'{prefix}{key}: {a!r} -> {b!r}')
+  return out
+
+
+def check_config(run_dir: str, config) -> None:
+  """Writes <run_dir>/config.json, or raises ValueError if the one there differs from `config`."""
+  path = os.path.join(run_dir, 'config.json')
+  new = _plain(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = config_differences(old, new)
+    if diffs:
+      raise ValueError(
+          f'the run in {run_dir} was made with a different config ({"; ".join(diffs[:8])}'
+          f'{"; ..." if len(diffs) > 8 else ""}). Use a new --workdir / --output_dir, or delete '
+          f'{run_dir} to retrain it.')
+    return
+  os.makedirs(run_dir, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(new, f, indent=1, sort_keys=True)
+
+
+def read_result(run_dir: str) -> dict | None:
+  path = os.path.join(run_dir, 'result.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
+
+
+def train_one(variant: Variant, config, run_dir: str) -> dict:
+  """Trains (or resumes) one run to its end and writes its result.json. Returns the result."""
+  t0 = time.perf_counter()
+  out = train.train_and_evaluate(config, run_dir)
+  if out.get('stopped') or out['step'] < config.total_steps:
+    raise Interrupted(f'run {variant.name!r} stopped at step {out["step"]} of '
+                      f'{config.total_steps}; rerun the same command to resume it.')
+  if 'eval' not in out:  # Already at its last step (killed before result.json): evaluate it.
+    out = {**out, 'eval': train.evaluate(config, run_dir)['eval']}
+  result = {'name': variant.name, 'config': variant.config, 'overrides': list(variant.overrides),
+            'steps': int(out['step']), 'eval': out['eval'], 'train': out.get('train', {}),
+            'wall_seconds': time.perf_counter() - t0}
+  with open(os.path.join(run_dir, 'result.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequence[str] = (),
+                 only: Sequence[str] | None = None) -> dict[str, dict]:
+  """Trains each variant into <workdir>/<name>, one after another, skipping finished runs.
+
+  only: train just these names (others are read if finished). Returns {name: result} for every
+  finished run, in the order of `variants`. Logs which run of how many, elapsed time and an ETA.
+  """
+  names = [v.name for v in variants]
+  if len(set(names)) != len(names):
+    raise ValueError(f'variant names must be unique; got {names}.')
+  unknown = sorted(set(only or ()) - set(names))
+  if unknown:
+    raise ValueError(f'--only names unknown runs {unknown}; runs are {names}.')
+  configs = {v.name: build_config(v, overrides) for v in variants}  # All config errors up front.
+  for v in variants:
+    run_dir = os.path.join(workdir, v.name)
+    if os.path.exists(os.path.join(run_dir, 'config.json')):
+      check_config(run_dir, configs[v.name])
+  todo = [v for v in variants if (only is None or v.name in only)
+          and read_result(os.path.join(workdir, v.name)) is None]
+  logging.info('%d runs in %s: %d finished, %d to train%s.', len(variants), workdir,
+               sum(read_result(os.path.join(workdir, n)) is not None for n in names), len(todo),
+               f' ({", ".join(v.name for v in todo)})' if todo else '')
+  t_start, took = time.perf_counter(), []
+  for i, v in enumerate(todo):
+    run_dir = os.path.join(workdir, v.name)
+    elapsed = time.perf_counter() - t_start
+    eta = duration(np.mean(took) * (len(todo) - i)) if took else 'unknown'
+    logging.info('=== run %d/%d: %s (%s) | elapsed %s | ETA %s', i + 1, len(todo), v.name, v.config,
+                 duration(elapsed), eta)
+    check_config(run_dir, configs[v.name])
+    t0 = time.perf_counter()
+    result = train_one(v, configs[v.name], run_dir)
+    took.append(time.perf_counter() - t0)
+    logging.info('=== run %d/%d: %s done in %s: eval loss %.4f | elapsed %s | ETA %s', i + 1,
+                 len(todo), v.name, duration(took[-1]), result['eval']['loss'],
+                 duration(time.perf_counter() - t_start),
+                 duration(np.mean(took) * (len(todo) - i - 1)))
+  results = {}
+  for v in variants:
+    result = read_result(os.path.join(workdir, v.name))
+    if result is not None:
+      results[v.name] = result
+    else:
+      logging.warning('run %s has not finished: left out of the tables.', v.name)
+  return results
+
+
+def check_finite(results: dict[str, dict], key: str = 'loss') -> None:
+  """Raises ValueError naming the runs whose final eval `key` is not finite."""
+  bad = [n for n, r in results.items() if not math.isfinite(float(r['eval'].get(key, math.nan)))]
+  if bad:
+    raise ValueError(f'final eval {key} is not finite for {bad}.')
+
+
+# ------------------------------------------------------------------------------------------------
+# Curves.
+
+
+def read_metrics(run_dir: str) -> dict[str, list[dict]]:
+  """{'train': records, 'eval': records} from metrics.jsonl, by step; a step logged twice (a run
+  resumed from an earlier checkpoint) keeps its last record."""
+  by_split: dict[str, dict[int, dict]] = {'train': {}, 'eval': {}}
+  path = os.path.join(run_dir, 'metrics.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          by_split.setdefault(record['split'], {})[record['step']] = record
+  return {split: [r[s] for s in sorted(r)] for split, r in by_split.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables.
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  key: str  # Key in the row dicts and the CSV header.
+  header: str  # Markdown header.
+  fmt: str = '{}'  # Markdown format of a value (the CSV gets the full value).
+
+
+def _cell(value, fmt: str) -> str:
+  if value is None:
+    return '–'
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return fmt.format(value)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[Column]) -> str:
+  lines = ['| ' + ' | '.join(c.header for c in columns) + ' |',
+           '|' + '|'.join('---' if i == 0 else '---:' for i in range(len(columns))) + '|']
+  for row in rows:
+    lines.append('| ' + ' | '.join(_cell(row.get(c.key), c.fmt) for c in columns) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def write_table(output_dir: str, rows: Sequence[dict], columns: Sequence[Column], *, title: str,
+                notes: Sequence[str] = (), extra_markdown: str = '') -> str:
+  """Writes <output_dir>/table.md (title, table, notes) and results.csv (same rows and columns).
+  Returns the markdown."""
+  os.makedirs(output_dir, exist_ok=True)
+  text = f'## {title}\n\n' + markdown_table(rows, columns)
+  if notes:
+    text += '\n' + '\n'.join(notes) + '\n'
+  if extra_markdown:
+    text += '\n' + extra_markdown
+  with open(os.path.join(output_dir, 'table.md'), 'w') as f:
+    f.write(text)
+  with open(os.path.join(output_dir, 'results.csv'), 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow([c.key for c in columns])
+    for row in rows:
+      writer.writerow(['' if row.get(c.key) is None else row.get(c.key) for c in columns])
+  return text
+
+
+def ranks(values: Sequence[float]) -> list[int]:
+  """1 for the smallest value (non-finite values rank last)."""
+  order = sorted(range(len(values)), key=lambda i: (not math.isfinite(values[i]), values[i]))
+  out = [0] * len(values)
+  for rank, i in enumerate(order, 1):
+    out[i] = rank
+  return out
+
+
+def spearman(a: Sequence[int], b: Sequence[int]) -> float:
+  """Spearman's rank correlation of two rankings without ties."""
+  n = len(a)
+  if n < 2:
+    return math.nan
+  return 1.0 - 6.0 * sum((x - y) ** 2 for x, y in zip(a, b)) / (n * (n * n - 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots.
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, size=(6.0, 4.0)):
+  """(Figure, axes array) on the Agg canvas, without pyplot."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout='constrained')
+  axes = fig.subplots(nrows, ncols, squeeze=False)
+  return fig, axes
+
+
+def save_figure(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def plot_curves(curves: dict[str, dict[str, list[dict]]], path: str, *, metric: str = 'loss',
+                title: str = '', ylabel: str | None = None) -> str:
+  """Train `metric` (lines) and eval `metric` (markers) against step, one color per run."""
+  fig, axes = new_figure(size=(7.0, 4.5))
+  ax = axes[0, 0]
+  for i, (name, splits) in enumerate(curves.items()):
+    color = f'C{i % 10}'
+    train_ = [r for r in splits.get('train', []) if metric in r]
+    evals = [r for r in splits.get('eval', []) if metric in r]
+    if train_:
+      ax.plot([r['step'] for r in train_], [r[metric] for r in train_], color=color, label=name)
+    if evals:
+      ax.plot([r['step'] for r in evals], [r[metric] for r in evals], 'o--', color=color,
+              markersize=4, alpha=0.8, label=None if train_ else name)
+  ax.set_xlabel('step')
+  ax.set_ylabel(ylabel or metric)
+  ax.set_title(title or f'{metric}: train (lines), eval (dots)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decay (γ).
+
+
+def decay_rates(params) -> np.ndarray | None:
+  """The learnable θ (log γ = −exp θ) of a params tree, [layers, heads] (None if there is none)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if getattr(path[-1], 'key', None) == 'decay_log_rate':
+      found.append(np.asarray(leaf, np.float64).reshape(-1, np.shape(leaf)[-1]))
+  return np.concatenate(found, axis=0) if found else None
+
+
+def gammas_from_rates(theta: np.ndarray) -> np.ndarray:
+  return np.exp(-np.exp(np.asarray(theta, np.float64)))
+
+
+def learned_gamma_trajectory(run_dir: str) -> tuple[list[int], np.ndarray]:
+  """(steps, γ [steps, layers, heads]) of a learnable-γ run, from its kept checkpoints and, at
+  step 0, its initial schedule."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.join(run_dir, 'checkpoints')
+  mgr = checkpoint.manager(ckpt_dir, max_to_keep=None, read_only=True)
+  try:
+    steps = sorted(mgr.all_steps())
+    if not steps:
+      raise ValueError(f'no checkpoints in {ckpt_dir}.')
+    cfg = checkpoint.model_config_from_dict(checkpoint.read_meta(mgr, steps[-1])['model_config'])
+    abstract = jax.eval_shape(
+        lambda: nnx.to_pure_dict(nnx.state(model_lib.create(cfg), nnx.Param)))
+    gammas = [gammas_from_rates(decay_rates(checkpoint.restore(
+        mgr, step, abstract_params=abstract)['params'])) for step in steps]
+  finally:
+    mgr.close()
+  initial = np.broadcast_to(cfg.gammas(), gammas[0].shape)
+  return [0] + steps, np.stack([initial] + gammas)
+
+
+def effective_memory(gamma) -> np.ndarray:
+  return decay.effective_memory(gamma)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def setup_logging() -> None:
+  """absl INFO to stdout (the runners' progress), orbax / grain chatter filtered (as in train).
+  Also for notebooks, where absl's handler is not installed until this asks for it."""
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().python_handler.stream = sys.stdout
+  train.quiet_library_logs()
+
+
+def runs_dir(output_dir: str, workdir: str | None) -> str:
+  return workdir or os.path.join(output_dir, 'runs')
+
+
+def define_flags() -> dict:
+  """The runners' shared flags. Called from a runner's `__main__` only, so that importing the
+  runners (tests, notebooks) next to other experiment modules never defines a flag twice."""
+  return dict(
+      output_dir=flags.DEFINE_string('output_dir', None, 'Where table.md, results.csv, PNGs go.'),
+      workdir=flags.DEFINE_string('workdir', None, "Runs' directory; default <output_dir>/runs."),
+      quick=flags.DEFINE_bool('quick', False, 'A few-minute CPU version of the experiment.'),
+      steps=flags.DEFINE_integer('steps', None, 'Override total_steps of every run.'),
+      only=flags.DEFINE_list('only', None, 'Train only these runs (by name); tables use all '
+                             'finished ones. Lets several processes share one experiment.'),
+      overrides=flags.DEFINE_multi_string('override', [], "Config override 'a.b=value' for every "
+                                          'run, e.g. --override=mesh.data=1.'))
+
+
+def main_from_flags(run: Callable[..., object], shared: dict, **kwargs) -> None:
+  """Calls run(output_dir, quick=, steps=, workdir=, only=, overrides=, **kwargs) from the flags of
+  `define_flags`; bad configs or mismatched run directories exit with one clear line."""
+  setup_logging()
+  output_dir = shared['output_dir'].value
+  if not output_dir:
+    raise SystemExit('error: --output_dir is required.')
+  t0 = time.perf_counter()
+  try:
+    run(output_dir, quick=shared['quick'].value, steps=shared['steps'].value,
+        workdir=shared['workdir'].value, only=shared['only'].value,
+        overrides=tuple(shared['overrides'].value), **kwargs)
+  except (ValueError, Interrupted) as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  logging.info('Done in %s: see %s', duration(time.perf_counter() - t0),
+               os.path.join(output_dir, 'table.md'))

@@ -1,0 +1,167 @@
+r"""Decay (γ) schedule ablation: one training per schedule of decay.SCHEDULES, one table.
+
+  python -m experiments.gamma_ablation --quick --output_dir=/tmp/gamma_quick  # 4-9 min, 2 CPUs
+  python -m experiments.gamma_ablation --output_dir=/tmp/gamma                # the full tiny config
+
+Each schedule is the variant `configs/retnet_tiny.py:gamma=<schedule>`, trained into
+`<workdir>/<schedule>` (workdir defaults to `<output_dir>/runs`); rerunning the command resumes an
+interrupted run and skips finished ones (see experiments/common.py). `--only=lm,none` trains a
+subset (e.g. one schedule per process or machine, into the same workdir); the tables use every
+finished run.
+`--quick` shrinks the model and the run (common.TINY_QUICK); `--steps` sets total_steps.
+
+Writes into --output_dir:
+  table.md, results.csv   schedule, final eval loss (nats/token), bits per byte, steps
+  loss_curves.png         train (lines) and eval (dots) loss per schedule
+  decay_per_head.png      γ per head and the effective memory 1/(1−γ) of each schedule
+  learnable_gamma.png     for `learnable`: γ of every layer and head against steps (its checkpoints)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+
+from experiments import common
+from retnet_jax import config_lib
+from retnet_jax import decay
+
+CONFIG = 'configs/retnet_tiny.py'
+SCHEDULES = decay.SCHEDULES  # retnet, lm, uniform, none, learnable, custom
+COLUMNS = (common.Column('schedule', 'schedule'),
+           common.Column('final_eval_loss', 'final eval loss (nats)', '{:.4f}'),
+           common.Column('bits_per_byte', 'bits/byte', '{:.4f}'),
+           common.Column('steps', 'steps'))
+
+
+def variants(schedules: Sequence[str], total_steps: int,
+             config: str = CONFIG) -> list[common.Variant]:
+  """One variant per schedule; the learnable one keeps ~8 checkpoints to show how γ moved."""
+  out = []
+  for s in schedules:
+    if s not in SCHEDULES:
+      raise ValueError(f'unknown schedule {s!r}; one of {SCHEDULES}.')
+    own = ()
+    if s == 'learnable':
+      own = ('checkpoint.max_to_keep=None', f'checkpoint_every={max(1, total_steps // 8)}')
+    out.append(common.Variant(s, f'{config}:gamma={s}', own))
+  return out
+
+
+def shared_overrides(quick: bool, steps: int | None, overrides: Sequence[str] = ()) -> tuple:
+  return ((common.TINY_QUICK if quick else ()) + ((f'total_steps={steps}',) if steps else ())
+          + tuple(overrides))
+
+
+def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
+        workdir: str | None = None, only: Sequence[str] | None = None,
+        overrides: Sequence[str] = (), schedules: Sequence[str] = SCHEDULES,
+        config: str = CONFIG) -> list[dict]:
+  """Trains the schedules (skipping finished runs), writes the table and plots; returns the rows."""
+  overrides = shared_overrides(quick, steps, overrides)
+  base = common.build_config(common.Variant('base', config), overrides)
+  runs = common.runs_dir(output_dir, workdir)
+  todo = variants(schedules, base.total_steps, config)
+  results = common.run_variants(todo, runs, overrides=overrides, only=only)
+  rows = [{'schedule': name, 'final_eval_loss': r['eval']['loss'],
+           'bits_per_byte': r['eval'].get('bits_per_byte'), 'steps': r['steps']}
+          for name, r in results.items()]
+  configs = {v.name: common.build_config(v, overrides) for v in todo if v.name in results}
+  trajectory = (common.learned_gamma_trajectory(os.path.join(runs, 'learnable'))
+                if 'learnable' in results else None)  # (steps, γ [steps, layers, heads])
+  gammas = {name: trajectory[1][-1] if name == 'learnable' else
+            config_lib.model_config(c).gammas()[None, :] for name, c in configs.items()}
+  note = (f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, width '
+          f'{base.model.embed_dim}, {base.model.num_heads} heads, {base.total_steps} steps of '
+          f'{base.batch_size}×{base.seq_len} tokens; loss on the held-out split ('
+          f'{base.data.num_eval_batches} batches at most).')
+  text = common.write_table(output_dir, rows, COLUMNS, title='Decay (γ) schedule ablation',
+                            notes=[note], extra_markdown=gamma_table(gammas))
+  common.plot_curves({n: common.read_metrics(os.path.join(runs, n)) for n in results},
+                     os.path.join(output_dir, 'loss_curves.png'), title='Loss per γ schedule')
+  plot_decay_per_head(gammas, base.seq_len, os.path.join(output_dir, 'decay_per_head.png'))
+  if trajectory is not None:
+    plot_learnable(*trajectory, os.path.join(output_dir, 'learnable_gamma.png'))
+  logging.info('\n%s', text)
+  common.check_finite(results)
+  return rows
+
+
+def gamma_table(gammas: dict[str, np.ndarray]) -> str:
+  """Markdown: γ and 1/(1−γ) per head of each schedule (learnable: learned, mean over layers)."""
+  lines = ['### γ per head (effective memory 1/(1−γ) in tokens)', '',
+           '| schedule | γ per head | 1/(1−γ) |', '|---|---|---|']
+  for name, g_LH in gammas.items():
+    g = g_LH.mean(axis=0)
+    memory = ', '.join('∞' if not np.isfinite(m) else f'{m:.0f}' for m in decay.effective_memory(g))
+    label = f'{name} (learned, mean of {g_LH.shape[0]} layers)' if name == 'learnable' else name
+    lines.append(f'| {label} | {", ".join(f"{x:.5f}" for x in g)} | {memory} |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_decay_per_head(gammas: dict[str, np.ndarray], seq_len: int, path: str) -> str:
+  """γ per head (left) and effective memory 1/(1−γ) (right, log scale; γ = 1 drawn at the top).
+  A schedule with one γ per layer (learnable) shows the mean and the range over layers."""
+  fig, axes = common.new_figure(ncols=2, size=(6.0, 4.2))
+  left, right = axes[0]
+  memories = {name: decay.effective_memory(g) for name, g in gammas.items()}
+  finite = [m[np.isfinite(m)].max() for m in memories.values() if np.isfinite(m).any()]
+  top = 4.0 * max(finite + [float(seq_len)])
+  for i, (name, g) in enumerate(gammas.items()):
+    heads = np.arange(g.shape[-1])
+    color = f'C{i % 10}'
+    label = name + (' (learned; band: layers)' if name == 'learnable' else '')
+    shown = np.where(np.isfinite(memories[name]), memories[name], top)
+    for ax, values in ((left, g), (right, shown)):
+      ax.plot(heads, values.mean(axis=0), 'o-', color=color, label=label)
+      if values.shape[0] > 1:
+        ax.fill_between(heads, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2)
+    if not np.isfinite(memories[name]).all():
+      right.annotate(f'{name}: ∞ (γ = 1)', (heads[0], top), color=color, fontsize='small',
+                     textcoords='offset points', xytext=(0, 6))
+  right.axhline(seq_len, color='gray', linestyle=':', label=f'train seq_len {seq_len}')
+  left.set(xlabel='head', ylabel='γ', title='decay γ per head')
+  right.set(xlabel='head', ylabel='1 / (1 − γ)  [tokens]', yscale='log',
+            title='effective memory per head')
+  num_heads = max((g.shape[-1] for g in gammas.values()), default=1)
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+    ax.set_xticks(range(num_heads))
+  right.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.02, 0.5))
+  return common.save_figure(fig, path)
+
+
+def plot_learnable(steps: Sequence[int], gammas: np.ndarray, path: str) -> str:
+  """Effective memory 1/(1−γ) of each head against steps (γ [steps, layers, heads]), one panel per
+  layer; dashed: the initial values."""
+  memory = decay.effective_memory(gammas)
+  layers, heads = gammas.shape[1:]
+  fig, axes = common.new_figure(ncols=layers, size=(4.5, 3.8))
+  for layer in range(layers):
+    ax = axes[0, layer]
+    for h in range(heads):
+      ax.plot(steps, memory[:, layer, h], 'o-', color=f'C{h % 10}', markersize=3, label=f'head {h}')
+      ax.axhline(memory[0, layer, h], color=f'C{h % 10}', linestyle='--', alpha=0.4)
+    ax.set(xlabel='step', yscale='log', title=f'layer {layer}')
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel('1 / (1 − γ)  [tokens]')
+  axes[0, 0].legend(fontsize='small')
+  fig.suptitle('learnable γ: effective memory per head during training (dashed: initial)')
+  return common.save_figure(fig, path)
+
+
+def main() -> None:
+  shared = common.define_flags()
+  schedules = flags.DEFINE_list('schedules', list(SCHEDULES), 'Schedules to compare.')
+  config = flags.DEFINE_string('config', CONFIG, 'Config file whose `gamma=` argument is varied.')
+  app.run(lambda argv: common.main_from_flags(run, shared, schedules=schedules.value,
+                                              config=config.value))
+
+
+if __name__ == '__main__':
+  main()
