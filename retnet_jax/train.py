@@ -220,6 +220,29 @@ def to_global(batch: dict, sh) -> dict:
 # Run set-up shared by train and eval.
 
 
+def tune_host_allocator() -> bool:
+  """On CPU, keep freed buffers in the process for reuse (glibc mallopt). Returns whether it did.
+
+  XLA:CPU allocates every step's activations afresh; glibc serves large blocks with mmap and gives
+  them back on free, so each step pays a page fault per 4 KiB touched. On the tiny config that was
+  ~15k faults per large matmul and made them 1.7× slower. Raising the mmap and trim thresholds keeps
+  freed memory in the heap; the process's resident size stays near its peak instead of shrinking.
+  """
+  if jax.default_backend() != 'cpu':
+    return False
+  try:
+    import ctypes
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:  # Not glibc (macOS, musl): nothing to tune.
+    return False
+  m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
+  # One arena: XLA's worker threads would otherwise allocate from per-thread arenas, whose heaps
+  # cannot hold blocks over 64 MiB and are trimmed on their own.
+  return all(libc.mallopt(option, value) for option, value in (
+      (m_arena_max, 1), (m_mmap_threshold, 1 << 30), (m_trim_threshold, 2**31 - 1),
+      (m_top_pad, 64 << 20)))
+
+
 _distributed = {'initialized': False}
 
 
@@ -269,6 +292,7 @@ class Run:
   def __init__(self, config, workdir: str, *, for_training: bool = True):
     config_lib.validate(config)
     init_distributed(config.mesh)
+    tune_host_allocator()
     self.config, self.workdir = config, workdir
     self.rules = rules_of(config)
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES})

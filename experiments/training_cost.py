@@ -1,0 +1,396 @@
+r"""Training cost: tokens/s, peak memory and model FLOPs utilisation of the full train step
+(forward, backward, AdamW) against sequence length, for RetNet's parallel and chunkwise forms and the
+Transformer baseline, all measured in one run.
+
+  python -m experiments.training_cost --output_dir=/tmp/training_cost
+  python -m experiments.training_cost --output_dir=/tmp/tc --quick --vs_torchscale
+  python -m experiments.training_cost --output_dir=/tmp/tc --seq_lens=512,2048 \
+      --config=configs/retnet_tiny.py --config.model.num_layers=2
+
+Every length runs the same number of tokens a step (`--tokens_per_step`, batch = tokens / length).
+Writes into --output_dir: results.jsonl (model, form, seq_len, batch, tokens_per_second, peak_bytes,
+mfu, ...), table.md (with the issue's targets checked) and training_cost.png.
+
+Definitions. peak_bytes: XLA's buffer assignment for the compiled step (arguments + outputs +
+temporaries − donated aliases), the same on every machine. Model FLOPs per token: 6 × the matmul
+parameters (LM head included, embedding lookup not) plus 3 × the mixer's forward FLOPs as the form
+computes them (parallel and attention: the T × T products; chunkwise: C × C inside chunks plus the
+state products). mfu = model FLOPs / s / peak, where peak is the best float32 matmul rate measured in
+the same run; dense_mfu counts the matmul parameters' FLOPs only.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from retnet_jax import config_lib
+from retnet_jax import model as model_lib
+from retnet_jax import train
+
+def define_flags() -> dict:
+  """Flags, defined from `__main__` only (importing this module next to other experiments is safe)."""
+  return dict(
+      config=config_flags.DEFINE_config_file('config', 'configs/retnet_tiny.py', 'Model config.',
+                                             lock_config=False),
+      output_dir=flags.DEFINE_string('output_dir', None, 'Where results go.', required=True),
+      quick=flags.DEFINE_bool('quick', False, 'A short sweep (512, 2048, 8192; fewer steps).'),
+      seq_lens=flags.DEFINE_list('seq_lens', None, 'Sequence lengths (default 512 … 16384).'),
+      forms=flags.DEFINE_list('forms', ['chunkwise', 'parallel', 'transformer'], 'What to time.'),
+      tokens_per_step=flags.DEFINE_integer('tokens_per_step', 16384, 'Tokens in every step.'),
+      steps=flags.DEFINE_integer('steps', 3, 'Timed steps per point (after one warm-up step).'),
+      max_quadratic_len=flags.DEFINE_integer(
+          'max_quadratic_len', 8192, 'Longest T for the parallel form and attention (T² memory).'),
+      vs_torchscale=flags.DEFINE_bool(
+          'vs_torchscale', False, "Time torchscale's chunkwise RetNetDecoder (needs torch, torchscale)."),
+      compare_len=flags.DEFINE_integer('compare_len', 2048, 'T of the torchscale comparison.'),
+      compile_layers=flags.DEFINE_list('compile_layers', ['2', '4', '8'],
+                                       'Depths at which the train step compile time is measured.'))
+
+
+DEFAULT_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_LENS = (512, 2048, 8192)
+
+
+class _ByteCounts:
+  token_bytes = np.ones(512, np.int32)
+
+
+def matmul_peak_flops(sizes=(1024, 2048), repeats=5) -> float:
+  """The best float32 matmul rate of this machine (FLOP/s), measured now."""
+  best = 0.0
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    for _ in range(repeats):
+      t = time.perf_counter()
+      f(a, b).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t))
+  return best
+
+
+def model_flops_per_token(cfg: model_lib.ModelConfig, form: str, seq_len: int) -> tuple[float, float]:
+  """(total, dense) training FLOPs per token; see the module docstring."""
+  D, H, K, V, L = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.value_head_dim, cfg.num_layers
+  if cfg.kind == 'retnet':
+    mixer_params = D * H * K * 2 + D * H * V * (3 if cfg.swish_gate else 2)
+  else:
+    mixer_params = 4 * D * D
+  dense = L * (mixer_params + 3 * D * cfg.ffn_dim) + D * cfg.vocab_size
+  if cfg.kind == 'transformer' or form == 'parallel':
+    # QKᵀ and PV over the full (masked) T × T matrix; on average a row sees T / 2 tokens but the
+    # dense form computes all T.
+    mixer = 2 * seq_len * (K + (K if cfg.kind == 'transformer' else V))
+  else:
+    C = min(cfg.chunk_size, seq_len)
+    mixer = 2 * C * (K + V) + 4 * K * V
+  return 6.0 * dense + 3.0 * L * H * mixer, 6.0 * dense
+
+
+def _synthetic_batch(batch, seq_len, vocab, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (batch, seq_len + 1))
+  return {'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
+          'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
+          'segment_ids': jnp.ones((batch, seq_len), jnp.int32),
+          'loss_mask': jnp.ones((batch, seq_len), jnp.float32)}
+
+
+def build_step(config, batch: int, seq_len: int):
+  """(jitted train step, state, batch) for `config` on synthetic tokens."""
+  config = config.copy_and_resolve_references()
+  config.seq_len, config.batch_size = seq_len, batch
+  setup = train.build_setup(config, _ByteCounts())
+  tx, schedule = train.make_optimizer(config.optim, config.total_steps)
+  params = train.init_params(setup, jax.random.key(0))
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+  step = jax.jit(functools.partial(
+      train.train_step, setup=setup, tx=tx, schedule=schedule, accum_steps=1,
+      base_key=jax.random.key(1)), donate_argnums=(0,))
+  return step, state, _synthetic_batch(batch, seq_len, setup.model_config.vocab_size)
+
+
+def time_train_step(config, batch, seq_len, steps) -> dict:
+  """Compile time, peak bytes and the median step time of `steps` timed steps."""
+  step, state, data = build_step(config, batch, seq_len)
+  t = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  compile_s = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes +
+                                       mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  state, stats = compiled(state, data)  # Warm-up.
+  jax.block_until_ready(stats)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, stats = compiled(state, data)
+    jax.block_until_ready(stats)
+    times.append(time.perf_counter() - t)
+  if not np.isfinite(float(stats['loss_sum'])):
+    raise FloatingPointError(f'non-finite loss at T={seq_len}')
+  return {'seconds_per_step': statistics.median(times), 'compile_seconds': compile_s,
+          'peak_bytes': peak}
+
+
+def variant(config, form: str):
+  """The config of one timed model: RetNet in `form`, or the Transformer at the same size."""
+  c = config.copy_and_resolve_references()
+  if form == 'transformer':
+    c.model.kind, c.model.value_dim = 'transformer', None
+  else:
+    c.model.form = form
+  return c
+
+
+def time_torchscale(config, batch, seq_len, steps, chunk_sizes=(64, 128, 256, 512)) -> dict:
+  """torchscale's RetNetDecoder (chunkwise, best of `chunk_sizes`), same sizes, full AdamW step."""
+  from tests import timm_stub  # torchscale imports timm only for drop_path.
+  timm_stub.install()
+  import torch
+  from torchscale.architecture.config import RetNetConfig
+  from torchscale.architecture.retnet import RetNetDecoder
+  torch.manual_seed(0)
+  m = config.model
+  best = None
+  for chunk in [c for c in chunk_sizes if c <= seq_len] or [seq_len]:
+    args = RetNetConfig(
+        decoder_embed_dim=m.embed_dim, decoder_value_embed_dim=m.value_dim or 2 * m.embed_dim,
+        decoder_retention_heads=m.num_heads, decoder_ffn_embed_dim=m.ffn_dim,
+        decoder_layers=m.num_layers, vocab_size=m.vocab_size, chunkwise_recurrent=True,
+        recurrent_chunk_size=chunk, activation_fn='swish')
+    decoder = RetNetDecoder(args, embed_tokens=torch.nn.Embedding(m.vocab_size, m.embed_dim))
+    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.05)
+    x = torch.randint(0, m.vocab_size, (batch, seq_len))
+    y = torch.randint(0, m.vocab_size, (batch, seq_len))
+
+    def step():
+      opt.zero_grad()
+      logits, _ = decoder(x)
+      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, m.vocab_size), y.reshape(-1))
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(decoder.parameters(), 2.0)
+      opt.step()
+
+    step()
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      step()
+      times.append(time.perf_counter() - t)
+    result = {'seconds_per_step': statistics.median(times), 'chunk_size': chunk,
+              'torch_threads': torch.get_num_threads()}
+    logging.info('torchscale chunk %d: %.0f tok/s', chunk, batch * seq_len / result['seconds_per_step'])
+    if best is None or result['seconds_per_step'] < best['seconds_per_step']:
+      best = result
+  return best
+
+
+def compile_seconds_by_depth(config, depths, seq_len=256, batch=4) -> dict[int, float]:
+  out = {}
+  for L in depths:
+    c = config.copy_and_resolve_references()
+    c.model.num_layers = L
+    step, state, data = build_step(c, batch, seq_len)
+    jax.clear_caches()
+    t = time.perf_counter()
+    step.lower(state, data).compile()
+    out[L] = time.perf_counter() - t
+  return out
+
+
+def kernel_benchmark(seq_lens=(2048, 4096, 8192, 16384)) -> list[dict]:
+  """On a GPU: the Pallas chunkwise kernel against fla's chunk_retention (B=8, H=32, K=V=128)."""
+  if jax.default_backend() != 'gpu':
+    return []
+  from retnet_jax import decay
+  from retnet_jax import retention_pallas
+  rows = []
+  B, H, K = 8, 32, 128
+  log_gamma = jnp.asarray(decay.log_gammas('retnet', H), jnp.float32)
+  for T in seq_lens:
+    q, k, v = (jax.random.normal(jax.random.key(i), (B, T, H, K), jnp.bfloat16) for i in range(3))
+    fwd = jax.jit(lambda q, k, v: retention_pallas.chunkwise(q, k, v, log_gamma, chunk_size=64)[0])
+    bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(retention_pallas.chunkwise(
+        q, k, v, log_gamma, chunk_size=64)[0].astype(jnp.float32)), argnums=(0, 1, 2)))
+    row = {'kernel': 'retnet_jax_pallas', 'B': B, 'H': H, 'K': K, 'T': T}
+    for name, fn in (('forward_ms', fwd), ('forward_backward_ms', bwd)):
+      jax.block_until_ready(fn(q, k, v))
+      t = time.perf_counter()
+      for _ in range(10):
+        out = fn(q, k, v)
+      jax.block_until_ready(out)
+      row[name] = (time.perf_counter() - t) / 10 * 1e3
+    rows.append(row)
+  return rows
+
+
+def _fmt_bytes(n):
+  return 'n/a' if n is None else f'{n / 2**20:.0f} MiB'
+
+
+def write_outputs(out_dir, rows, extras):
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'results.jsonl'), 'w') as f:
+    for r in rows:
+      f.write(json.dumps(r) + '\n')
+  lines = ['# Training cost', '',
+           f"Machine: {extras['device']}; float32 matmul peak measured in this run: "
+           f"{extras['peak_flops'] / 1e9:.1f} GFLOP/s. Tokens per step: {extras['tokens_per_step']}.", '',
+           '| model | form | T | batch | tokens/s | peak memory | MFU | dense MFU |',
+           '|---|---|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    if r['model'] == 'torchscale':
+      continue
+    lines.append(f"| {r['model']} | {r['form']} | {r['seq_len']} | {r['batch']} | "
+                 f"{r['tokens_per_second']:.0f} | {_fmt_bytes(r['peak_bytes'])} | {r['mfu']:.1%} | "
+                 f"{r['dense_mfu']:.1%} |")
+  lines += ['', '## Targets', '']
+  for line in extras['targets']:
+    lines.append(f'- {line}')
+  if extras.get('kernel'):
+    lines += ['', '## Pallas kernel vs flash-linear-attention (published H100, ms)', '',
+              '| T | ours fwd | ours fwd+bwd | fla fwd | fla fwd+bwd |', '|---:|---:|---:|---:|---:|']
+    fla = {2048: (0.455, 2.28), 4096: (0.639, 3.37), 8192: (1.012, 5.58), 16384: (1.749, 10.19)}
+    for r in extras['kernel']:
+      f_, fb = fla.get(r['T'], (math.nan, math.nan))
+      lines.append(f"| {r['T']} | {r['forward_ms']:.3f} | {r['forward_backward_ms']:.3f} | {f_} | {fb} |")
+  elif extras.get('kernel_note'):
+    lines += ['', f"Pallas kernel timing: {extras['kernel_note']}"]
+  with open(os.path.join(out_dir, 'table.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  _plot(out_dir, rows)
+
+
+def _plot(out_dir, rows):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  keys = sorted({(r['model'], r['form']) for r in rows if r['model'] != 'torchscale'})
+  for model, form in keys:
+    pts = sorted((r['seq_len'], r) for r in rows if (r['model'], r['form']) == (model, form))
+    label = model if model == 'transformer' else f'{model} {form}'
+    axes[0].plot([t for t, _ in pts], [r['tokens_per_second'] for _, r in pts], 'o-', label=label)
+    axes[1].plot([t for t, _ in pts], [(r['peak_bytes'] or 0) / 2**20 for _, r in pts], 'o-', label=label)
+  for r in rows:
+    if r['model'] == 'torchscale':
+      axes[0].plot([r['seq_len']], [r['tokens_per_second']], 'k*', ms=12,
+                   label=f"torchscale chunkwise (C={r['chunk_size']})")
+  for ax, title in zip(axes, ('training tokens/s (forward, backward, AdamW)', 'peak memory (MiB)')):
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('sequence length')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  axes[1].set_yscale('log')
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, 'training_cost.png'), dpi=120)
+  plt.close(fig)
+
+
+def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadratic_len,
+        vs_torchscale=False, compare_len=2048, compile_layers=(2, 4, 8)) -> list[dict]:
+  train.tune_host_allocator()
+  peak = matmul_peak_flops()
+  logging.info('float32 matmul peak: %.1f GFLOP/s', peak / 1e9)
+  rows, todo = [], [(f, T) for f in forms for T in seq_lens]
+  t0 = time.perf_counter()
+  for i, (form, T) in enumerate(todo):
+    quadratic = form in ('parallel', 'transformer')
+    if quadratic and T > max_quadratic_len:
+      logging.info('skip %s at T=%d (T² memory; --max_quadratic_len=%d)', form, T, max_quadratic_len)
+      continue
+    batch = max(1, tokens_per_step // T)
+    c = variant(config, form)
+    cfg = config_lib.model_config(c)
+    r = time_train_step(c, batch, T, steps)
+    tps = batch * T / r['seconds_per_step']
+    total, dense = model_flops_per_token(cfg, form if form != 'transformer' else 'parallel', T)
+    rows.append({'model': cfg.kind, 'form': 'attention' if form == 'transformer' else form,
+                 'seq_len': T, 'batch': batch, 'tokens_per_second': tps,
+                 'peak_bytes': r['peak_bytes'], 'mfu': total * tps / peak, 'dense_mfu': dense * tps / peak,
+                 'compile_seconds': r['compile_seconds'],
+                 'params': int(sum(x.size for x in jax.tree.leaves(
+                     jax.eval_shape(lambda: train.init_params(train.build_setup(c, _ByteCounts()),
+                                                              jax.random.key(0))))))})
+    done = time.perf_counter() - t0
+    logging.info('[%d/%d] %s T=%d: %.0f tok/s, peak %s, MFU %.1f%% | elapsed %.0fs, ETA %.0fs',
+                 i + 1, len(todo), form, T, tps, _fmt_bytes(r['peak_bytes']), 100 * rows[-1]['mfu'],
+                 done, done / (i + 1) * (len(todo) - i - 1))
+  targets = []
+  chunk = {r['seq_len']: r['tokens_per_second'] for r in rows if r['form'] == 'chunkwise'}
+  if len(chunk) >= 2:
+    lo, hi = min(chunk), max(chunk)
+    ratio = chunk[hi] / chunk[lo]
+    targets.append(f'chunkwise tokens/s at T={hi} / at T={lo} = {ratio:.2f} (target ≥ 0.85): '
+                   f"{'PASS' if ratio >= 0.85 else 'FAIL'}")
+  dense_best = max((r['dense_mfu'] for r in rows if r['form'] == 'chunkwise'), default=None)
+  if dense_best is not None:
+    targets.append(f'best dense MFU of the chunkwise step = {dense_best:.1%} of the measured peak '
+                   f"(target ≥ 60%): {'PASS' if dense_best >= 0.6 else 'FAIL'}")
+  if vs_torchscale:
+    cmp_cfg = variant(config, 'chunkwise')
+    cmp_cfg.model.vocab_size = 256
+    batch = max(1, tokens_per_step // compare_len)
+    ours = batch * compare_len / time_train_step(cmp_cfg, batch, compare_len, steps)['seconds_per_step']
+    theirs_r = time_torchscale(cmp_cfg, batch, compare_len, steps)
+    theirs = batch * compare_len / theirs_r['seconds_per_step']
+    rows.append({'model': 'torchscale', 'form': 'chunkwise', 'seq_len': compare_len, 'batch': batch,
+                 'tokens_per_second': theirs, 'peak_bytes': None, 'mfu': None, 'dense_mfu': None,
+                 'chunk_size': theirs_r['chunk_size'], 'ours_tokens_per_second': ours,
+                 'ratio': ours / theirs})
+    targets.append(f"vs torchscale chunkwise (C={theirs_r['chunk_size']}, "
+                   f"{theirs_r['torch_threads']} threads) at T={compare_len}, batch {batch}, vocab 256: "
+                   f'ours {ours:.0f} tok/s, torchscale {theirs:.0f} tok/s, ratio {ours / theirs:.2f} '
+                   f"(target ≥ 1.5): {'PASS' if ours / theirs >= 1.5 else 'FAIL'}")
+    print(f'ratio vs torchscale: {ours / theirs:.2f}')
+  if compile_layers:
+    secs = compile_seconds_by_depth(config, [int(x) for x in compile_layers])
+    growth = secs[max(secs)] / secs[min(secs)]
+    worst = max(secs.values())
+    targets.append('train-step compile time by depth: ' + ', '.join(
+        f'{L} layers {s:.1f}s' for L, s in sorted(secs.items())) +
+        f' (target < 30 s, flat in depth: {max(secs)}/{min(secs)} layers = {growth:.2f}×): '
+        f"{'PASS' if worst < 30 and growth < 1.5 else 'FAIL'}")
+  kernel = kernel_benchmark()
+  extras = {'device': f'{jax.devices()[0].device_kind} ({jax.default_backend()}, '
+                      f'{os.cpu_count()} CPUs)', 'peak_flops': peak,
+            'tokens_per_step': tokens_per_step, 'targets': targets, 'kernel': kernel,
+            'kernel_note': None if kernel else 'not run: needs a GPU (none in this run).'}
+  write_outputs(out_dir, rows, extras)
+  return rows
+
+
+def main(argv, fl):
+  del argv
+  quick = fl['quick'].value
+  seq_lens = ([int(x) for x in fl['seq_lens'].value] if fl['seq_lens'].value
+              else QUICK_LENS if quick else DEFAULT_LENS)
+  steps = 2 if quick and fl['steps'].value == 3 else fl['steps'].value
+  run(fl['config'].value, fl['output_dir'].value, seq_lens=seq_lens, forms=fl['forms'].value,
+      tokens_per_step=fl['tokens_per_step'].value, steps=steps,
+      max_quadratic_len=fl['max_quadratic_len'].value, vs_torchscale=fl['vs_torchscale'].value,
+      compare_len=fl['compare_len'].value, compile_layers=fl['compile_layers'].value)
+  print(open(os.path.join(fl['output_dir'].value, 'table.md')).read())
+
+
+if __name__ == '__main__':
+  logging.get_absl_handler().python_handler.stream = sys.stdout
+  _flags = define_flags()
+  app.run(lambda argv: main(argv, _flags))

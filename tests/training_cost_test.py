@@ -1,0 +1,54 @@
+"""experiments/training_cost.py on a tiny sweep: outputs, keys, FLOP accounting, torchscale path."""
+
+import json
+import os
+
+import pytest
+
+from experiments import training_cost
+from retnet_jax import config_lib
+from tests import util
+
+KEYS = ('model', 'form', 'seq_len', 'batch', 'tokens_per_second', 'peak_bytes', 'mfu')
+
+
+def test_tiny_sweep_writes_results(tmp_path):
+  config = util.config()
+  rows = training_cost.run(config, str(tmp_path), seq_lens=(32, 64), forms=('chunkwise', 'parallel',
+                           'transformer'), tokens_per_step=128, steps=1, max_quadratic_len=32,
+                           compile_layers=(1, 2))
+  with open(tmp_path / 'results.jsonl') as f:
+    records = [json.loads(line) for line in f]
+  assert records == json.loads(json.dumps(rows))
+  assert {(r['model'], r['form'], r['seq_len']) for r in records} == {
+      ('retnet', 'chunkwise', 32), ('retnet', 'chunkwise', 64), ('retnet', 'parallel', 32),
+      ('transformer', 'attention', 32)}  # The quadratic forms stop at max_quadratic_len.
+  for r in records:
+    assert set(KEYS) <= set(r)
+    assert r['tokens_per_second'] > 0 and r['peak_bytes'] > 0 and 0 < r['mfu'] < 1
+    assert r['batch'] * r['seq_len'] == 128
+  table = (tmp_path / 'table.md').read_text()
+  assert 'chunkwise tokens/s at T=64 / at T=32' in table and 'compile time by depth' in table
+  assert os.path.getsize(tmp_path / 'training_cost.png') > 0
+
+
+def test_model_flops_count_the_form():
+  cfg = config_lib.model_config(util.config())
+  chunk_short, dense = training_cost.model_flops_per_token(cfg, 'chunkwise', 512)
+  chunk_long, _ = training_cost.model_flops_per_token(cfg, 'chunkwise', 16384)
+  par_short, _ = training_cost.model_flops_per_token(cfg, 'parallel', 512)
+  par_long, _ = training_cost.model_flops_per_token(cfg, 'parallel', 16384)
+  assert chunk_short == chunk_long > dense  # Linear: the same FLOPs per token at any length.
+  assert par_long - dense == pytest.approx(32 * (par_short - dense))  # Quadratic mixer.
+
+
+def test_torchscale_comparison_runs(tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('torchscale')
+  config = util.config(model__value_dim=96)
+  rows = training_cost.run(config, str(tmp_path), seq_lens=(32,), forms=('chunkwise',),
+                           tokens_per_step=64, steps=1, max_quadratic_len=32, vs_torchscale=True,
+                           compare_len=32, compile_layers=())
+  ts = [r for r in rows if r['model'] == 'torchscale']
+  assert len(ts) == 1 and ts[0]['tokens_per_second'] > 0 and ts[0]['ratio'] > 0
+  assert 'vs torchscale chunkwise' in (tmp_path / 'table.md').read_text()
