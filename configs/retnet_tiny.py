@@ -12,6 +12,8 @@ Variants through the argument (comma-separated key=value):
 
 import ml_collections
 
+from retnet_jax import config_lib
+
 # The paper's Table 6 ablations, as overrides of the model config.
 ABLATIONS = {
     'none': {},
@@ -23,22 +25,8 @@ ABLATIONS = {
 }
 
 
-def parse_arg(arg):
-  """'a=1,b=x' -> {'a': '1', 'b': 'x'}."""
-  out = {}
-  for item in filter(None, (arg or '').split(',')):
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'config argument {item!r} is not key=value.')
-    out[key.strip()] = value.strip()
-  return out
-
-
 def get_config(arg=None):
-  args = parse_arg(arg)
-  unknown = set(args) - {'gamma', 'form', 'ablation'}
-  if unknown:
-    raise ValueError(f'unknown config argument(s) {sorted(unknown)}; use gamma, form, ablation.')
+  args = config_lib.parse_config_arg(arg, ('gamma', 'form', 'ablation'))
   c = ml_collections.ConfigDict()
   c.name = 'retnet_tiny'
   c.seed = 0

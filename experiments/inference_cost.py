@@ -45,15 +45,19 @@ from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import train
 
-_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where results.jsonl, table.md and the plot go.')
-_QUICK = flags.DEFINE_bool('quick', False, 'Small sweep: contexts 256…8192, batches 1 and 4.')
-_RETNET_CONFIG = flags.DEFINE_string('retnet_config', 'configs/retnet_tiny.py', 'RetNet config.')
-_TRANSFORMER_CONFIG = flags.DEFINE_string('transformer_config', 'configs/transformer_tiny.py',
-                                          'Transformer config (same size).')
-_CONTEXTS = flags.DEFINE_list('contexts', None, 'Context lengths (default: by --quick).')
-_BATCHES = flags.DEFINE_list('batches', None, 'Batch sizes (default: by --quick).')
-_DECODE_TOKENS = flags.DEFINE_integer('decode_tokens', None, 'Tokens decoded per timing.')
-_REPEATS = flags.DEFINE_integer('repeats', None, 'Timed repeats (the median is reported).')
+def define_flags() -> dict:
+  """Flags, defined from `__main__` only (importing this module next to other experiments is safe)."""
+  return dict(
+      output_dir=flags.DEFINE_string('output_dir', None, 'Where results.jsonl, table.md and the plot go.'),
+      quick=flags.DEFINE_bool('quick', False, 'Small sweep: contexts 256…8192, batches 1 and 4.'),
+      retnet_config=flags.DEFINE_string('retnet_config', 'configs/retnet_tiny.py', 'RetNet config.'),
+      transformer_config=flags.DEFINE_string('transformer_config', 'configs/transformer_tiny.py',
+                                             'Transformer config (same size).'),
+      contexts=flags.DEFINE_list('contexts', None, 'Context lengths (default: by --quick).'),
+      batches=flags.DEFINE_list('batches', None, 'Batch sizes (default: by --quick).'),
+      decode_tokens=flags.DEFINE_integer('decode_tokens', None, 'Tokens decoded per timing.'),
+      repeats=flags.DEFINE_integer('repeats', None, 'Timed repeats (the median is reported).'))
+
 
 QUICK = dict(contexts=(256, 1024, 4096, 8192), batches=(1, 4), decode_tokens=32, repeats=9)
 FULL = dict(contexts=(256, 512, 1024, 2048, 4096, 8192, 16384), batches=(1, 4, 16), decode_tokens=64,
@@ -319,30 +323,30 @@ def run(configs: dict, output_dir: str, *, contexts, batches, decode_tokens: int
   return records
 
 
-def main(argv):
+def main(argv, fl):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _OUTPUT_DIR.value:
+  if not fl['output_dir'].value:
     raise app.UsageError('--output_dir is required.')
-  sweep_args = dict(QUICK if _QUICK.value else FULL)
-  if _CONTEXTS.value:
-    sweep_args['contexts'] = tuple(int(x) for x in _CONTEXTS.value)
-  if _BATCHES.value:
-    sweep_args['batches'] = tuple(int(x) for x in _BATCHES.value)
-  if _DECODE_TOKENS.value:
-    sweep_args['decode_tokens'] = _DECODE_TOKENS.value
-  if _REPEATS.value:
-    sweep_args['repeats'] = _REPEATS.value
-  configs = {'retnet': config_lib.load(_RETNET_CONFIG.value),
-             'transformer': config_lib.load(_TRANSFORMER_CONFIG.value)}
+  sweep_args = dict(QUICK if fl['quick'].value else FULL)
+  if fl['contexts'].value:
+    sweep_args['contexts'] = tuple(int(x) for x in fl['contexts'].value)
+  if fl['batches'].value:
+    sweep_args['batches'] = tuple(int(x) for x in fl['batches'].value)
+  if fl['decode_tokens'].value:
+    sweep_args['decode_tokens'] = fl['decode_tokens'].value
+  if fl['repeats'].value:
+    sweep_args['repeats'] = fl['repeats'].value
+  configs = {'retnet': config_lib.load(fl['retnet_config'].value),
+             'transformer': config_lib.load(fl['transformer_config'].value)}
   for name, c in configs.items():
     if c.model.kind != name:
       raise app.UsageError(f'the {name} config has model.kind={c.model.kind!r}.')
-  records = run(configs, _OUTPUT_DIR.value, **sweep_args)
-  with open(os.path.join(_OUTPUT_DIR.value, 'table.md')) as f:
+  run(configs, fl['output_dir'].value, **sweep_args)
+  with open(os.path.join(fl['output_dir'].value, 'table.md')) as f:
     print(f.read())
-  del records
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _flags = define_flags()
+  app.run(lambda argv: main(argv, _flags))

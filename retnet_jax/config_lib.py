@@ -25,6 +25,20 @@ MESH = ('data', 'fsdp', 'tensor', 'rules', 'coordinator_address', 'num_processes
 CHECKPOINT = ('max_to_keep', 'save_on_sigterm')
 
 
+def parse_config_arg(arg: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
+  """A config file's argument 'a=1,b=x' -> {'a': '1', 'b': 'x'}; unknown keys are an error."""
+  out = {}
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'config argument {item!r} is not key=value.')
+    out[key.strip()] = value.strip()
+  unknown = sorted(set(out) - set(allowed))
+  if unknown:
+    raise ValueError(f'unknown config argument(s) {unknown}; use {", ".join(allowed)}.')
+  return out
+
+
 def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
   """Imports a config file, calls get_config(arg) and applies 'a.b=value' overrides."""
   path, _, arg = path_and_arg.partition(':')

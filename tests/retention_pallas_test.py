@@ -16,19 +16,12 @@ from retnet_jax import decay
 from retnet_jax import retention
 from retnet_jax import retention_pallas
 from tests import reference
+from tests import retention_test
 from tests.retention_test import gammas
 from tests.util import rel_err
 
 K_DIM, V_DIM, CHUNK = 16, 32, 16  # K ≠ V; the smallest sizes the Triton lowering takes.
-
-
-def inputs(seed, B, T, H, dtype=jnp.float32, with_state=True):
-  rng = np.random.default_rng(seed)
-  q, k = rng.standard_normal((2, B, T, H, K_DIM))
-  v = rng.standard_normal((B, T, H, V_DIM))
-  state = rng.standard_normal((B, H, K_DIM, V_DIM)) if with_state else None
-  cast = lambda x: jnp.asarray(x, dtype)
-  return cast(q), cast(k), cast(v), (None if state is None else jnp.asarray(state, jnp.float32))
+inputs = functools.partial(retention_test.inputs, K=K_DIM, V=V_DIM)
 
 
 @functools.lru_cache(maxsize=None)
