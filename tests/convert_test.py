@@ -32,9 +32,15 @@ TOL = 1e-4
 # Helpers.
 
 
+# How a model runs is not in a checkpoint: the importer leaves these at ModelConfig's defaults.
+EXECUTION_DEFAULTS = {f'model__{k}': getattr(model_lib.ModelConfig, k)
+                      for k in ('remat', 'scan_layers', 'retention_impl', 'dtype')}
+
+
 def torchscale_variant(**overrides):
   """The shrunk real config as the variant that reproduces torchscale (what the importer builds)."""
-  kwargs = {'model__decay_row_norm': True, 'model__ffn_activation': 'gelu', **overrides}
+  kwargs = {**EXECUTION_DEFAULTS, 'model__decay_row_norm': True, 'model__ffn_activation': 'gelu',
+            **overrides}
   return util.model_config(**kwargs)
 
 
