@@ -2,7 +2,8 @@
 
     params     the model parameters (a pure dict of arrays)
     opt_state  the optax state (training checkpoints only)
-    data       the data iterator's state (JSON; training checkpoints only)
+    data       each process's data-iterator state (grain's handler: one JSON file per process;
+               training checkpoints only)
     meta       JSON: {'step', 'model_config': ModelConfig as a dict, 'tokenizer'?: ...}
 
 Converted weights (`python -m retnet_jax.convert`) are the same layout without opt_state and data,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -41,14 +43,14 @@ def model_config_from_dict(d: dict) -> model_lib.ModelConfig:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, *, params, model_config, opt_state=None,
-         data_state=None, extra_meta: dict | None = None) -> None:
+         data_iterator=None, extra_meta: dict | None = None) -> None:
   """Saves one step (blocking) and waits until it is final on disk."""
   meta = {'step': int(step), 'model_config': model_config_to_dict(model_config), **(extra_meta or {})}
   items = {'params': ocp.args.StandardSave(params), 'meta': ocp.args.JsonSave(meta)}
   if opt_state is not None:
     items['opt_state'] = ocp.args.StandardSave(opt_state)
-  if data_state is not None:
-    items['data'] = ocp.args.JsonSave(data_state)
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   mgr.save(int(step), args=ocp.args.Composite(**items), force=True)
   mgr.wait_until_finished()
 
@@ -58,11 +60,12 @@ def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore(mgr: ocp.CheckpointManager, step: int | None = None, *, abstract_params=None,
-            abstract_opt_state=None, with_data: bool = False) -> dict:
-  """Restores a step (default: the latest) into the given abstract trees (with their shardings).
+            abstract_opt_state=None, data_iterator=None) -> dict:
+  """Restores a step (default: the latest) into the given abstract trees (with their shardings),
+  and this process's position into `data_iterator` when given.
 
-  Returns a dict with 'params', 'meta', and 'opt_state' / 'data' when asked for. Raises ValueError
-  naming the directory when there is no checkpoint or it cannot be read.
+  Returns a dict with 'params', 'meta', and 'opt_state' when asked for. Raises ValueError naming the
+  directory when there is no checkpoint or it cannot be read.
   """
   step = mgr.latest_step() if step is None else step
   if step is None:
@@ -70,14 +73,14 @@ def restore(mgr: ocp.CheckpointManager, step: int | None = None, *, abstract_par
   items = {'params': ocp.args.StandardRestore(abstract_params), 'meta': ocp.args.JsonRestore()}
   if abstract_opt_state is not None:
     items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
-  if with_data:
-    items['data'] = ocp.args.JsonRestore()
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     restored = mgr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # orbax raises many types for damaged or mismatched files.
     raise ValueError(f'cannot restore checkpoint step {step} from {mgr.directory}: '
                      f'{type(e).__name__}: {e}') from e
-  return {k: restored[k] for k in items}
+  return {k: restored[k] for k in items if k != 'data'}
 
 
 def save_params(directory: str, params, model_config, step: int = 0, extra_meta=None) -> None:

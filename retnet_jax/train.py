@@ -333,24 +333,23 @@ class Run:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
   def initial_state(self):
-    """The latest checkpoint's state (and data state), or a fresh one: (state, data_state | None)."""
+    """The latest checkpoint's state, or a fresh one; a restore also moves the data iterator."""
     step = self.ckpt.latest_step()
     if step is None:
       with sharding.use_rules(self.mesh, self.rules):
-        return self._init(self._key), None
+        return self._init(self._key)
     restored = checkpoint.restore(
         self.ckpt, step,
         abstract_params=self.abstract(self.abstract_state['params'], self.state_sh['params']),
         abstract_opt_state=self.abstract(self.abstract_state['opt_state'], self.state_sh['opt_state']),
-        with_data=True)
+        data_iterator=self.train_iter)
     saved = checkpoint.model_config_from_dict(restored['meta']['model_config'])
     if saved != self.setup.model_config:
       raise ValueError(f'the checkpoint in {self.ckpt.directory} was trained with a different model '
                        f'config ({saved}) than this run ({self.setup.model_config}).')
-    state = {'step': jax.device_put(jnp.asarray(restored['meta']['step'], jnp.int32),
-                                    self.state_sh['step']),
-             'params': restored['params'], 'opt_state': restored['opt_state']}
-    return state, restored['data']
+    return {'step': jax.device_put(jnp.asarray(restored['meta']['step'], jnp.int32),
+                                   self.state_sh['step']),
+            'params': restored['params'], 'opt_state': restored['opt_state']}
 
   def evaluate(self, params) -> dict:
     totals = None
@@ -362,9 +361,9 @@ class Run:
       raise ValueError('the evaluation split produced no batches.')
     return summarize(jax.device_get(totals))
 
-  def save(self, state, data_state):
+  def save(self, state):
     checkpoint.save(self.ckpt, int(state['step']), params=state['params'],
-                    opt_state=state['opt_state'], data_state=data_state,
+                    opt_state=state['opt_state'], data_iterator=self.train_iter,
                     model_config=self.setup.model_config)
 
 
@@ -466,10 +465,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
   run = Run(config, workdir)
   setup, mesh = run.setup, run.mesh
   sharding.log_summary(mesh, run.params_axes, run.abstract_state['params'], run.rules)
-  state, data_state = run.initial_state()
+  state = run.initial_state()
   start = int(state['step'])
-  if data_state is not None:
-    run.train_iter.set_state(data_state)
   if start:
     logging.info('Resumed from the checkpoint at step %d.', start)
   total = config.total_steps
@@ -521,9 +518,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
         last['eval'] = metrics
         t_window += time.perf_counter() - t_eval
       if step % config.checkpoint_every == 0 or step in (total, stop_at):
-        run.save(state, run.train_iter.get_state())
+        run.save(state)
     if stop.requested and step < stop_at:
-      run.save(state, run.train_iter.get_state())
+      run.save(state)
       logging.warning('Stopped by %s at step %d; rerun the same command to resume.',
                       stop.requested, step)
   writer.close()

@@ -3,6 +3,7 @@ shardings as the rules say, checkpoints that move between meshes, and the comman
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -50,9 +51,18 @@ def test_losses_match_one_device(mesh, one_device, tmp_path):
   np.testing.assert_allclose(sharded, one_device, rtol=1e-5)
 
 
+def test_transformer_losses_match_one_device(tmp_path):
+  """The Transformer baseline trains through the same sharded path."""
+  overrides = dict(model__kind='transformer', model__value_dim=None)
+  train.train_and_evaluate(cfg(**overrides), str(tmp_path / 'one'))
+  train.train_and_evaluate(cfg((2, 2, 2), **overrides), str(tmp_path / 'mesh'))
+  np.testing.assert_allclose(losses(str(tmp_path / 'mesh')), losses(str(tmp_path / 'one')),
+                             rtol=1e-5)
+
+
 def test_parameter_shardings_follow_the_rules():
   run = train.Run(cfg((1, 2, 4)), '/tmp/unused_workdir_sharding_test', for_training=True)
-  state, _ = run.initial_state()
+  state = run.initial_state()
   ret = state['params']['blocks']['retention']
   ffn = state['params']['blocks']['ffn']
   expect = {
@@ -120,3 +130,43 @@ def test_command_line_with_a_2x2x2_mesh(tmp_path):
   assert "Mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in out
   assert 'blocks/retention/wq' in out and "P(None, 'fsdp', 'tensor', None)" in out
   assert len(losses(str(tmp_path))) == 2
+
+
+def _two_processes(workdir, total_steps):
+  """Trains with two processes (4 CPU devices each, jax.distributed over localhost) on one
+  8-device mesh; returns the first process's output."""
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  overrides = {**util.SHRINK, 'model.num_heads': 4, 'model.value_dim': 64, 'batch_size': 8,
+               'total_steps': total_steps, 'log_every': 1, 'eval_every': 4, 'checkpoint_every': 2,
+               'optim.schedule': 'constant', 'optim.warmup_steps': 0,
+               'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
+  cmd = [sys.executable, '-m', 'retnet_jax.main',
+         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+         f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid))
+    procs.append(subprocess.Popen(cmd, cwd=util.ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs[0]
+
+
+def test_two_processes_checkpoint_and_resume_exactly(tmp_path):
+  """Multi-host: each process reads its own data shard and saves its own iterator position, so a
+  two-process run stopped at step 2 and resumed gives the losses of one that never stopped."""
+  out = _two_processes(tmp_path / 'straight', 4)
+  assert '8 devices (2 processes)' in out
+  _two_processes(tmp_path / 'resumed', 2)
+  data = os.path.join(tmp_path, 'resumed', 'checkpoints', '2', 'data')
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(os.listdir(data))
+  _two_processes(tmp_path / 'resumed', 4)
+  straight = losses(str(tmp_path / 'straight'))
+  assert len(straight) == 4 and np.all(np.isfinite(straight))
+  assert losses(str(tmp_path / 'resumed')) == straight
