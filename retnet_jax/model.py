@@ -250,9 +250,17 @@ class MultiScaleRetention(nnx.Module):
     q_BTHK, k_BTHK, v_BTHV = (sharding.constrain(a, ('batch', 'length', 'heads', 'kv'))
                               for a in (q_BTHK, k_BTHK, v_BTHV))
     log_gamma_H = self.log_gamma()
-    o_BTHV, state_BHKV = retention.retention(
-        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, form=form, chunk_size=cfg.chunk_size,
-        reset_BT=reset_BT, impl=cfg.retention_impl if form == 'chunkwise' else 'auto')
+    impl = cfg.retention_impl if form == 'chunkwise' else 'auto'
+    run = lambda q, k, v, g, s: retention.retention(
+        q, k, v, g, s, form=form, chunk_size=cfg.chunk_size, reset_BT=reset_BT, impl=impl)
+    if retention.runs_kernel(q_BTHK, v_BTHV, form, cfg.chunk_size, reset_BT, impl):
+      # The compiler does not partition a Pallas call: run it on each shard of batch and heads.
+      if state_BHKV is None:
+        B, _, H, K = q_BTHK.shape
+        state_BHKV = retention.zero_state(B, H, K, v_BTHV.shape[-1])
+      bthk, bhkv = ('batch', None, 'heads', None), ('batch', 'heads', None, None)
+      run = sharding.per_shard(run, (bthk, bthk, bthk, ('heads',), bhkv), (bthk, bhkv))
+    o_BTHV, state_BHKV = run(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV)
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
       n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0

@@ -202,6 +202,14 @@ FORMS = {'parallel': parallel, 'recurrent': recurrent, 'chunkwise': chunkwise}
 IMPLS = ('auto', 'xla', 'pallas')
 
 
+def runs_kernel(q_BTHK, v_BTHV, form='chunkwise', chunk_size=64, reset_BT=None, impl='auto'):
+  """Whether `retention` with these arguments runs the Pallas kernel rather than XLA ops."""
+  if form != 'chunkwise' or impl == 'xla' or reset_BT is not None:
+    return False
+  from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
+  return impl == 'pallas' or retention_pallas.use_kernel(q_BTHK, v_BTHV, chunk_size)
+
+
 def retention(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, *, form='chunkwise',
               chunk_size=64, reset_BT=None, impl='auto'):
   """Dispatches to one of the three forms by name.

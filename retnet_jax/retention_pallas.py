@@ -34,8 +34,8 @@ bfloat16, as in fla, where the XLA path keeps it float32), products accumulate i
 carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp.
 `reset` is not supported by the kernels: `chunkwise` then runs `retention.chunkwise`.
 
-Not handled here: under a GSPMD-sharded `jit` a pallas_call is not partitioned (XLA would gather its
-operands); sharded callers should wrap the kernel in `shard_map` over batch/heads.
+Under a sharded `jit` the compiler does not partition a pallas_call (it would gather the operands),
+so the model runs the kernel per shard of batch and heads (`sharding.per_shard`, a `shard_map`).
 """
 
 from __future__ import annotations

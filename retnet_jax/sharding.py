@@ -90,6 +90,27 @@ def constrain(x, axes: Sequence[str | None]):
       x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
 
 
+def per_shard(f, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[Sequence[str | None]]):
+  """`f` run on each device's shard (`shard_map`) under the active rules; `f` itself outside them.
+
+  For ops the compiler cannot partition, such as a Pallas kernel, which GSPMD would otherwise feed
+  gathered operands. in_axes / out_axes: the logical axes of each positional argument / output.
+  Every dimension that a rule shards must be independent inside `f` (batch and heads for retention).
+  """
+  mesh, rules = _active['mesh'], _active['rules']
+  if mesh is None or mesh.size == 1:
+    return f
+
+  def wrapped(*args):
+    spec = lambda axes, x: logical_to_spec(axes, rules, mesh, x.shape)
+    outs = jax.eval_shape(f, *args)
+    in_specs = tuple(spec(a, x) for a, x in zip(in_axes, args, strict=True))
+    out_specs = tuple(spec(a, x) for a, x in zip(out_axes, outs, strict=True))
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+  return wrapped
+
+
 def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   """A mesh with axes ('data', 'fsdp', 'tensor'); one size may be −1 (all remaining devices).
 
