@@ -95,7 +95,10 @@ def context_state(setup, batch: int, context: int, new_tokens: int, key):
         s = shapes[name]
         x = 0.1 * jax.random.normal(sub, s.shape, jnp.float32)
         if name != 'retention':  # Only the first `context` cache positions are written.
-          x = jnp.where(jnp.arange(s.shape[2])[None, None, :, None, None] < context, x, 0.0)
+          # k [L, B, H, K, S], v [L, B, H, S, K] (model.Attention).
+          pos = jnp.arange(context + new_tokens)
+          pos = pos if name == 'k' else pos[:, None]
+          x = jnp.where(pos < context, x, 0.0)
         state[name] = x.astype(s.dtype)
     if 'segments' in shapes:
       state['segments'] = jnp.broadcast_to(

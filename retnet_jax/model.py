@@ -289,25 +289,41 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, _xavier(1.0, (0, 1), 2), (H, K, D), ('heads', 'kv', 'embed'), pd)
 
   def __call__(self, x_BTD, cache, *, sin, cos, mask_BTS, offset):
-    """cache: None (attend within x) or {'k', 'v': [B, S, H, K]} written at [offset, offset + T)."""
+    """Returns (y, the new tokens' {'k', 'v'}) in the cache's layout (`write_cache`).
+
+    cache: None (attend within x) or {'k': [B, H, K, S], 'v': [B, H, S, K]}: attends over it with
+    the new tokens written at [offset, offset + T).
+    """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk), sin, cos, cfg.rotary)
     v_BTHK = proj(self.wv)
-    if cache is None:
-      k_BSHK, v_BSHK = k_BTHK, v_BTHK
-      cache = {'k': k_BTHK, 'v': v_BTHK}
+    new = {'k': k_BTHK.transpose(0, 2, 3, 1), 'v': v_BTHK.transpose(0, 2, 1, 3)}
+    if cache is None:  # Training: attend within x, in x's own layout.
+      scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BTHK, preferred_element_type=F32)
+      attend = lambda p_BHTS: jnp.einsum('bhts,bshk->bthk', p_BHTS, v_BTHK)
     else:
-      write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), offset, 1)
-      cache = {'k': write(cache['k'], k_BTHK), 'v': write(cache['v'], v_BTHK)}
-      k_BSHK, v_BSHK = cache['k'].astype(dt), cache['v'].astype(dt)
-    scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BSHK, preferred_element_type=F32)
+      full = write_cache(cache, new, offset)
+      k_BHKS, v_BHSK = full['k'].astype(dt), full['v'].astype(dt)
+      scores_BHTS = jnp.einsum('bthk,bhks->bhts', q_BTHK, k_BHKS, preferred_element_type=F32)
+      attend = lambda p_BHTS: jnp.einsum('bhts,bhsk->bthk', p_BHTS, v_BHSK)
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5, -1e30)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    o_BTHK = jnp.einsum('bhts,bshk->bthk', probs_BHTS.astype(dt), v_BSHK)
+    o_BTHK = attend(probs_BHTS.astype(dt))
     y_BTD = dense(o_BTHK, self.wo[...], dt, in_dims=2)
-    return y_BTD, cache
+    return y_BTD, new
+
+
+def write_cache(cache, new, offset):
+  """Writes T new tokens into a KV cache at positions [offset, offset + T).
+
+  The cache holds k as [..., B, H, K, S] and v as [..., B, H, S, K]: the layouts in which a
+  decoding step's two matmuls read it without a transpose. A stacked [L, ...] cache works alike.
+  """
+  write = lambda c, x, axis: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), offset, axis)
+  return {'k': write(cache['k'], new['k'], cache['k'].ndim - 1),
+          'v': write(cache['v'], new['v'], cache['v'].ndim - 2)}
 
 
 class FeedForward(nnx.Module):
@@ -393,9 +409,9 @@ class Model(nnx.Module):
     else:
       if max_len is None:
         raise ValueError('the Transformer needs max_len to allocate its KV cache.')
-      shape = (L, batch_size, max_len, cfg.num_heads, cfg.head_dim)
-      state['k'] = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-      state['v'] = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+      lbh, dt = (L, batch_size, cfg.num_heads), jnp.dtype(cfg.dtype)
+      state['k'] = jnp.zeros(lbh + (cfg.head_dim, max_len), dt)  # [L, B, H, K, S] (write_cache)
+      state['v'] = jnp.zeros(lbh + (max_len, cfg.head_dim), dt)  # [L, B, H, S, K]
       state['segments'] = jnp.zeros((batch_size, max_len), jnp.int32)
     return state
 
@@ -448,8 +464,9 @@ class Model(nnx.Module):
         valid_TS = jnp.arange(seg_BS.shape[1])[None, :] <= positions_T[:, None]
       mask_BTS = valid_TS[None] & (segment_ids_BT[:, :, None] == seg_BS[:, None, :])
       ctx = dict(sin=sin, cos=cos, mask_BTS=mask_BTS, offset=offset)
-      x_BTD, cache = self._run_blocks(x_BTD, cache, ctx, keys[1])
-      new_state.update(cache)
+      # The layers return only their new tokens' k and v; one write puts them into the cache.
+      x_BTD, new = self._run_blocks(x_BTD, cache, ctx, keys[1])
+      new_state.update(new if cache is None else write_cache(cache, new, offset))
       new_state.setdefault('segments', segment_ids_BT)
 
     x_BTD = self.final_norm(x_BTD)
