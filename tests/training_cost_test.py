@@ -16,19 +16,25 @@ def test_tiny_sweep_writes_results(tmp_path):
   config = util.config()
   rows = training_cost.run(config, str(tmp_path), seq_lens=(32, 64), forms=('chunkwise', 'parallel',
                            'transformer'), tokens_per_step=128, steps=1, max_quadratic_len=32,
-                           compile_layers=(1, 2))
+                           compare_len=64, compile_layers=(1, 2))
   with open(tmp_path / 'results.jsonl') as f:
     records = [json.loads(line) for line in f]
   assert records == json.loads(json.dumps(rows))
+  part = [r for r in records if r.get('dense_part')]
+  records = [r for r in records if not r.get('dense_part')]
   assert {(r['model'], r['form'], r['seq_len']) for r in records} == {
       ('retnet', 'chunkwise', 32), ('retnet', 'chunkwise', 64), ('retnet', 'parallel', 32),
       ('transformer', 'attention', 32)}  # The quadratic forms stop at max_quadratic_len.
+  # The step without the retention operator, timed at compare_len (no timing is compared here).
+  assert len(part) == 1 and part[0]['seq_len'] == 64 and part[0]['tokens_per_second'] > 0
+  assert part[0]['mfu'] == part[0]['dense_mfu'] > 0
   for r in records:
     assert set(KEYS) <= set(r)
     assert r['tokens_per_second'] > 0 and r['peak_bytes'] > 0 and 0 < r['mfu'] < 1
     assert r['batch'] * r['seq_len'] == 128
   table = (tmp_path / 'table.md').read_text()
   assert 'chunkwise tokens/s at T=64 / at T=32' in table and 'compile time by depth' in table
+  assert 'dense part of the step (retention operator removed) at T=64' in table
   assert os.path.getsize(tmp_path / 'training_cost.png') > 0
 
 
