@@ -223,16 +223,13 @@ def retention(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, *, form='chu
     raise ValueError(f'Unknown retention form {form!r}; expected one of {sorted(FORMS)}.')
   if impl not in IMPLS:
     raise ValueError(f'Unknown retention impl {impl!r}; expected one of {IMPLS}.')
-  if form == 'chunkwise':
-    if impl == 'xla':
-      return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
-    from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
-    if impl == 'pallas':
-      return retention_pallas.chunkwise(
-          q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT,
-          interpret=jax.default_backend() not in retention_pallas.TARGETS)
-    return retention_pallas.chunkwise_auto(
-        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
-  if impl == 'pallas':
+  if impl == 'pallas' and form != 'chunkwise':
     raise ValueError(f'impl="pallas" is only for form="chunkwise"; got form={form!r}.')
+  if runs_kernel(q_BTHK, v_BTHV, form, chunk_size, reset_BT, impl):
+    from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
+    return retention_pallas.chunkwise(
+        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size,
+        interpret=jax.default_backend() not in retention_pallas.TARGETS)
+  if form == 'chunkwise':
+    return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
   return FORMS[form](q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)

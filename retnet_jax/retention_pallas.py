@@ -116,7 +116,7 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None):
 
 
 def use_kernel(q_BTHK, v_BTHV, chunk_size=64, reset_BT=None, backend=None) -> bool:
-  """True where `chunkwise_auto` runs the Pallas kernel: a GPU/TPU backend, no reset, and a
+  """True where `impl='auto'` runs the Pallas kernel: a GPU/TPU backend, no reset, and a
   supported (K, V, chunk, dtype). False on CPU (interpret mode is only for tests)."""
   backend = backend or jax.default_backend()
   if backend not in TARGETS or reset_BT is not None:
@@ -394,11 +394,3 @@ def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=6
   o_BTHV, final_BHKV = _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H.astype(F32),
                               state_BHKV.astype(F32), (chunk_size, T, target, block_v), interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV
-
-
-def chunkwise_auto(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=64,
-                   reset_BT=None):
-  """The kernel where `use_kernel` says so (GPU/TPU, supported shape, no reset), else XLA."""
-  if use_kernel(q_BTHK, v_BTHV, chunk_size, reset_BT):
-    return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size)
-  return retention.chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
