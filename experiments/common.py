@@ -110,6 +110,16 @@ def read_result(run_dir: str) -> dict | None:
     return json.load(f)
 
 
+def peak_bytes(compiled) -> int | None:
+  """XLA's buffer assignment for a compiled executable: arguments + outputs + temporaries −
+  donated aliases (the same on every machine); None where the backend gives no analysis."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return None
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+
+
 def duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)

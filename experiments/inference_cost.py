@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments import common
 from retnet_jax import config_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
@@ -130,10 +131,7 @@ class Case:
           setup.graphdef, params, self.state, self.logits, self.done, *self.args,
           out_len=new_tokens).compile()
     self.compiled = compiled_cache[shape_key]
-    mem = self.compiled.memory_analysis()
-    self.peak_bytes = None if mem is None else int(
-        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes)
+    self.peak_bytes = common.peak_bytes(self.compiled)
     self.times = []
 
   def run(self) -> float:

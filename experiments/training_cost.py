@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from experiments import common
 from retnet_jax import config_lib
 from retnet_jax import model as model_lib
 from retnet_jax import retention
@@ -134,9 +135,7 @@ def time_train_step(config, batch, seq_len, steps) -> dict:
   t = time.perf_counter()
   compiled = step.lower(state, data).compile()
   compile_s = time.perf_counter() - t
-  mem = compiled.memory_analysis()
-  peak = None if mem is None else int(mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                                       mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+  peak = common.peak_bytes(compiled)
   state, stats = compiled(state, data)  # Warm-up.
   jax.block_until_ready(stats)
   times = []
