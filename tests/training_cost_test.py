@@ -57,4 +57,6 @@ def test_torchscale_comparison_runs(tmp_path):
                            compare_len=32, compile_layers=())
   ts = [r for r in rows if r['model'] == 'torchscale']
   assert len(ts) == 1 and ts[0]['tokens_per_second'] > 0 and ts[0]['ratio'] > 0
-  assert 'vs torchscale chunkwise' in (tmp_path / 'table.md').read_text()
+  assert ts[0]['best_chunk_size'] and ts[0]['chunk_size'] == 32  # Chunks longer than T are skipped.
+  table = (tmp_path / 'table.md').read_text()
+  assert 'vs torchscale chunkwise' in table and 'C=32 ' in table and 'MFU' in table
