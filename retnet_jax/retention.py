@@ -202,9 +202,9 @@ FORMS = {'parallel': parallel, 'recurrent': recurrent, 'chunkwise': chunkwise}
 IMPLS = ('auto', 'xla', 'pallas')
 
 
-def runs_kernel(q_BTHK, v_BTHV, form='chunkwise', chunk_size=64, reset_BT=None, impl='auto'):
+def runs_kernel(q_BTHK, v_BTHV, form='chunkwise', chunk_size=64, impl='auto'):
   """Whether `retention` with these arguments runs the Pallas kernel rather than XLA ops."""
-  if form != 'chunkwise' or impl == 'xla' or reset_BT is not None:
+  if form != 'chunkwise' or impl == 'xla':
     return False
   from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
   return impl == 'pallas' or retention_pallas.use_kernel(q_BTHK, v_BTHV, chunk_size)
@@ -215,9 +215,9 @@ def retention(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, *, form='chu
   """Dispatches to one of the three forms by name.
 
   impl picks the chunkwise implementation: 'auto' runs the fused Pallas kernel
-  (`retention_pallas`) on GPU/TPU where it supports the shapes and there is no reset, else
-  `chunkwise`; 'xla' always `chunkwise`; 'pallas' always the kernel (interpreted on CPU; a reset
-  still falls back to `chunkwise`). The other forms take only 'auto' or 'xla'.
+  (`retention_pallas`) on GPU/TPU where it supports the shapes, else `chunkwise`; 'xla' always
+  `chunkwise`; 'pallas' always the kernel (interpreted on CPU). The other forms take only 'auto'
+  or 'xla'.
   """
   if form not in FORMS:
     raise ValueError(f'Unknown retention form {form!r}; expected one of {sorted(FORMS)}.')
@@ -225,10 +225,10 @@ def retention(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, *, form='chu
     raise ValueError(f'Unknown retention impl {impl!r}; expected one of {IMPLS}.')
   if impl == 'pallas' and form != 'chunkwise':
     raise ValueError(f'impl="pallas" is only for form="chunkwise"; got form={form!r}.')
-  if runs_kernel(q_BTHK, v_BTHV, form, chunk_size, reset_BT, impl):
+  if runs_kernel(q_BTHK, v_BTHV, form, chunk_size, impl):
     from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
     return retention_pallas.chunkwise(
-        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size,
+        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT,
         interpret=jax.default_backend() not in retention_pallas.TARGETS)
   if form == 'chunkwise':
     return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)

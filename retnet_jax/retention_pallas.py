@@ -23,6 +23,12 @@ dQ and dK sum over the value blocks: each block writes a float32 partial that a 
 A ragged T is zero-padded at the END to a multiple of C; the kernels know the true length, so the
 last chunk decays the state by γ^{L}, not γ^C: nothing is ever divided by a power of γ.
 
+Resets (document boundaries) only mask these factors, chunk by chunk, in both passes: D_ij keeps
+tokens i, j of one segment, ξ_i tokens before the chunk's first reset, ζ_j tokens of the chunk's
+last segment, and γ^L becomes 0 in a chunk with a reset. Three per-token [B, T, 1] float32 inputs
+carry what the masks need (`_segment_inputs`); D's mask is E Eᵀ with E the one-hot of each token's
+segment start in the chunk, a C × C product that Triton and Mosaic both lower.
+
 Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk`):
 - 'gpu' (Pallas Triton): grid (B, H, V/BV); each program holds its head's whole sequence as a ref
   and walks the chunks with an in-kernel `lax.fori_loop`, the state in registers.
@@ -31,8 +37,8 @@ Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_c
 Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
 dtype (float32 operands ask for full precision; with bfloat16 inputs the float32 state enters Q·S as
 bfloat16, as in fla, where the XLA path keeps it float32), products accumulate in float32 and the
-carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp.
-`reset` is not supported by the kernels: `chunkwise` then runs `retention.chunkwise`.
+carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp;
+masking changes none of the exponents, so the same formula holds with resets.
 
 Under a sharded `jit` the compiler does not partition a pallas_call (it would gather the operands),
 so the model runs the kernel per shard of batch and heads (`sharding.per_shard`, a `shard_map`).
@@ -115,11 +121,11 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None):
   return f'target {target!r} (one of {TARGETS})'
 
 
-def use_kernel(q_BTHK, v_BTHV, chunk_size=64, reset_BT=None, backend=None) -> bool:
-  """True where `impl='auto'` runs the Pallas kernel: a GPU/TPU backend, no reset, and a
-  supported (K, V, chunk, dtype). False on CPU (interpret mode is only for tests)."""
+def use_kernel(q_BTHK, v_BTHV, chunk_size=64, backend=None) -> bool:
+  """True where `impl='auto'` runs the Pallas kernel: a GPU/TPU backend and a supported
+  (K, V, chunk, dtype). False on CPU (interpret mode is only for tests)."""
   backend = backend or jax.default_backend()
-  if backend not in TARGETS or reset_BT is not None:
+  if backend not in TARGETS:
     return False
   _, _, H, K = q_BTHK.shape
   return not unsupported(H, K, v_BTHV.shape[-1], chunk_size, v_BTHV.dtype, backend)
@@ -156,6 +162,17 @@ def _decay_across(lam, C, length_n):
   zeta_C1 = jnp.where(valid_C1, jnp.exp(lam * exponent_C1), 0.0)
   carry_11 = jnp.exp(lam * (jnp.zeros((1, 1), jnp.int32) + length_n).astype(F32))
   return zeta_C1, carry_11
+
+
+def _mask_consts(consts, start_C1, open_C1, tail_C1):
+  """The chunk's (D, ξ, ζ, γ^L) with its resets: see the module docstring."""
+  decay_CC, xi_C1, zeta_C1, carry_11 = consts
+  C = start_C1.shape[0]
+  col_1C = lax.broadcasted_iota(jnp.int32, (1, C), 1).astype(F32)
+  onehot_CC = (start_C1 == col_1C).astype(F32)  # Row i: the position where i's segment starts.
+  same_segment_CC = _dot(onehot_CC, onehot_CC, (1, 1))
+  return (decay_CC * same_segment_CC, xi_C1 * open_C1, zeta_C1 * tail_C1,
+          carry_11 * jnp.min(open_C1, axis=0, keepdims=True))
 
 
 def _forward_chunk(consts, ins, state_KB):
@@ -200,13 +217,18 @@ def _dkv_chunk(consts, ins, grad_KB):
 
 
 def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log_gamma_H, *,
-                 dims, chunk, length, reverse, target, interpret):
-  """Runs `chunk_fn` over the chunks of every (b, h, value block); returns (*outs, state)."""
+                 dims, chunk, length, reverse, target, interpret, segments=()):
+  """Runs `chunk_fn` over the chunks of every (b, h, value block); returns (*outs, state).
+
+  segments: () without resets, else the three [B, Tp, 1] inputs of `_segment_inputs`.
+  """
   B, Tp, H, K, V, BV = dims
   C, NV, N = chunk, V // BV, Tp // chunk
   last_length = length - (N - 1) * C  # L of the last chunk; C when T divides evenly.
   tpu = target == 'tpu'
-  width = {'k': K, 'v': BV, 'kp': K}
+  width = {'k': K, 'v': BV, 'kp': K, 's': 1}
+  n_seg = len(segments)
+  ins, in_kinds = (*ins, *segments), (*in_kinds, *('s',) * n_seg)
   rows = C if tpu else Tp  # Block length along time: one chunk (tpu) or the whole sequence (gpu).
 
   def block(kind, chunk_index):
@@ -215,6 +237,8 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
       n = chunk_index(*i)
       if kind == 'k':
         return b, n, h
+      if kind == 's':
+        return b, n, 0
       if kind == 'v':
         return b, n, h * NV + j
       return j, b, n, h
@@ -234,6 +258,13 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
     length_n = C if last_length == C else jnp.minimum(C, length - n * C)
     return (*invariant, *_decay_across(lam, C, length_n))
 
+  def run_chunk(consts_n, values, state_KB):
+    """chunk_fn on the chunk's operands, its consts masked by its resets if there are any."""
+    if n_seg:
+      consts_n = _mask_consts(consts_n, *values[-n_seg:])
+      values = values[:-n_seg]
+    return chunk_fn(consts_n, values, state_KB)
+
   if not tpu:
     def kernel(lam_ref, *refs):
       in_refs, s0_ref = refs[:n_in], refs[n_in]
@@ -245,8 +276,8 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
       def body(step, state_KB):
         n = N - 1 - step if reverse else step
         t = pl.ds(pl.multiple_of(n * C, C), C)
-        outs, state_KB = chunk_fn(hoisted or consts(lam, n, invariant),
-                                  tuple(r[t, :] for r in in_refs), state_KB)
+        outs, state_KB = run_chunk(hoisted or consts(lam, n, invariant),
+                                   tuple(r[t, :] for r in in_refs), state_KB)
         for r, x in zip(out_refs, outs):
           r[t, :] = x.astype(r.dtype)
         return state_KB
@@ -270,8 +301,8 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
         state_ref[...] = s0_ref[...].astype(F32)
 
       lam = lam_ref[pl.program_id(1)]
-      outs, state_KB = chunk_fn(consts(lam, n, _decay_in_chunk(lam, C)),
-                                tuple(r[...] for r in in_refs), state_ref[...])
+      outs, state_KB = run_chunk(consts(lam, n, _decay_in_chunk(lam, C)),
+                                 tuple(r[...] for r in in_refs), state_ref[...])
       for r, x in zip(out_refs, outs):
         r[...] = x.astype(r.dtype)
       state_ref[...] = state_KB
@@ -299,9 +330,10 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 # The custom VJP over padded inputs (Tp = N·C ≥ length).
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, static, interpret):
-  return _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, static, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static, interpret):
+  return _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static,
+                    interpret)[0]
 
 
 def _flat(x_BTHD):
@@ -309,28 +341,40 @@ def _flat(x_BTHD):
   return x_BTHD.reshape(B, T, H * D)
 
 
-def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, static, interpret):
+def _segment_inputs(reset_BT, Tp, C):
+  """Per token, float32 [B, Tp, 1] each: where its segment starts in its chunk (0 if before it),
+  whether no reset precedes it in the chunk (it sees the incoming state), and whether it belongs
+  to the chunk's last segment (it enters the outgoing state). Padding continues the last segment."""
+  B, T = reset_BT.shape
+  reset_BNC = jnp.pad(reset_BT.astype(bool), ((0, 0), (0, Tp - T))).reshape(B, Tp // C, C)
+  seen_BNC = jnp.cumsum(reset_BNC.astype(jnp.int32), axis=-1)  # Resets so far in the chunk.
+  start_BNC = lax.cummax(jnp.where(reset_BNC, jnp.arange(C), 0), axis=2)
+  column = lambda x: x.astype(F32).reshape(B, Tp, 1)
+  return (column(start_BNC), column(seen_BNC == 0), column(seen_BNC == seen_BNC[..., -1:]))
+
+
+def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static, interpret):
   chunk, length, target, BV = static
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   o_BTV, final_BHKV = _scan_chunks(
       _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), ('v',),
       (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, BV), chunk=chunk,
-      length=length, reverse=False, target=target, interpret=interpret)
-  residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, final_BHKV)
+      length=length, reverse=False, target=target, interpret=interpret, segments=segments)
+  residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV)
   return (o_BTV.reshape(B, Tp, H, V), final_BHKV), residuals
 
 
 def _fused_bwd(static, interpret, residuals, cotangents):
   chunk, length, target, BV = static
-  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, final_BHKV = residuals
+  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV = residuals
   do_BTHV, dfinal_BHKV = cotangents
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   do_BTHV = do_BTHV.astype(v_BTHV.dtype)
   q, k, v, do = map(_flat, (q_BTHK, k_BTHK, v_BTHV, do_BTHV))
   common = dict(dims=(B, Tp, H, K, V, BV), chunk=chunk, length=length, target=target,
-                interpret=interpret)
+                interpret=interpret, segments=segments)
   dq_JBTK, _ = _scan_chunks(_dq_chunk, (k, v, do), ('k', 'v', 'v'), ('kp',), (F32,), state_BHKV,
                             log_gamma_H, reverse=False, **common)
   dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
@@ -347,7 +391,7 @@ def _fused_bwd(static, interpret, residuals, cotangents):
                   + length * jnp.sum(dfinal_BHKV.astype(F32) * final_BHKV, (0, 2, 3)))
   return (dq_BTHK.astype(q_BTHK.dtype), dk_BTHK.astype(k_BTHK.dtype),
           dv_BTV.reshape(B, Tp, H, V), dlog_gamma_H.astype(log_gamma_H.dtype),
-          dstate_BHKV.astype(state_BHKV.dtype))
+          dstate_BHKV.astype(state_BHKV.dtype), tuple(jnp.zeros_like(x) for x in segments))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -364,15 +408,12 @@ def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=6
   interpret: run the kernels in the Pallas interpreter (required on CPU; tests). target: the
   lowering the kernels are built for, 'gpu' (Triton) or 'tpu' (Mosaic); by default the backend's,
   'gpu' on CPU. block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V).
-  Interpret mode takes any shape; compiled, `unsupported` must be ''. `reset_BT` is not supported
-  by the kernels: with a reset this runs `retention.chunkwise` (XLA) instead.
+  Interpret mode takes any shape; compiled, `unsupported` must be ''. reset_BT [B, T] bool, as in
+  `retention`: the kernels mask each chunk by it.
   """
   B, T, H, K, V = retention._check(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be positive; got {chunk_size}.')
-  if reset_BT is not None:
-    return retention.chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size,
-                               reset_BT)
   backend = jax.default_backend()
   target = target or ('tpu' if backend == 'tpu' else 'gpu')
   if target not in TARGETS:
@@ -391,6 +432,8 @@ def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=6
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q_BTHK, k_BTHK, v_BTHV = (jnp.pad(x, widths) for x in (q_BTHK, k_BTHK, v_BTHV))
+  segments = () if reset_BT is None else _segment_inputs(reset_BT, T + pad, chunk_size)
   o_BTHV, final_BHKV = _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H.astype(F32),
-                              state_BHKV.astype(F32), (chunk_size, T, target, block_v), interpret)
+                              state_BHKV.astype(F32), segments, (chunk_size, T, target, block_v),
+                              interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV

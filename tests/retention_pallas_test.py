@@ -126,18 +126,52 @@ def test_gradient_without_initial_state():
     assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
 
 
-def test_reset_falls_back_to_xla():
-  B, T, H = 2, 40, 3
-  q, k, v, state = inputs(11, B, T, H)
+def _resets(B, T):
+  """Resets at the first token, on a chunk boundary, twice inside one chunk, at the last token."""
   reset = np.zeros((B, T), bool)
-  reset[0, [0, 16, 21]] = True
-  reset[1, 39] = True
+  reset[0, [0, 16, 21, 25, T - 1]] = True
+  reset[1, [CHUNK - 1, 2 * CHUNK + 3]] = True
+  return jnp.asarray(reset)
+
+
+@pytest.mark.parametrize('target,chunk,block_v,T', [
+    ('gpu', 16, None, 45), ('gpu', 16, 16, 64), ('gpu', 64, None, 45), ('tpu', 16, None, 45),
+    ('tpu', 32, 16, 64),
+])
+def test_resets_match_reference(target, chunk, block_v, T):
+  """Document boundaries: each chunk's decay, ξ, ζ and carry masked, in both drivers."""
+  B, H = 2, 3
+  q, k, v, state = inputs(11, B, T, H)
+  reset = _resets(B, T)
   g = gammas('lm', H)
   o_ref, s_ref = reference.retention(q, k, v, g, state, reset)
-  o, s = retention_pallas.chunkwise(q, k, v, log_gammas(g), state, CHUNK, jnp.asarray(reset),
-                                    interpret=True)
-  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
-  assert not retention_pallas.use_kernel(q, v, CHUNK, jnp.asarray(reset), backend='gpu')
+  o, s = jax.jit(functools.partial(
+      retention_pallas.chunkwise, chunk_size=chunk, interpret=True, target=target,
+      block_v=block_v))(q, k, v, log_gammas(g), state, reset_BT=reset)
+  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, (rel_err(o, o_ref),
+                                                                    rel_err(s, s_ref))
+
+
+@pytest.mark.parametrize('target,block_v', [('gpu', 16), ('tpu', None)])
+def test_gradients_with_resets_match_parallel(target, block_v):
+  B, T, H = 2, 45, 3
+  q, k, v, state = inputs(13, B, T, H)
+  reset = _resets(B, T)
+  lg = log_gammas(gammas('retnet', H))
+  rng = np.random.default_rng(2)
+  w_o = jnp.asarray(rng.standard_normal((B, T, H, V_DIM)), jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal((B, H, K_DIM, V_DIM)), jnp.float32)
+
+  def loss(fn, *args):
+    o, s = fn(*args, reset_BT=reset)
+    return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
+  ref = grad(retention.parallel)(q, k, v, lg, state)
+  got = grad(functools.partial(retention_pallas.chunkwise, chunk_size=CHUNK, interpret=True,
+                               target=target, block_v=block_v))(q, k, v, lg, state)
+  for name, x, r in zip('q k v log_gamma state'.split(), got, ref):
+    assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
 
 
 def test_use_kernel():
@@ -189,17 +223,21 @@ def test_no_overflow_long_sequence_no_decay():
   assert rel_err(o[:, -1], expect) <= 1e-2
 
 
-@pytest.mark.parametrize('platform,target,T', [('cuda', 'gpu', 16384), ('cuda', 'gpu', 1000),
-                                               ('tpu', 'tpu', 16384), ('tpu', 'tpu', 1000)])
-def test_lowers_to_triton_and_mosaic(monkeypatch, platform, target, T):
-  """Forward and backward at fla's benchmark shape (and a ragged T) pass Pallas' Triton / Mosaic
-  lowering. Lowering only: compiling and running them needs the GPU / TPU."""
+@pytest.mark.parametrize('platform,target,T,with_reset', [
+    ('cuda', 'gpu', 16384, False), ('cuda', 'gpu', 1000, True), ('tpu', 'tpu', 16384, False),
+    ('tpu', 'tpu', 1000, True)])
+def test_lowers_to_triton_and_mosaic(monkeypatch, platform, target, T, with_reset):
+  """Forward and backward at fla's benchmark shape (and a ragged T, with resets) pass Pallas'
+  Triton / Mosaic lowering. Lowering only: compiling and running them needs the GPU / TPU."""
   monkeypatch.setattr(jax, 'default_backend', lambda: target)
   B, H, K, V = 8, 32, 128, 128
   spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   args = (spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), spec(H, dtype=jnp.float32),
           spec(B, H, K, V, dtype=jnp.float32))
-  fn = functools.partial(retention_pallas.chunkwise, chunk_size=64, target=target)
+  if with_reset:
+    args += (spec(B, T, dtype=jnp.bool_),)
+  fn = lambda *a: retention_pallas.chunkwise(*a[:5], chunk_size=64, reset_BT=(*a[5:], None)[0],
+                                             target=target)
 
   def loss(*args):
     o, s = fn(*args)

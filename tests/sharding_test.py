@@ -72,7 +72,7 @@ def test_pallas_kernel_runs_per_shard(monkeypatch, tmp_path):
     return kernel(q_BTHK, *args, **kwargs)
 
   monkeypatch.setattr(retention_pallas, 'chunkwise', counting)
-  common = dict(reset_at_doc_boundaries=False, total_steps=3, eval_every=3)
+  common = dict(reset_at_doc_boundaries=True, total_steps=3, eval_every=3)  # Resets per shard too.
   train.train_and_evaluate(cfg(model__retention_impl='xla', **common), str(tmp_path / 'one'))
   assert not shard_shapes
   train.train_and_evaluate(cfg((2, 2, 2), model__retention_impl='pallas', **common),
