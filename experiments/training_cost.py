@@ -61,6 +61,8 @@ def define_flags() -> dict:
       vs_torchscale=flags.DEFINE_bool(
           'vs_torchscale', False, "Time torchscale's chunkwise RetNetDecoder (needs torch, torchscale)."),
       compare_len=flags.DEFINE_integer('compare_len', 2048, 'T of the torchscale comparison.'),
+      compare_rounds=flags.DEFINE_integer(
+          'compare_rounds', 3, 'Alternating rounds of ours and torchscale; the median counts.'),
       compile_layers=flags.DEFINE_list('compile_layers', ['2', '4', '8'],
                                        'Depths at which the train step compile time is measured.'))
 
@@ -318,7 +320,8 @@ def _plot(out_dir, rows):
 
 
 def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadratic_len,
-        vs_torchscale=False, compare_len=2048, compile_layers=(2, 4, 8)) -> list[dict]:
+        vs_torchscale=False, compare_len=2048, compare_rounds=3,
+        compile_layers=(2, 4, 8)) -> list[dict]:
   train.tune_xla_cpu_flags()
   train.tune_host_allocator()
   peak = matmul_peak_flops()
@@ -372,27 +375,43 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
     cmp_cfg = variant(config, 'chunkwise')
     cmp_cfg.model.vocab_size = 256
     batch = max(1, tokens_per_step // compare_len)
-    ours = batch * compare_len / time_train_step(cmp_cfg, batch, compare_len, steps)['seconds_per_step']
+    tps = lambda seconds: batch * compare_len / seconds
     theirs_all = time_torchscale(cmp_cfg, batch, compare_len, steps)
     best = min(theirs_all, key=lambda r: r['seconds_per_step'])
+    # This machine drifts by tens of percent within minutes: alternate ours and torchscale's best
+    # and take the median of the rounds.
+    rounds = []
+    for i in range(compare_rounds):
+      ours_i = tps(time_train_step(cmp_cfg, batch, compare_len, steps)['seconds_per_step'])
+      theirs_i = tps(time_torchscale(cmp_cfg, batch, compare_len, steps,
+                                     chunk_sizes=(best['chunk_size'],))[0]['seconds_per_step'])
+      rounds.append((ours_i / theirs_i, ours_i, theirs_i))
+      logging.info('round %d/%d: ours %.0f tok/s, torchscale %.0f tok/s, ratio %.2f', i + 1,
+                   compare_rounds, ours_i, theirs_i, ours_i / theirs_i)
+    ratio, ours, theirs = sorted(rounds)[len(rounds) // 2]
     for r in theirs_all:
-      theirs = batch * compare_len / r['seconds_per_step']
       rows.append({'model': 'torchscale', 'form': 'chunkwise', 'seq_len': compare_len, 'batch': batch,
-                   'tokens_per_second': theirs, 'peak_bytes': None, 'mfu': None, 'dense_mfu': None,
-                   'chunk_size': r['chunk_size'], 'best_chunk_size': r is best,
-                   'ours_tokens_per_second': ours, 'ratio': ours / theirs})
-    theirs = batch * compare_len / best['seconds_per_step']
+                   'tokens_per_second': tps(r['seconds_per_step']), 'peak_bytes': None, 'mfu': None,
+                   'dense_mfu': None, 'chunk_size': r['chunk_size'], 'best_chunk_size': r is best,
+                   'ours_tokens_per_second': ours, 'ratio': ours / tps(r['seconds_per_step'])})
+    rows.append({'model': 'torchscale', 'form': 'chunkwise, alternating rounds', 'seq_len': compare_len,
+                 'batch': batch, 'tokens_per_second': theirs, 'peak_bytes': None, 'mfu': None,
+                 'dense_mfu': None, 'chunk_size': best['chunk_size'], 'ours_tokens_per_second': ours,
+                 'ratio': ratio, 'round_ratios': [r[0] for r in rounds], 'best_chunk_size': False})
     # What 1.5× would take: the whole step's model FLOPs at that rate, as a fraction of the peak.
     needed_mfu = model_flops_per_token(config_lib.model_config(cmp_cfg), 'chunkwise', compare_len)[0] * \
         1.5 * theirs / peak
     targets.append(f"vs torchscale chunkwise at its fastest chunk size (C={best['chunk_size']}; "
-                   f"{best['torch_threads']} threads) at T={compare_len}, batch {batch}, vocab 256: "
-                   f'ours {ours:.0f} tok/s, torchscale {theirs:.0f} tok/s, ratio {ours / theirs:.2f} '
-                   f"(target ≥ 1.5): {'PASS' if ours / theirs >= 1.5 else 'FAIL'}. By chunk size: " +
-                   ', '.join(f"C={r['chunk_size']} {ours * r['seconds_per_step'] / (batch * compare_len):.2f}×"
+                   f"{best['torch_threads']} threads) at T={compare_len}, batch {batch}, vocab 256, "
+                   f'median of {compare_rounds} alternating rounds: ours {ours:.0f} tok/s, torchscale '
+                   f'{theirs:.0f} tok/s, ratio {ratio:.2f} (rounds: ' +
+                   ', '.join(f'{r[0]:.2f}' for r in rounds) +
+                   f"; target ≥ 1.5): {'PASS' if ratio >= 1.5 else 'FAIL'}. Against each chunk size "
+                   'in one pass: ' +
+                   ', '.join(f"C={r['chunk_size']} {ours / tps(r['seconds_per_step']):.2f}×"
                              for r in theirs_all) +
                    f'. 1.5× the fastest needs the whole step at {needed_mfu:.0%} MFU')
-    print(f'ratio vs torchscale: {ours / theirs:.2f}')
+    print(f'ratio vs torchscale: {ratio:.2f}')
   if compile_layers:
     secs = compile_seconds_by_depth(config, [int(x) for x in compile_layers])
     growth = secs[max(secs)] / secs[min(secs)]
@@ -419,7 +438,8 @@ def main(argv, fl):
   run(fl['config'].value, fl['output_dir'].value, seq_lens=seq_lens, forms=fl['forms'].value,
       tokens_per_step=fl['tokens_per_step'].value, steps=steps,
       max_quadratic_len=fl['max_quadratic_len'].value, vs_torchscale=fl['vs_torchscale'].value,
-      compare_len=fl['compare_len'].value, compile_layers=fl['compile_layers'].value)
+      compare_len=fl['compare_len'].value, compare_rounds=fl['compare_rounds'].value,
+      compile_layers=fl['compile_layers'].value)
   print(open(os.path.join(fl['output_dir'].value, 'table.md')).read())
 
 

@@ -56,7 +56,9 @@ def test_torchscale_comparison_runs(tmp_path):
                            tokens_per_step=64, steps=1, max_quadratic_len=32, vs_torchscale=True,
                            compare_len=32, compile_layers=())
   ts = [r for r in rows if r['model'] == 'torchscale']
-  assert len(ts) == 1 and ts[0]['tokens_per_second'] > 0 and ts[0]['ratio'] > 0
+  assert [r['form'] for r in ts] == ['chunkwise', 'chunkwise, alternating rounds']
+  assert all(r['tokens_per_second'] > 0 and r['ratio'] > 0 for r in ts)
   assert ts[0]['best_chunk_size'] and ts[0]['chunk_size'] == 32  # Chunks longer than T are skipped.
+  assert len(ts[1]['round_ratios']) == 3 and ts[1]['ratio'] == sorted(ts[1]['round_ratios'])[1]
   table = (tmp_path / 'table.md').read_text()
   assert 'vs torchscale chunkwise' in table and 'C=32 ' in table and 'MFU' in table
