@@ -322,6 +322,7 @@ def _plot(out_dir, rows):
 def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadratic_len,
         vs_torchscale=False, compare_len=2048, compare_rounds=3,
         compile_layers=(2, 4, 8)) -> list[dict]:
+  train.tune_xla_cpu_flags()
   train.tune_host_allocator()
   peak = matmul_peak_flops()
   logging.info('float32 matmul peak: %.1f GFLOP/s', peak / 1e9)

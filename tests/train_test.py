@@ -182,3 +182,29 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path):
   steps = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))]
   assert len(steps) == 1 and steps[0] >= 2
   assert steps[0] >= len(read_metrics(workdir, 'train'))
+
+
+def test_xla_cpu_flags_are_added_before_jax_starts_and_only_then():
+  script = '''
+import os
+from retnet_jax import train
+import jax
+first = train.tune_xla_cpu_flags()
+flags_after = os.environ['XLA_FLAGS']
+again = train.tune_xla_cpu_flags()
+jax.numpy.ones(2).block_until_ready()
+os.environ['XLA_FLAGS'] = ''
+late = train.tune_xla_cpu_flags()
+print(first, again, late, repr(flags_after))
+'''
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  out = subprocess.run([sys.executable, '-c', script], cwd=util.ROOT, env=env, capture_output=True,
+                       text=True, check=True).stdout.split(None, 3)
+  assert out[:3] == ['True', 'False', 'False']  # Added once; never after JAX has started.
+  assert out[3].strip() == repr('--xla_force_host_platform_device_count=1 '
+                                '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
+  # A user's own setting of the flag is kept as it is.
+  env['XLA_FLAGS'] = '--xla_cpu_experimental_ynn_fusion_type='
+  out = subprocess.run([sys.executable, '-c', script], cwd=util.ROOT, env=env, capture_output=True,
+                       text=True, check=True).stdout.split(None, 3)
+  assert out[0] == 'False' and 'individual_dot' not in out[3] and out[3].count('ynn') == 1
