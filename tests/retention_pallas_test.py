@@ -89,19 +89,21 @@ def test_state_carries_across_calls():
   assert rel_err(jnp.concatenate([o1, o2], 1), o_full) <= 1e-5 and rel_err(s, s_full) <= 1e-5
 
 
-@pytest.mark.parametrize('schedule,target,block_v,T', [
-    ('retnet', 'gpu', None, 100), ('none', 'gpu', 16, 100), ('lm', 'tpu', 16, 64),
+@pytest.mark.parametrize('schedule,target,block_v,T,with_reset', [
+    ('retnet', 'gpu', None, 100, False), ('none', 'gpu', 16, 100, False),
+    ('lm', 'tpu', 16, 64, False), ('retnet', 'gpu', 16, 45, True), ('retnet', 'tpu', None, 45, True),
 ])
-def test_gradients_match_parallel(schedule, target, block_v, T):
+def test_gradients_match_parallel(schedule, target, block_v, T, with_reset):
   B, H = 2, 3
   q, k, v, state = inputs(9, B, T, H)
   lg = log_gammas(gammas(schedule, H))
+  reset = _resets(B, T) if with_reset else None
   rng = np.random.default_rng(1)
   w_o = jnp.asarray(rng.standard_normal((B, T, H, V_DIM)), jnp.float32)
   w_s = jnp.asarray(rng.standard_normal((B, H, K_DIM, V_DIM)), jnp.float32)
 
   def loss(fn, *args):
-    o, s = fn(*args)
+    o, s = fn(*args, reset_BT=reset)
     return jnp.sum(o * w_o) + jnp.sum(s * w_s)
 
   grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
@@ -150,28 +152,6 @@ def test_resets_match_reference(target, chunk, block_v, T):
       block_v=block_v))(q, k, v, log_gammas(g), state, reset_BT=reset)
   assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, (rel_err(o, o_ref),
                                                                     rel_err(s, s_ref))
-
-
-@pytest.mark.parametrize('target,block_v', [('gpu', 16), ('tpu', None)])
-def test_gradients_with_resets_match_parallel(target, block_v):
-  B, T, H = 2, 45, 3
-  q, k, v, state = inputs(13, B, T, H)
-  reset = _resets(B, T)
-  lg = log_gammas(gammas('retnet', H))
-  rng = np.random.default_rng(2)
-  w_o = jnp.asarray(rng.standard_normal((B, T, H, V_DIM)), jnp.float32)
-  w_s = jnp.asarray(rng.standard_normal((B, H, K_DIM, V_DIM)), jnp.float32)
-
-  def loss(fn, *args):
-    o, s = fn(*args, reset_BT=reset)
-    return jnp.sum(o * w_o) + jnp.sum(s * w_s)
-
-  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
-  ref = grad(retention.parallel)(q, k, v, lg, state)
-  got = grad(functools.partial(retention_pallas.chunkwise, chunk_size=CHUNK, interpret=True,
-                               target=target, block_v=block_v))(q, k, v, lg, state)
-  for name, x, r in zip('q k v log_gamma state'.split(), got, ref):
-    assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
 
 
 def test_use_kernel():
