@@ -251,20 +251,18 @@ class MultiScaleRetention(nnx.Module):
                               for a in (q_BTHK, k_BTHK, v_BTHV))
     log_gamma_H = self.log_gamma()
     impl = cfg.retention_impl if form == 'chunkwise' else 'auto'
-    run = lambda q, k, v, g, s, *reset: retention.retention(
-        q, k, v, g, s, form=form, chunk_size=cfg.chunk_size, reset_BT=(reset or (None,))[0],
-        impl=impl)
-    resets = () if reset_BT is None else (reset_BT,)
-    args = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, *resets)
+    run = lambda q, k, v, g, s, reset=None: retention.retention(
+        q, k, v, g, s, form=form, chunk_size=cfg.chunk_size, reset_BT=reset, impl=impl)
+    resets = () if reset_BT is None else (reset_BT,)  # shard_map takes arrays, not None.
     if retention.runs_kernel(q_BTHK, v_BTHV, form, cfg.chunk_size, impl):
       # The compiler does not partition a Pallas call: run it on each shard of batch and heads.
       if state_BHKV is None:
         B, _, H, K = q_BTHK.shape
-        args = (*args[:4], retention.zero_state(B, H, K, v_BTHV.shape[-1]), *resets)
+        state_BHKV = retention.zero_state(B, H, K, v_BTHV.shape[-1])
       bthk, bhkv = ('batch', None, 'heads', None), ('batch', 'heads', None, None)
       in_axes = (bthk, bthk, bthk, ('heads',), bhkv) + (('batch', None),) * len(resets)
       run = sharding.per_shard(run, in_axes, (bthk, bhkv))
-    o_BTHV, state_BHKV = run(*args)
+    o_BTHV, state_BHKV = run(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, *resets)
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
       n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0
