@@ -304,7 +304,7 @@ def _plot(out_dir, rows):
     axes[0].plot([t for t, _ in pts], [r['tokens_per_second'] for _, r in pts], 'o-', label=label)
     axes[1].plot([t for t, _ in pts], [(r['peak_bytes'] or 0) / 2**20 for _, r in pts], 'o-', label=label)
   for r in rows:
-    if r['model'] == 'torchscale' and r.get('best_chunk_size', True):
+    if r['model'] == 'torchscale' and r['best_chunk_size']:
       axes[0].plot([r['seq_len']], [r['tokens_per_second']], 'k*', ms=12,
                    label=f"torchscale chunkwise (C={r['chunk_size']})")
   for ax, title in zip(axes, ('training tokens/s (forward, backward, AdamW)', 'peak memory (MiB)')):

@@ -347,7 +347,7 @@ def _segment_inputs(reset_BT, Tp, C):
   to the chunk's last segment (it enters the outgoing state). Padding continues the last segment."""
   B, T = reset_BT.shape
   reset_BNC = jnp.pad(reset_BT.astype(bool), ((0, 0), (0, Tp - T))).reshape(B, Tp // C, C)
-  seen_BNC = jnp.cumsum(reset_BNC.astype(jnp.int32), axis=-1)  # Resets so far in the chunk.
+  seen_BNC = retention._segments(reset_BNC)  # Resets so far in the chunk.
   start_BNC = lax.cummax(jnp.where(reset_BNC, jnp.arange(C), 0), axis=2)
   column = lambda x: x.astype(F32).reshape(B, Tp, 1)
   return (column(start_BNC), column(seen_BNC == 0), column(seen_BNC == seen_BNC[..., -1:]))
