@@ -244,6 +244,24 @@ def tune_xla_cpu_flags() -> bool:
   return bool(todo)
 
 
+# XLA:CPU options that leave YNNPACK out of one executable, so that Eigen runs its dots.
+EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+def step_compiler_options(model_cfg) -> dict | None:
+  """XLA options for jitting the train and eval steps of `model_cfg` on this backend, or None.
+
+  On CPU the chunkwise form compiles without YNNPACK, so its dots run in Eigen. Its batched
+  products are small blocks ([B, H, N] × 64 × 64 × 128), which Eigen runs up to
+  1.7× faster. A/B in one process on 2 cores: the chunkwise step is 6–13% faster at T = 512 …
+  16384. The Transformer's and the parallel form's [T, T] products keep YNNPACK's dots: with
+  Eigen the Transformer step was 12% slower at T = 2048.
+  """
+  if jax.default_backend() != 'cpu' or model_cfg.kind != 'retnet' or model_cfg.form != 'chunkwise':
+    return None
+  return dict(EIGEN_DOTS)
+
+
 def tune_host_allocator() -> bool:
   """On CPU, keep freed buffers in the process for reuse (glibc mallopt). Returns whether it did.
 
@@ -351,8 +369,10 @@ class Run:
     self._key = key
     self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
                                    max_to_keep=config.checkpoint.max_to_keep)
+    self.compiler_options = step_compiler_options(self.setup.model_config)
     self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
-                           in_shardings=(self.state_sh['params'], self.batch_sh))
+                           in_shardings=(self.state_sh['params'], self.batch_sh),
+                           compiler_options=self.compiler_options)
 
   def abstract(self, tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
@@ -501,7 +521,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
                         accum_steps=config.optim.get('grad_accum_steps', 1),
                         base_key=jax.random.key(config.seed + 1)),
       in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
-      donate_argnums=(0,))
+      donate_argnums=(0,), compiler_options=run.compiler_options)
   writer = MetricWriter(workdir)
   last = {}
   tokens_per_step = config.batch_size * config.seq_len

@@ -1,5 +1,6 @@
 """Training: exact resume, eval restores, metrics files, SIGTERM, and clear errors for bad inputs."""
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -9,9 +10,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from retnet_jax import config_lib
+from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from tests import util
 
@@ -208,3 +212,24 @@ print(first, again, late, repr(flags_after))
   out = subprocess.run([sys.executable, '-c', script], cwd=util.ROOT, env=env, capture_output=True,
                        text=True, check=True).stdout.split(None, 3)
   assert out[0] == 'False' and 'individual_dot' not in out[3] and out[3].count('ynn') == 1
+
+
+def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
+  config = small()
+  setup = train.build_setup(config, tokenizer_lib.get_tokenizer(config.data, None))
+  cfg = setup.model_config
+  assert cfg.form == 'chunkwise' and train.step_compiler_options(cfg) == train.EIGEN_DOTS
+  for other in (dataclasses.replace(cfg, form='parallel'),
+                dataclasses.replace(cfg, kind='transformer', value_dim=None)):
+    assert train.step_compiler_options(other) is None
+  # The option reaches XLA (no YNNPACK fusion left) and the gradient is the same function.
+  params = train.init_params(setup, jax.random.key(0))
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 45))
+  batch = {'inputs': tokens, 'targets': np.roll(tokens, -1, axis=1),
+           'segment_ids': np.ones_like(tokens), 'loss_mask': np.ones(tokens.shape, np.float32)}
+  grad = jax.grad(lambda p: train.loss_fn(p, setup, batch, None)[0])
+  default = jax.jit(grad).lower(params).compile()
+  eigen = jax.jit(grad, compiler_options=train.step_compiler_options(cfg)).lower(params).compile()
+  assert 'ynn_fusion' in default.as_text() and 'ynn_fusion' not in eigen.as_text()
+  for a, b in zip(jax.tree.leaves(default(params)), jax.tree.leaves(eigen(params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
