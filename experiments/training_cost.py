@@ -62,8 +62,9 @@ def define_flags() -> dict:
       vs_torchscale=flags.DEFINE_bool(
           'vs_torchscale', False, "Time torchscale's chunkwise RetNetDecoder (needs torch, torchscale)."),
       compare_len=flags.DEFINE_integer('compare_len', 2048, 'T of the torchscale comparison.'),
-      compare_rounds=flags.DEFINE_integer(
-          'compare_rounds', 3, 'Alternating rounds of ours and torchscale; the median counts.'),
+      compare_pairs=flags.DEFINE_integer(
+          'compare_pairs', 9, "Alternating steps of ours and torchscale's fastest; the median "
+          'ratio of the pairs counts.'),
       compile_layers=flags.DEFINE_list('compile_layers', ['2', '4', '8'],
                                        'Depths at which the train step compile time is measured.'))
 
@@ -178,9 +179,9 @@ def variant(config, form: str):
   return c
 
 
-def time_torchscale(config, batch, seq_len, steps, chunk_sizes=(64, 128, 256, 512)) -> list[dict]:
-  """torchscale's RetNetDecoder (chunkwise) at each of `chunk_sizes` (its default is 512), same
-  sizes, full AdamW step: one dict per chunk size."""
+def _torchscale_stepper(config, batch, seq_len, chunk):
+  """torchscale's RetNetDecoder (chunkwise, `chunk`) at `config`'s sizes: a callable that runs one
+  full AdamW step (after a warm-up step) and returns its seconds."""
   from tests import timm_stub  # torchscale imports timm only for drop_path.
   timm_stub.install()
   import torch
@@ -188,34 +189,56 @@ def time_torchscale(config, batch, seq_len, steps, chunk_sizes=(64, 128, 256, 51
   from torchscale.architecture.retnet import RetNetDecoder
   torch.manual_seed(0)
   m = config.model
+  args = RetNetConfig(
+      decoder_embed_dim=m.embed_dim, decoder_value_embed_dim=m.value_dim or 2 * m.embed_dim,
+      decoder_retention_heads=m.num_heads, decoder_ffn_embed_dim=m.ffn_dim,
+      decoder_layers=m.num_layers, vocab_size=m.vocab_size, chunkwise_recurrent=True,
+      recurrent_chunk_size=chunk, activation_fn='swish')
+  decoder = RetNetDecoder(args, embed_tokens=torch.nn.Embedding(m.vocab_size, m.embed_dim))
+  opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.05)
+  x = torch.randint(0, m.vocab_size, (batch, seq_len))
+  y = torch.randint(0, m.vocab_size, (batch, seq_len))
+
+  def step():
+    t = time.perf_counter()
+    opt.zero_grad()
+    logits, _ = decoder(x)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, m.vocab_size), y.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(decoder.parameters(), 2.0)
+    opt.step()
+    return time.perf_counter() - t
+
+  step()
+  step.threads = torch.get_num_threads()
+  return step
+
+
+def _ours_stepper(config, batch, seq_len):
+  """Our compiled train step at `config`: a callable that runs one step (after a warm-up step)
+  and returns its seconds."""
+  jitted, state, data = build_step(config, batch, seq_len)
+  compiled = jitted.lower(state, data).compile()
+  box = [state]
+
+  def step():
+    t = time.perf_counter()
+    box[0], stats = compiled(box[0], data)
+    jax.block_until_ready(stats)
+    return time.perf_counter() - t
+
+  step()
+  return step
+
+
+def time_torchscale(config, batch, seq_len, steps, chunk_sizes=(64, 128, 256, 512)) -> list[dict]:
+  """torchscale's chunkwise RetNetDecoder at each of `chunk_sizes` (its default is 512), same sizes,
+  full AdamW step: one dict per chunk size."""
   results = []
   for chunk in [c for c in chunk_sizes if c <= seq_len] or [seq_len]:
-    args = RetNetConfig(
-        decoder_embed_dim=m.embed_dim, decoder_value_embed_dim=m.value_dim or 2 * m.embed_dim,
-        decoder_retention_heads=m.num_heads, decoder_ffn_embed_dim=m.ffn_dim,
-        decoder_layers=m.num_layers, vocab_size=m.vocab_size, chunkwise_recurrent=True,
-        recurrent_chunk_size=chunk, activation_fn='swish')
-    decoder = RetNetDecoder(args, embed_tokens=torch.nn.Embedding(m.vocab_size, m.embed_dim))
-    opt = torch.optim.AdamW(decoder.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.05)
-    x = torch.randint(0, m.vocab_size, (batch, seq_len))
-    y = torch.randint(0, m.vocab_size, (batch, seq_len))
-
-    def step():
-      opt.zero_grad()
-      logits, _ = decoder(x)
-      loss = torch.nn.functional.cross_entropy(logits.reshape(-1, m.vocab_size), y.reshape(-1))
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(decoder.parameters(), 2.0)
-      opt.step()
-
-    step()
-    times = []
-    for _ in range(steps):
-      t = time.perf_counter()
-      step()
-      times.append(time.perf_counter() - t)
-    result = {'seconds_per_step': statistics.median(times), 'chunk_size': chunk,
-              'torch_threads': torch.get_num_threads()}
+    step = _torchscale_stepper(config, batch, seq_len, chunk)
+    result = {'seconds_per_step': statistics.median(step() for _ in range(steps)),
+              'chunk_size': chunk, 'torch_threads': step.threads}
     logging.info('torchscale chunk %d: %.0f tok/s', chunk, batch * seq_len / result['seconds_per_step'])
     results.append(result)
   return results
@@ -326,7 +349,7 @@ def _plot(out_dir, rows):
 
 
 def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadratic_len,
-        vs_torchscale=False, compare_len=2048, compare_rounds=3,
+        vs_torchscale=False, compare_len=2048, compare_pairs=9,
         compile_layers=(2, 4, 8)) -> list[dict]:
   train.tune_xla_cpu_flags()
   train.tune_host_allocator()
@@ -384,34 +407,34 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
     tps = lambda seconds: batch * compare_len / seconds
     theirs_all = time_torchscale(cmp_cfg, batch, compare_len, steps)
     best = min(theirs_all, key=lambda r: r['seconds_per_step'])
-    # This machine drifts by tens of percent within minutes: alternate ours and torchscale's best
-    # and take the median of the rounds.
-    rounds = []
-    for i in range(compare_rounds):
-      ours_i = tps(time_train_step(cmp_cfg, batch, compare_len, steps)['seconds_per_step'])
-      theirs_i = tps(time_torchscale(cmp_cfg, batch, compare_len, steps,
-                                     chunk_sizes=(best['chunk_size'],))[0]['seconds_per_step'])
-      rounds.append((ours_i / theirs_i, ours_i, theirs_i))
-      logging.info('round %d/%d: ours %.0f tok/s, torchscale %.0f tok/s, ratio %.2f', i + 1,
-                   compare_rounds, ours_i, theirs_i, ours_i / theirs_i)
-    ratio, ours, theirs = sorted(rounds)[len(rounds) // 2]
+    # This machine's speed drifts by tens of percent within minutes: alternate single steps of
+    # ours and torchscale's fastest, so that each pair sees the same machine, and take the median.
+    ours_step = _ours_stepper(cmp_cfg, batch, compare_len)
+    theirs_step = _torchscale_stepper(cmp_cfg, batch, compare_len, best['chunk_size'])
+    pairs = []
+    for i in range(compare_pairs):
+      ours_i, theirs_i = tps(ours_step()), tps(theirs_step())
+      pairs.append((ours_i / theirs_i, ours_i, theirs_i))
+      logging.info('pair %d/%d: ours %.0f tok/s, torchscale %.0f tok/s, ratio %.2f', i + 1,
+                   compare_pairs, ours_i, theirs_i, ours_i / theirs_i)
+    ratio, ours, theirs = sorted(pairs)[len(pairs) // 2]
     for r in theirs_all:
       rows.append({'model': 'torchscale', 'form': 'chunkwise', 'seq_len': compare_len, 'batch': batch,
                    'tokens_per_second': tps(r['seconds_per_step']), 'peak_bytes': None, 'mfu': None,
                    'dense_mfu': None, 'chunk_size': r['chunk_size'], 'best_chunk_size': r is best,
                    'ours_tokens_per_second': ours, 'ratio': ours / tps(r['seconds_per_step'])})
-    rows.append({'model': 'torchscale', 'form': 'chunkwise, alternating rounds', 'seq_len': compare_len,
+    rows.append({'model': 'torchscale', 'form': 'chunkwise, alternating steps', 'seq_len': compare_len,
                  'batch': batch, 'tokens_per_second': theirs, 'peak_bytes': None, 'mfu': None,
                  'dense_mfu': None, 'chunk_size': best['chunk_size'], 'ours_tokens_per_second': ours,
-                 'ratio': ratio, 'round_ratios': [r[0] for r in rounds], 'best_chunk_size': False})
+                 'ratio': ratio, 'pair_ratios': [r[0] for r in pairs], 'best_chunk_size': False})
     # What 1.5× would take: the whole step's model FLOPs at that rate, as a fraction of the peak.
     needed_mfu = model_flops_per_token(config_lib.model_config(cmp_cfg), 'chunkwise', compare_len)[0] * \
         1.5 * theirs / peak
     targets.append(f"vs torchscale chunkwise at its fastest chunk size (C={best['chunk_size']}; "
                    f"{best['torch_threads']} threads) at T={compare_len}, batch {batch}, vocab 256, "
-                   f'median of {compare_rounds} alternating rounds: ours {ours:.0f} tok/s, torchscale '
-                   f'{theirs:.0f} tok/s, ratio {ratio:.2f} (rounds: ' +
-                   ', '.join(f'{r[0]:.2f}' for r in rounds) +
+                   f'median of {compare_pairs} alternating step pairs: ours {ours:.0f} tok/s, '
+                   f'torchscale {theirs:.0f} tok/s, ratio {ratio:.2f} (pairs: ' +
+                   ', '.join(f'{r[0]:.2f}' for r in pairs) +
                    f"; target ≥ 1.5): {'PASS' if ratio >= 1.5 else 'FAIL'}. Against each chunk size "
                    'in one pass: ' +
                    ', '.join(f"C={r['chunk_size']} {ours / tps(r['seconds_per_step']):.2f}×"
@@ -444,7 +467,7 @@ def main(argv, fl):
   run(fl['config'].value, fl['output_dir'].value, seq_lens=seq_lens, forms=fl['forms'].value,
       tokens_per_step=fl['tokens_per_step'].value, steps=steps,
       max_quadratic_len=fl['max_quadratic_len'].value, vs_torchscale=fl['vs_torchscale'].value,
-      compare_len=fl['compare_len'].value, compare_rounds=fl['compare_rounds'].value,
+      compare_len=fl['compare_len'].value, compare_pairs=fl['compare_pairs'].value,
       compile_layers=fl['compile_layers'].value)
   print(open(os.path.join(fl['output_dir'].value, 'table.md')).read())
 

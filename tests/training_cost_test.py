@@ -54,11 +54,11 @@ def test_torchscale_comparison_runs(tmp_path):
   config = util.config(model__value_dim=96)
   rows = training_cost.run(config, str(tmp_path), seq_lens=(32,), forms=('chunkwise',),
                            tokens_per_step=64, steps=1, max_quadratic_len=32, vs_torchscale=True,
-                           compare_len=32, compile_layers=())
+                           compare_len=32, compare_pairs=3, compile_layers=())
   ts = [r for r in rows if r['model'] == 'torchscale']
-  assert [r['form'] for r in ts] == ['chunkwise', 'chunkwise, alternating rounds']
+  assert [r['form'] for r in ts] == ['chunkwise', 'chunkwise, alternating steps']
   assert all(r['tokens_per_second'] > 0 and r['ratio'] > 0 for r in ts)
   assert ts[0]['best_chunk_size'] and ts[0]['chunk_size'] == 32  # Chunks longer than T are skipped.
-  assert len(ts[1]['round_ratios']) == 3 and ts[1]['ratio'] == sorted(ts[1]['round_ratios'])[1]
+  assert len(ts[1]['pair_ratios']) == 3 and ts[1]['ratio'] == sorted(ts[1]['pair_ratios'])[1]
   table = (tmp_path / 'table.md').read_text()
   assert 'vs torchscale chunkwise' in table and 'C=32 ' in table and 'MFU' in table
