@@ -407,13 +407,16 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
     tps = lambda seconds: batch * compare_len / seconds
     theirs_all = time_torchscale(cmp_cfg, batch, compare_len, steps)
     best = min(theirs_all, key=lambda r: r['seconds_per_step'])
-    # This machine's speed drifts by tens of percent within minutes: alternate single steps of
-    # ours and torchscale's fastest, so that each pair sees the same machine, and take the median.
+    # This machine's speed drifts by tens of percent within minutes: alternate ours and
+    # torchscale's fastest step by step, so that each pair sees the same machine, and take the
+    # median. The first step after the other framework's is slower for both (cold caches and
+    # heap), so each side runs one untimed step before its timed one.
     ours_step = _ours_stepper(cmp_cfg, batch, compare_len)
     theirs_step = _torchscale_stepper(cmp_cfg, batch, compare_len, best['chunk_size'])
+    second = lambda step: (step(), step())[1]
     pairs = []
     for i in range(compare_pairs):
-      ours_i, theirs_i = tps(ours_step()), tps(theirs_step())
+      ours_i, theirs_i = tps(second(ours_step)), tps(second(theirs_step))
       pairs.append((ours_i / theirs_i, ours_i, theirs_i))
       logging.info('pair %d/%d: ours %.0f tok/s, torchscale %.0f tok/s, ratio %.2f', i + 1,
                    compare_pairs, ours_i, theirs_i, ours_i / theirs_i)
