@@ -136,7 +136,7 @@ def summarize(sums: dict) -> dict:
 
 def loss_fn(params, setup: Setup, batch, rng):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids_BT=segments, rng=rng)
+  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
   stats = batch_statistics(setup, logits, batch)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
@@ -172,7 +172,7 @@ def train_step(state, batch, *, setup: Setup, tx, schedule, accum_steps: int, ba
 
 def eval_step(params, batch, *, setup: Setup):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids_BT=segments)
+  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids=segments)
   return batch_statistics(setup, logits, batch)
 
 

@@ -55,7 +55,7 @@ def numpy_params(cfg, seed=0):
 
 def jitted(model, mode):
   graphdef, state = nnx.split(model)
-  return jax.jit(lambda toks, carry: nnx.merge(graphdef, state)(toks, carry, mode=mode))
+  return jax.jit(lambda toks, carry: nnx.merge(graphdef, state)(toks, carry, form=mode))
 
 
 def our_logits(params, cfg, toks_BT, mode):
