@@ -16,7 +16,7 @@ flight, and the shard writers).
 Output (`--output=DIR`):
   train-NNNNN.array_record, validation-NNNNN.array_record   one record per document: its token ids
       followed by eos, in the smallest unsigned dtype that holds the vocabulary (uint8/16/32),
-      written with group_size 1 so that grain reads any document by index
+      written with group_size 1 (and snappy) so that grain reads any document by index
   tokenizer.model or tokenizer.json   a copy of the tokenizer's model file (absent for 'byte')
   metadata.json   {format, version, tokenizer: {spec (relative to DIR), source}, vocab_size, dtype,
       special_ids: {pad, bos, eos}, inputs: {patterns, text_field, files: [{path, bytes}]},
@@ -34,7 +34,7 @@ Bad input is counted under `skipped` in the metadata and reported at the end, ne
 dropped silently: lines that are not JSON, records without a string text field, empty documents,
 documents that look binary (over BINARY_FRACTION invalid-UTF-8 or NUL characters), parquet files
 without the column, and unreadable (e.g. truncated) files, with a few examples as path:line.
-No document at all is an error. Workers are separate processes (spawned) that parse and tokenize.
+No document at all is an error. Workers are separate processes that parse and tokenize.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ SUFFIXES = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
 SPLITS = ('train', 'validation')
 BINARY_FRACTION = 0.1  # Random bytes decode to ~45% U+FFFD; UTF-8 text to none.
 _CHUNK_BYTES = 1 << 20  # Input bytes per task sent to a worker.
+# One record per chunk (random access by index); snappy: the single writer is the serial part, and
+# it wrote 20 MB of byte tokens 4x faster than the default brotli (zstd:1: 2x; uncompressed: 6x size).
+_WRITER_OPTIONS = 'group_size:1,snappy'
 _MAX_EXAMPLES = 5
 
 
@@ -246,7 +249,7 @@ class _Shard:
     if split not in self.writers:
       from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
       path = os.path.join(self.directory, self.name(split) + '.tmp')
-      self.writers[split] = ArrayRecordWriter(path, 'group_size:1')
+      self.writers[split] = ArrayRecordWriter(path, _WRITER_OPTIONS)
     self.writers[split].write(record)
     self.documents[split] += 1
     self.tokens[split] += num_tokens
@@ -395,6 +398,17 @@ class Args:
   progress_every: float = 5.0
 
 
+def _mp_context():
+  """fork where it is safe (no other thread, no JAX backend started): workers start at once and
+  need not import the caller's main module; spawn otherwise."""
+  import threading  # pylint: disable=g-import-not-at-top
+  bridge = sys.modules.get('jax._src.xla_bridge')
+  started = bridge is not None and bridge.backends_are_initialized()
+  if sys.platform == 'linux' and threading.active_count() == 1 and not started:
+    return multiprocessing.get_context('fork')
+  return multiprocessing.get_context('spawn')
+
+
 def _check(a: Args):
   if not 0.0 <= a.val_fraction < 1.0:
     raise ValueError(f'--val_fraction must be in [0, 1); got {a.val_fraction}.')
@@ -488,7 +502,7 @@ def run(a: Args) -> dict:
 
   init = (spec, output, a.text_field, a.val_fraction)
   if a.num_workers:
-    pool = multiprocessing.get_context('spawn').Pool(a.num_workers, _init_worker, init)
+    pool = _mp_context().Pool(a.num_workers, _init_worker, init)
     submit = lambda t: pool.apply_async(_tokenize_chunk, (t,))
     result = lambda r: r.get()
   else:

@@ -302,3 +302,19 @@ def test_train_from_preprocessed_shards_and_resume(tmp_path):
   with pytest.raises(ValueError, match=r'needs 259 token ids but model.vocab_size is 200'):
     train.train_and_evaluate(util.config(data__source='arrayrecord', data__path=str(out),
                                          model__vocab_size=200), str(tmp_path / 'small_vocab'))
+
+
+def test_paper_configs_read_preprocessed_shards(tmp_path):
+  from retnet_jax import config_lib
+  from retnet_jax import data
+  path = os.path.join(util.ROOT, 'configs', 'retnet_paper.py')
+  with open(path) as f:
+    text = f.read()
+  assert 'python -m retnet_jax.preprocess --input=' in text and '--config.data.path=' in text
+  c = config_lib.load(path + ':1.3b')
+  assert c.data.source == 'arrayrecord'
+  with pytest.raises(ValueError, match='needs data_config.path'):
+    data.resolve_config(c.data)
+  preprocess.run(args(write(tmp_path / 'in', 'jsonl', make_docs(50)), tmp_path / 'out'))
+  c.data.path = str(tmp_path / 'out')
+  assert data.vocab_size(c.data, tokenizer_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
