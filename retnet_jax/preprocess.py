@@ -133,14 +133,11 @@ def read_records(path: str, text_field: str, max_document_bytes: int, start: int
       raise _BadFile('no_text_column', f'no column {text_field!r} (columns: {pf.schema_arrow.names})')
     size, rows, index = os.path.getsize(path), max(pf.metadata.num_rows, 1), 0
     for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-      values = batch.column(0).to_pylist()
-      if index + len(values) <= start:
-        index += len(values)
-        continue
-      for value in values[max(start - index, 0):]:
-        yield 'str', value, size * (index + 1) // rows
-        index += 1
-      index = max(index, start)
+      if index + batch.num_rows > start:
+        values = batch.column(0).to_pylist()
+        for j in range(max(start - index, 0), len(values)):
+          yield 'str', values[j], size * (index + j + 1) // rows
+      index += batch.num_rows
     return
   with open(path, 'rb') as raw:
     if path.endswith('.txt'):  # Whole, or cut at the last line end before max_document_bytes.
@@ -293,10 +290,12 @@ def _completed(directory: str) -> list[dict]:
 class _Progress:
   """A log line every `every` seconds: documents/s, MB/s of input and the ETA."""
 
-  def __init__(self, total_bytes: int, every: float = 5.0, stream=sys.stderr):
+  def __init__(self, total_bytes: int, every: float = 5.0, stream=sys.stderr, docs: int = 0,
+               bytes_read: int = 0):
     self.total, self.every, self.stream = max(total_bytes, 1), every, stream
     self.t0 = self.last = time.perf_counter()
-    self.docs = self.bytes = 0
+    self.docs = self.docs0 = docs  # Rates count this run's work only (not a resumed run's).
+    self.bytes = self.bytes0 = bytes_read
 
   def update(self, docs: int, bytes_read: int, force: bool = False):
     self.docs, self.bytes = docs, bytes_read
@@ -304,16 +303,16 @@ class _Progress:
     if force or now - self.last >= self.every:
       self.last = now
       elapsed = max(now - self.t0, 1e-9)
-      rate = bytes_read / elapsed
+      rate = (bytes_read - self.bytes0) / elapsed
       eta = (self.total - bytes_read) / rate if rate > 0 else float('inf')
-      print(f'preprocess: {docs:,} documents ({docs / elapsed:,.0f}/s) | '
+      print(f'preprocess: {docs:,} documents ({(docs - self.docs0) / elapsed:,.0f}/s) | '
             f'{bytes_read / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({rate / 1e6:.2f} MB/s) | '
             f'ETA {_duration(eta)}', file=self.stream, flush=True)
 
   def rates(self) -> dict:
     elapsed = max(time.perf_counter() - self.t0, 1e-9)
-    return {'seconds': elapsed, 'documents_per_second': self.docs / elapsed,
-            'mb_per_second': self.bytes / elapsed / 1e6}
+    return {'seconds': elapsed, 'documents_per_second': (self.docs - self.docs0) / elapsed,
+            'mb_per_second': (self.bytes - self.bytes0) / elapsed / 1e6}
 
 
 def _duration(seconds: float) -> str:
@@ -462,7 +461,7 @@ def run(a: Args) -> dict:
 
   sizes = [os.path.getsize(p) for p in paths]
   shard_bytes = int(a.shard_mb * 1e6)
-  progress = _Progress(sum(sizes), a.progress_every)
+  progress = _Progress(sum(sizes), a.progress_every, docs=documents, bytes_read=bytes_done)
   examples = []
 
   def events():

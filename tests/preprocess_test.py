@@ -318,3 +318,26 @@ def test_paper_configs_read_preprocessed_shards(tmp_path):
   preprocess.run(args(write(tmp_path / 'in', 'jsonl', make_docs(50)), tmp_path / 'out'))
   c.data.path = str(tmp_path / 'out')
   assert data.vocab_size(c.data, tokenizer_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
+
+
+@pytest.mark.parametrize('fmt', ['txt', 'jsonl.zst', 'parquet'])
+def test_read_records_resumes_at_any_record(tmp_path, fmt):
+  docs = make_docs(2100 if fmt == 'parquet' else 30, seed=5)  # Parquet: over two read batches.
+  pattern = write(tmp_path, fmt, docs)
+  paths = preprocess.list_inputs(pattern)
+
+  def texts(start):
+    out = []
+    for p in paths:
+      for kind, payload, _ in preprocess.read_records(p, 'text', 1 << 20, start if p == paths[-1] else 0):
+        out.append(preprocess._text_of(kind, payload, 'text')[0])
+    return out
+
+  whole = texts(0)
+  assert whole == docs
+  if fmt == 'txt':
+    assert texts(1) == whole[:-1]  # One record a file: skipping 1 in the last file drops it.
+  else:
+    for start in (1, 1023, 1025, len(docs) - 1):
+      if start < len(docs):
+        assert texts(start) == whole[start:]
