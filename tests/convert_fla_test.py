@@ -234,6 +234,7 @@ def check_generate(fla, model, params, cfg, toks, out):
   assert generated.shape == (2, 11)
   ours = our_logits(params, cfg, generated, 'parallel')[:, 5:-1]  # Ours, on fla's continuation.
   np.testing.assert_array_equal(generated[:, 6:], ours.argmax(-1))
+  print(f'fla generate logits vs ours: {util.rel_err(their_logits, ours):.1e}')
   assert util.rel_err(their_logits, ours) <= TOL
   # DOCUMENTS AN FLA/TRANSFORMERS DEFECT: with its cache, generate loses the state after the prompt
   # (transformers 5 passes the cache as `cache=`, fla 0.6.0's forward reads `past_key_values`, so
