@@ -149,9 +149,10 @@ def test_fla_cached_decoding_matches_our_state_carry(fla, tmp_path):
     logits, cache = fla_logits(fla, model, toks[:, s:e], past_key_values=cache, use_cache=True)
     theirs.append(logits)
   ours_model = build(params, cfg)
+  step, chunk = jitted(ours_model, 'recurrent'), jitted(ours_model, 'chunkwise')
   state, ours = ours_model.init_state(toks.shape[0]), []
   for s, e in pieces:
-    logits, state = jitted(ours_model, 'recurrent' if e - s == 1 else 'chunkwise')(toks[:, s:e], state)
+    logits, state = (step if e - s == 1 else chunk)(toks[:, s:e], state)
     ours.append(np.asarray(logits))
   theirs, ours = np.concatenate(theirs, 1), np.concatenate(ours, 1)
   whole, _ = fla_logits(fla, model, toks)

@@ -13,7 +13,7 @@ head layout, gating, norms' placement, rotary tables, the cache, generation.
 `retention` is fla's naive formula (fla.ops.retention.naive.naive_retention: γ_h = 1 − 2^(−5−h),
 q scaled by K^−½, no normalisation) with an initial and a final state:
     o_t = Σ_{s≤t} γ^{t−s} (q_t·k_s) v_s + γ^{t+1} q_t S_0,   S_T = γ^T S_0 + Σ_s γ^{T−1−s} k_sᵀ v_s
-(fla_convert_test checks it against naive_retention, whole and split with the state carried).
+(tests/convert_fla_test.py checks it against naive_retention, whole and split with the state carried).
 
 A GPU run compares with fla's real kernels by not calling `patch()` (see tests/convert_fla_test.py:
 RETNET_JAX_FLA_KERNELS=triton).
