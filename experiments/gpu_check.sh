@@ -29,5 +29,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the GPU.
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/nvidia_smi.txt"
 timeout --kill-after=10 "${GPU_CHECK_LIMIT_S:-470}" python3 -m experiments.gpu_check --out "$out" "$@" 2>&1 | tee "$out/log.txt"
 rc=${PIPESTATUS[0]}
+if [ "$rc" -ne 0 ] && [ -f "$out/results.json" ]; then  # Killed or failed: the table from what is there.
+  timeout 60 python3 -m experiments.gpu_check --replot "$out" > /dev/null 2>&1 || true
+fi
 echo "gpu_check exit $rc after $(( $(date +%s) - start )) s; results in $out"
 exit "$rc"
