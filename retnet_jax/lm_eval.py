@@ -14,7 +14,8 @@ Model arguments:
   form        RetNet's retention form: 'chunkwise' (default), 'parallel' or 'recurrent'
   max_length  the training length: default config.seq_len, else <workdir>/config.json's (the
               experiment runners write one), else 2048 (what converted torchscale / fla models use)
-  tokenizer   a tokenizer.json or SentencePiece .model, for checkpoints that record none
+  tokenizer   a tokenizer spec (byte, sentencepiece:PATH, hf:PATH) or a tokenizer.json / .model
+              path, for checkpoints that record none
   step        a checkpoint step (default the latest)
 
 The tokenizer, in this order: `tokenizer=`; the one a converted checkpoint records in its meta
@@ -72,48 +73,28 @@ GENERATE_BLOCK = 32
 # Tokenizers.
 
 
-class HFTokenizer:
-  """A `tokenizers.Tokenizer` (converted checkpoints) behind tokenizer.py's small interface."""
+def load_tokenizer(workdir: str, meta: dict, config=None, spec: str | None = None):
+  """The checkpoint's tokenizer (see the module docstring for the order).
 
-  def __init__(self, tok, *, eos_id=None, bos_id=None, pad_id=None):
-    self._tok = tok
-    self.vocab_size = tok.get_vocab_size()
-    self.eos_id = 0 if eos_id is None else int(eos_id)
-    self.bos_id = self.eos_id if bos_id is None else int(bos_id)
-    self.pad_id = self.eos_id if pad_id is None else int(pad_id)
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def decode(self, ids) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-  def __repr__(self):
-    return f'HFTokenizer(vocab_size={self.vocab_size})'
-
-
-def _tokenizer_from_file(path: str, meta_info: dict | None = None):
-  if not os.path.isfile(path):
-    raise ValueError(f'tokenizer file {path!r} does not exist.')
-  if path.endswith('.json'):
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    info = meta_info or {}
-    return HFTokenizer(tokenizers.Tokenizer.from_file(path), eos_id=info.get('eos_token_id'),
-                       bos_id=info.get('bos_token_id'), pad_id=info.get('pad_token_id'))
-  return tokenizer_lib.SentencePieceTokenizer.load(path)
-
-
-def load_tokenizer(workdir: str, meta: dict, config=None, path: str | None = None):
-  """The checkpoint's tokenizer (see the module docstring for the order)."""
-  if path:
-    return _tokenizer_from_file(path, meta.get('tokenizer'))
+  spec: a tokenizer spec ('byte', 'sentencepiece:PATH', 'hf:PATH'; tokenizer.from_spec) or a bare
+  path to a tokenizer.json or SentencePiece .model.
+  """
+  if spec:
+    spec = str(spec)
+    if ':' not in spec and spec != 'byte':
+      spec = ('hf:' if spec.endswith('.json') else 'sentencepiece:') + spec
+    return tokenizer_lib.from_spec(spec)
   info = meta.get('tokenizer')
   if info:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    tok = (tokenizers.Tokenizer.from_str(info['json']) if 'json' in info
-           else tokenizers.Tokenizer.from_file(info['path']))
-    return HFTokenizer(tok, eos_id=info.get('eos_token_id'), bos_id=info.get('bos_token_id'),
-                       pad_id=info.get('pad_token_id'))
+    if 'json' in info:
+      tok = tokenizer_lib.HFTokenizer(info['json'], info.get('path'))
+    else:
+      tok = tokenizer_lib.HFTokenizer.load(info['path'])
+    for key, attr in (('eos_token_id', 'eos_id'), ('bos_token_id', 'bos_id'),
+                      ('pad_token_id', 'pad_id')):
+      if info.get(key) is not None:  # The converted model's own config knows best.
+        setattr(tok, attr, int(info[key]))
+    return tok
   if config is not None:
     return tokenizer_lib.get_tokenizer(config.data, workdir)
   sp_model = os.path.join(workdir, 'tokenizer.model')
