@@ -50,6 +50,7 @@ class Chip:
   cores_per_chip_in_name: int
   torus_rank: int
   chip_config: str | None = None
+  platform: str = 'tpu'
 
 
 CHIPS = {
@@ -59,6 +60,25 @@ CHIPS = {
     'v6e': Chip('v6e', 32 * GIB, 918e12, 1, 2),
 }
 ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6litepod': 'v6e', 'v6lite': 'v6e'}
+
+# GPUs through jax's CUDA plugin, which compiles without a GPU given a target description
+# (XLA's GpuTargetConfigProto): 'h100-8' is one host of 8 H100 SXM (80 GB, 989 TFLOP/s dense bf16).
+GPUS = {'h100': Chip('h100', 79 * GIB, 989e12, 1, 1, platform='gpu')}
+GPUS_PER_HOST = 8
+_H100_TARGET = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84942979072 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 1 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+GPU_TARGETS = {'h100': _H100_TARGET}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +93,7 @@ class Topology:
 
   @property
   def libtpu_name(self) -> str:
+    """libtpu's name of the slice; for GPUs the CUDA plugin's 'slices x hosts x GPUs per host'."""
     return f'{self.chip.generation}:{"x".join(map(str, self.shape))}'
 
   @property
@@ -96,11 +117,19 @@ def parse_topology(name: str) -> Topology:
   """'v5p-32' / 'v5e-16' / 'v4-32' / 'v6e-8' (slice names) or 'v5p:2x2x4' (libtpu's) -> Topology."""
   known = sorted(CHIPS)
   text = (name or '').strip().lower()
+  gpu = re.fullmatch(r'([a-z]\d+)-(\d+)', text)
+  if gpu and gpu.group(1) in GPUS:
+    n = int(gpu.group(2))
+    if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
+      raise ValueError(f'unknown GPU topology {name!r}: up to {GPUS_PER_HOST} GPUs or a multiple.')
+    hosts = max(1, n // GPUS_PER_HOST)
+    return Topology(name, GPUS[gpu.group(1)], (1, hosts, n // hosts))
   m = re.fullmatch(r'([a-z0-9]+?)(?:-(\d+)|:(\d+(?:x\d+)*))', text)
   generation = ALIASES.get(m.group(1), m.group(1)) if m else None
   if generation not in CHIPS:
     raise ValueError(f'unknown TPU topology {name!r}: write it as a slice name such as v5p-32, '
-                     f'v5e-16, v4-32 or v6e-8, or as libtpu does (v5p:2x2x4); generations: {known}.')
+                     f'v5e-16, v4-32 or v6e-8, or as libtpu does (v5p:2x2x4); generations: {known} '
+                     f'(GPUs: {", ".join(f"{g}-8" for g in GPUS)}).')
   chip = CHIPS[generation]
   if m.group(2):
     count = int(m.group(2))
@@ -132,11 +161,31 @@ def host_backend_only() -> None:
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
+def require_cuda_plugin() -> None:
+  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+    raise ValueError('the CUDA compiler plugin is not installed: pip install --no-deps --target DIR '
+                     f'jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} and put '
+                     'DIR on PYTHONPATH (installed into the environment, every jax start would try '
+                     'CUDA).')
+
+
 def topology_devices(topology: Topology) -> list:
-  """The devices of the slice, from libtpu's description of it (no TPU needed)."""
+  """The devices of the slice, from libtpu's (or the CUDA plugin's) description of it; no TPU or
+  GPU needed."""
+  from jax.experimental import topologies
+  if topology.chip.platform == 'gpu':
+    require_cuda_plugin()
+    host_backend_only()
+    try:
+      desc = topologies.get_topology_desc(
+          topology_name='', platform='cuda', topology='x'.join(map(str, topology.shape)),
+          target_config=GPU_TARGETS[topology.chip.generation])
+    except Exception as e:
+      raise ValueError(f'the CUDA plugin cannot describe {topology.name!r}: '
+                       f'{str(e).strip().splitlines()[0]}') from e
+    return list(desc.devices)
   require_libtpu()
   host_backend_only()
-  from jax.experimental import topologies
   # A slice smaller than one host (2x2 chips) names its own host bounds.
   kwargs = {} if topology.chip.chip_config is None else {'chip_config_name': topology.chip.chip_config}
   if topology.num_chips < 4:
@@ -244,11 +293,14 @@ def compiler_flops(compiled) -> float | None:
 _KERNEL_OP = re.compile(r'op_name="[^"]*?(retention_[a-z_]+?)_?\)*/pallas_call"')
 
 
+_KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"')
+
+
 def kernels_in(compiled) -> dict[str, int]:
-  """The Mosaic kernels of the compiled program: {kernel name: custom calls}."""
+  """The Pallas kernels (Mosaic or Triton) of the compiled program: {kernel name: custom calls}."""
   counts: dict[str, int] = {}
   for line in compiled.as_text().splitlines():
-    if 'custom_call_target="tpu_custom_call"' not in line:
+    if not any(t in line for t in _KERNEL_TARGETS):
       continue
     m = _KERNEL_OP.search(line)
     name = m.group(1) if m else 'other'
@@ -288,8 +340,9 @@ def _mesh_sizes(mesh) -> dict[str, int]:
 
 
 def _slice(topology: Topology, devices) -> dict[str, Any]:
-  return {'topology': topology.name, 'slice': topology.slice_name,
-          'libtpu_topology': topology.libtpu_name, 'device_kind': devices[0].device_kind,
+  key = 'libtpu_topology' if topology.chip.platform == 'tpu' else 'cuda_topology'
+  return {'topology': topology.name, 'slice': topology.slice_name, 'platform': topology.chip.platform,
+          key: topology.libtpu_name, 'device_kind': devices[0].device_kind,
           'num_devices': len(devices)}
 
 
@@ -380,7 +433,7 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
   }
   summary = '\n'.join([
       f'{config.get("name")} train step ({params / 1e9:.2f}B parameters, {cfg.kind}) on '
-      f'{topology_.name} ({devices[0].device_kind}, {len(devices)} chips, libtpu '
+      f'{topology_.name} ({devices[0].device_kind}, {len(devices)} chips, topology '
       f'{topology_.libtpu_name}); mesh {report["mesh"]}',
       f'  batch {config.batch_size} x {config.seq_len} = {tokens:,} tokens per step, '
       f'{accum} accumulation step(s), remat {cfg.remat!r}',

@@ -32,7 +32,7 @@ needs_libtpu = pytest.mark.skipif(
     ('v4-32', 'v4:2x2x4', 16), ('v4-256', 'v4:4x4x8', 128), ('v4-8', 'v4:2x2x1', 4),
     ('v5e-16', 'v5e:4x4', 16), ('v5e-32', 'v5e:4x8', 32), ('v5litepod-8', 'v5e:2x4', 8),
     ('v6e-8', 'v6e:2x4', 8), ('v6e-1', 'v6e:1x1', 1), ('V5P:2x2x1', 'v5p:2x2x1', 4),
-    ('v5e:4x8', 'v5e:4x8', 32)])
+    ('v5e:4x8', 'v5e:4x8', 32), ('h100-8', 'h100:1x1x8', 8), ('h100-16', 'h100:1x2x8', 16)])
 def test_topology_names(name, libtpu_name, chips):
   t = aot.parse_topology(name)
   assert (t.libtpu_name, t.num_chips) == (libtpu_name, chips)
@@ -40,7 +40,8 @@ def test_topology_names(name, libtpu_name, chips):
 
 @pytest.mark.parametrize('name, words', [
     ('v7-8', 'unknown TPU topology'), ('tpu', 'unknown TPU topology'),
-    ('v5p-12', 'power of two'), ('v5p-1', 'power of two'), ('v5e:0x4', '2 or 3 positive')])
+    ('v5p-12', 'power of two'), ('v5p-1', 'power of two'), ('v5e:0x4', '2 or 3 positive'),
+    ('h100-12', 'up to 8 GPUs or a multiple')])
 def test_bad_topology_names(name, words):
   with pytest.raises(ValueError, match=words):
     aot.parse_topology(name)
@@ -242,3 +243,21 @@ def test_cli_errors(flags, words, tmp_path):
   assert p.returncode == 1
   errors = [line for line in p.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and words in errors[0], p.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: jax's CUDA plugin compiles for an H100 without a GPU (not installed in CI: it would make
+# every jax start try CUDA; see the README for installing it beside the environment).
+
+
+@pytest.mark.slow
+def test_train_step_compiles_for_h100_with_the_triton_kernel(tmp_path):
+  pytest.importorskip('jax_plugins.xla_cuda12', reason='the CUDA plugin is not on the path')
+  c = _tiny(mesh__data=2, mesh__fsdp=1)
+  report = aot.compile_train(c, str(tmp_path), 'h100-2')
+  assert report['platform'] == 'gpu' and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
+  impl = report['retention_impl_in_step']
+  assert impl['impl'] == 'pallas' and 'Triton' in impl['kernel']
+  assert set(impl['kernel_calls_in_step']) >= {'retention_forward_chunk', 'retention_dq_chunk',
+                                               'retention_dkv_chunk'}
+  assert report['fits']
