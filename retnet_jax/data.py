@@ -26,9 +26,22 @@ Sources (`source`):
             skipped; ~1,800 files, ~31 MB on CPython 3.11), read as UTF-8 with errors='replace'.
   'files'   comma-separated globs `files_glob` (`**` allowed). A `.jsonl` file holds one document per
             line, its text in field `jsonl_text_field`; any other file is one plain-text document.
+  'arrayrecord'  the ArrayRecord shards that `python -m retnet_jax.preprocess` wrote to `path` (one
+            record per tokenized document, eos included; see preprocess.py). The tokenizer is the
+            one in `<path>/metadata.json` (`tokenizer` is ignored). Documents are read by index in a
+            seeded global shuffle (grain's index shuffle, no buffer; reshuffled each epoch) and
+            packed on the fly into rows with the same rule as above (concatenated, rows overlapping
+            by one token, segment ids from the eos). Host p of P reads documents p::P; with
+            num_workers > 0 worker w packs every num_workers-th of those. Evaluation packs the
+            validation documents in a fixed shuffled order (seed 0, every run the same), and
+            gives the same number of batches on every host (padding rows where a host runs out).
+            Nothing is held in memory but the shard indices and the batches in flight.
   'mqar'    synthetic multi-query associative recall (Zoology, Arora et al. 2023), see `_MqarRows`.
             The token ids are the data: the tokenizer is unused and the model's vocab must be at
             least `mqar_vocab_size` (see `vocab_size`).
+
+Binary input ('files'): a document whose text is over `BINARY_FRACTION` U+FFFD (invalid UTF-8) or
+NUL characters is skipped, with a warning counting them; if no document is left, an error.
 
 Train/validation split: by file, on a hash of each file's path (relative to the stdlib directory, or to
 the common directory of the matched files), so it does not depend on listing order: a file is held out
@@ -40,8 +53,9 @@ Multi-host: host `process_index` of `process_count` reads rows process_index::pr
 eval), so hosts read disjoint data and together cover all of it.
 
 Config keys and defaults (`DEFAULTS`; a missing key takes its default, an unknown key is an error):
-  source='stdlib'; tokenizer='byte' ('byte' | 'sentencepiece'); sp_vocab_size=4096;
-  files_glob=''; jsonl_text_field='text';
+  source='stdlib'; tokenizer='byte' (a spec: 'byte' | 'sentencepiece' (trained on the train
+  split) | 'sentencepiece:PATH' | 'hf:PATH', see tokenizer.py); sp_vocab_size=4096;
+  files_glob=''; jsonl_text_field='text'; path='' (source='arrayrecord': the preprocess output);
   val_fraction=0.03 (stdlib on CPython 3.11: 44 non-empty files, 0.74 MB held out);
   shuffle=True (train only);
   num_workers=0 (> 0: that many grain worker processes through mp_prefetch);
@@ -60,8 +74,12 @@ import os
 import sysconfig
 
 from absl import flags
+from absl import logging
 import grain
 import numpy as np
+
+from retnet_jax import preprocess
+from retnet_jax import tokenizer as tokenizer_lib
 
 DEFAULTS = dict(
     source='stdlib',
@@ -69,6 +87,7 @@ DEFAULTS = dict(
     sp_vocab_size=4096,
     files_glob='',
     jsonl_text_field='text',
+    path='',
     val_fraction=0.03,
     shuffle=True,
     num_workers=0,
@@ -77,9 +96,9 @@ DEFAULTS = dict(
     mqar_num_kv_pairs=8,
     mqar_vocab_size=256,
 )
-SOURCES = ('stdlib', 'files', 'mqar')
-TOKENIZERS = ('byte', 'sentencepiece')
+SOURCES = ('stdlib', 'files', 'arrayrecord', 'mqar')
 SPLITS = ('train', 'validation')
+BINARY_FRACTION = preprocess.BINARY_FRACTION
 _MQAR_EVAL_SEED = 0  # MQAR eval examples do not depend on the run's seed, so runs compare.
 
 
@@ -96,8 +115,7 @@ def resolve_config(data_config) -> dict:
   cfg = {k: data_config.get(k, v) for k, v in DEFAULTS.items()}
   if cfg['source'] not in SOURCES:
     raise ValueError(f"Unknown data source {cfg['source']!r}; expected one of {SOURCES}.")
-  if cfg['tokenizer'] not in TOKENIZERS:
-    raise ValueError(f"Unknown tokenizer {cfg['tokenizer']!r}; expected one of {TOKENIZERS}.")
+  tokenizer_lib.parse_spec(cfg['tokenizer'])
   if not isinstance(cfg['val_fraction'], (int, float)) or not 0.0 < cfg['val_fraction'] < 1.0:
     raise ValueError(f"val_fraction must be in (0, 1); got {cfg['val_fraction']}.")
   for key, low in [('sp_vocab_size', 1), ('num_workers', 0), ('prefetch_buffer_size', 0),
@@ -106,6 +124,8 @@ def resolve_config(data_config) -> dict:
       raise ValueError(f'{key} must be an int >= {low}; got {cfg[key]!r}.')
   if cfg['source'] == 'files' and not str(cfg['files_glob']).strip(' ,'):
     raise ValueError("source='files' needs data_config.files_glob (comma-separated globs).")
+  if cfg['source'] == 'arrayrecord' and not str(cfg['path']).strip():
+    raise ValueError("source='arrayrecord' needs data_config.path (a preprocess output directory).")
   if cfg['source'] == 'mqar':
     n, v = cfg['mqar_num_kv_pairs'], cfg['mqar_vocab_size']
     if v // 2 - 1 < n:  # Keys come from [1, v/2) without replacement; 0 is padding.
@@ -117,7 +137,37 @@ def resolve_config(data_config) -> dict:
 def vocab_size(data_config, tokenizer) -> int:
   """Number of token ids the model's embedding must cover for this source."""
   cfg = resolve_config(data_config)
+  if cfg['source'] == 'arrayrecord':
+    return max(tokenizer.vocab_size, read_metadata(cfg['path'])['vocab_size'])
   return cfg['mqar_vocab_size'] if cfg['source'] == 'mqar' else tokenizer.vocab_size
+
+
+def read_metadata(path: str) -> dict:
+  """`<path>/metadata.json` of a finished preprocess run, its shard paths made absolute."""
+  meta_path = os.path.join(os.path.expanduser(path), preprocess.METADATA)
+  if not os.path.isfile(meta_path):
+    raise ValueError(f'data.path {path!r} has no {preprocess.METADATA}: run '
+                     f'`python -m retnet_jax.preprocess --output={path} ...` first (or let it finish).')
+  try:
+    with open(meta_path, encoding='utf-8') as f:
+      meta = json.load(f)
+    for split in SPLITS:
+      meta['splits'][split]['paths'] = [
+          os.path.join(os.path.dirname(meta_path), s['path'])
+          for s in meta['splits'][split]['shards']]
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{meta_path} is not a preprocess metadata file: {e!r}') from e
+  return meta
+
+
+def metadata_tokenizer(path: str):
+  """The tokenizer a preprocess output was written with (its model file is copied beside it)."""
+  meta = read_metadata(path)
+  tok = tokenizer_lib.from_spec(meta['tokenizer']['spec'], base_dir=os.path.expanduser(path))
+  if tok.vocab_size != meta['vocab_size']:
+    raise ValueError(f"the tokenizer in {path!r} has {tok.vocab_size} ids but its metadata says "
+                     f"{meta['vocab_size']}.")
+  return tok
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +258,29 @@ def _list_files(cfg) -> tuple[str, tuple[str, ...]]:
   return root, tuple(os.path.relpath(p, root).replace(os.sep, '/') for p in paths)
 
 
+def _drop_binary(root: str, rel_paths: list[str], per_file: list[list[str]]):
+  """(rel_paths, per_file) without the documents that look binary, and without files left empty;
+  a warning counts what went. Raises ValueError when no document is left."""
+  kept_paths, kept_docs, skipped, where = [], [], 0, []
+  for rel_path, docs in zip(rel_paths, per_file):
+    text_docs = [d for d in docs if not preprocess.looks_binary(d)]
+    if len(text_docs) < len(docs):
+      skipped += len(docs) - len(text_docs)
+      where.append(rel_path)
+    if text_docs:
+      kept_paths.append(rel_path)
+      kept_docs.append(text_docs)
+  total = sum(len(d) for d in per_file)
+  what = f'(over {BINARY_FRACTION:.0%} invalid UTF-8 or NUL characters)'
+  if not kept_paths:
+    raise ValueError(f'No text input left: all {total} documents under {root!r} look binary {what}, '
+                     f'e.g. {where[0]!r}.')
+  if skipped:
+    logging.warning('Skipped %d of %d documents that look binary %s, in %d files: %s%s', skipped,
+                    total, what, len(where), ', '.join(where[:5]), ', ...' if len(where) > 5 else '')
+  return kept_paths, kept_docs
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_split(source: str, root: str, files: tuple, text_field: str,
                   val_fraction: float) -> dict[str, tuple[str, ...]]:
@@ -220,6 +293,8 @@ def _cached_split(source: str, root: str, files: tuple, text_field: str,
       per_file.append([_read_text(path)])
     else:
       per_file.append(_read_documents(path, text_field))
+  if source == 'files':
+    rel_paths, per_file = _drop_binary(root, rel_paths, per_file)
   if len(rel_paths) == 1:  # Split one file by document.
     docs = per_file[0]
     is_val = _is_val([f'{rel_paths[0]}#{i}' for i in range(len(docs))], val_fraction)
@@ -237,8 +312,8 @@ def _cached_split(source: str, root: str, files: tuple, text_field: str,
 def load_texts(data_config, split: str) -> tuple[str, ...]:
   """The documents of a text source's split ('train' or 'validation'), cached in memory."""
   cfg = resolve_config(data_config)
-  if cfg['source'] == 'mqar':
-    raise ValueError("source='mqar' has no text documents.")
+  if cfg['source'] in ('mqar', 'arrayrecord'):
+    raise ValueError(f"source={cfg['source']!r} has no text documents in memory.")
   if split not in SPLITS:
     raise ValueError(f'Unknown split {split!r}; expected one of {SPLITS}.')
   root, rel_paths = _list_files(cfg)
@@ -342,6 +417,129 @@ class _MqarRows:
                 segment_ids=(position < end).astype(np.int32), loss_mask=loss_mask)
 
 
+class _Decode:
+  """An ArrayRecord record (bytes) -> its token ids [num_tokens] in the stored dtype."""
+
+  def __init__(self, dtype: str):
+    self.dtype = np.dtype(dtype)
+
+  def __call__(self, record: bytes) -> np.ndarray:
+    return np.frombuffer(record, self.dtype)
+
+
+class _PackIterDataset(grain.IterDataset):
+  """Documents (token arrays, each ending with eos) -> packed rows, as `_TextRows` cuts them."""
+
+  def __init__(self, parent, seq_len: int, pad_id: int, eos_id: int):
+    super().__init__(parent)
+    self.seq_len, self.pad_id, self.eos_id = seq_len, pad_id, eos_id
+
+  def __iter__(self):
+    return _PackIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.eos_id)
+
+
+class _PackIterator(grain.DatasetIterator):
+  """Row i = stream[i*L : i*L + L + 1] of the concatenated documents; the last row is padded.
+
+  The state is where the next row starts: the parent's state before the document holding that
+  token, and the token's offset in it (the document is read again on restore), so resume is exact.
+  """
+
+  def __init__(self, parent, seq_len: int, pad_id: int, eos_id: int):
+    super().__init__(parent)
+    self.seq_len, self.pad_id, self.eos_id = seq_len, pad_id, eos_id
+    self._doc, self._doc_state, self._offset, self._done = None, parent.get_state(), 0, False
+
+  def __next__(self):
+    if self._done:
+      raise StopIteration
+    need, pieces, n = self.seq_len + 1, [], 0
+    doc, doc_state, offset = self._doc, self._doc_state, self._offset
+    while n < need:
+      if doc is None:  # Read the document that starts at doc_state (after a restore: skip offset).
+        try:
+          doc = next(self._parent)
+        except StopIteration:
+          break
+      elif offset >= len(doc):
+        doc_state, doc, offset = self._parent.get_state(), None, 0
+        continue
+      take = min(need - n, len(doc) - offset)
+      pieces.append(doc[offset:offset + take])
+      n, offset = n + take, offset + take
+    if n < need:  # The stream ended: a last padded row, unless only the overlap token is left.
+      self._done = True
+      if n <= 1:
+        raise StopIteration
+    else:  # The next row starts at this row's last token.
+      self._doc, self._doc_state, self._offset = doc, doc_state, offset - 1
+    row = np.full(need, self.pad_id, np.int32)
+    if n:
+      row[:n] = np.concatenate(pieces)
+    return _text_example(row, n, self.eos_id)
+
+  def get_state(self):
+    return {'parent': self._doc_state, 'offset': self._offset, 'done': self._done}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._doc, self._doc_state = None, state['parent']
+    self._offset, self._done = int(state['offset']), bool(state['done'])
+
+
+def _arrayrecord_source(meta: dict, split: str):
+  paths = meta['splits'][split]['paths']
+  if not paths or not meta['splits'][split]['documents']:
+    raise ValueError(f'the {split} split of the preprocess output has no documents; preprocess '
+                     'with more data or another --val_fraction.')
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f'shard {missing[0]!r} listed in the metadata is missing.')
+  return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+
+
+def _arrayrecord_datasets(cfg, tokenizer, seq_len, global_batch_size, batch_size, seed, shard):
+  """(train IterDataset of batches, eval_batches_fn) for source='arrayrecord'."""
+  meta = read_metadata(cfg['path'])
+  if tokenizer.vocab_size != meta['vocab_size'] or tokenizer.eos_id != meta['special_ids']['eos']:
+    raise ValueError(f"the tokenizer given ({tokenizer!r}) is not the one in {cfg['path']!r} "
+                     f"(vocab {meta['vocab_size']}, eos {meta['special_ids']['eos']}); use "
+                     'tokenizer.get_tokenizer(data_config).')
+  decode = _Decode(meta['dtype'])
+  pack = functools.partial(_PackIterDataset, seq_len=seq_len, pad_id=tokenizer.pad_id,
+                           eos_id=tokenizer.eos_id)
+  options = grain.ReadOptions(num_threads=2 if cfg['prefetch_buffer_size'] else 0,
+                              prefetch_buffer_size=max(cfg['prefetch_buffer_size'], 1) * 16)
+  train_docs = _arrayrecord_source(meta, 'train')
+  if len(train_docs) < shard.step:
+    raise ValueError(f'The train split has {len(train_docs)} documents, fewer than '
+                     f'process_count={shard.step}.')
+  train_docs = train_docs[shard]
+  if cfg['shuffle']:
+    train_docs = train_docs.shuffle(seed)  # Epoch e is shuffled with seed + e.
+  train = pack(train_docs.repeat(None).map(decode).to_iter_dataset(options))
+  train = train.batch(batch_size, drop_remainder=True)
+
+  val_docs = _arrayrecord_source(meta, 'validation')
+  eval_docs = val_docs[shard].shuffle(_MQAR_EVAL_SEED).map(decode)
+  num_batches = cfg['num_eval_batches']
+  itemsize = np.dtype(meta['dtype']).itemsize
+  if meta['splits']['validation']['tokens'] <= num_batches * global_batch_size * seq_len:
+    # It may all fit: count each host's rows (reading no more than one evaluation reads).
+    lengths = np.array([len(r) // itemsize for r in val_docs], np.int64)
+    rows = [max(-(-(int(lengths[p::shard.step].sum()) - 1) // seq_len), 0) for p in range(shard.step)]
+    num_batches = min(num_batches, max(1, -(-max(rows) // batch_size)))
+  empty = _text_example(np.full(seq_len + 1, tokenizer.pad_id, np.int32), 0, tokenizer.eos_id)
+
+  def eval_batches_fn():
+    rows = iter(pack(eval_docs.to_iter_dataset(options)))
+    for _ in range(num_batches):
+      examples = [next(rows, empty) for _ in range(batch_size)]
+      yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  return train, eval_batches_fn
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pipelines.
 
@@ -350,6 +548,18 @@ def _read_options(cfg) -> grain.ReadOptions:
   # The rows are cheap numpy slices of data in memory: one background thread is plenty.
   buffer_size = cfg['prefetch_buffer_size']
   return grain.ReadOptions(num_threads=1 if buffer_size else 0, prefetch_buffer_size=buffer_size)
+
+
+def _with_workers(train, cfg):
+  """`train` run in `num_workers` grain worker processes (none: unchanged)."""
+  if cfg['num_workers'] == 0:
+    return train
+  # grain 0.2.18 reads an absl flag when it starts workers, which fails in a script that did not
+  # parse flags (not an absl app, pytest): grain issue #1355. The flags then keep their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return train.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=cfg['num_workers'], per_worker_buffer_size=max(1, cfg['prefetch_buffer_size'])))
 
 
 def _eval_rows(num_rows: int, num_batches: int, global_batch_size: int) -> np.ndarray:
@@ -393,6 +603,10 @@ def create_datasets(data_config, *, tokenizer, seq_len: int, global_batch_size: 
   batch_size = global_batch_size // process_count
   shard = slice(process_index, None, process_count)
 
+  if cfg['source'] == 'arrayrecord':
+    train, eval_batches_fn = _arrayrecord_datasets(cfg, tokenizer, seq_len, global_batch_size,
+                                                   batch_size, seed, shard)
+    return iter(_with_workers(train, cfg)), eval_batches_fn
   if cfg['source'] == 'mqar':
     args = (seq_len, cfg['mqar_num_kv_pairs'], cfg['mqar_vocab_size'])
     train_rows, eval_rows = _MqarRows(*args, seed, 0), _MqarRows(*args, _MQAR_EVAL_SEED, 1)
@@ -414,14 +628,7 @@ def create_datasets(data_config, *, tokenizer, seq_len: int, global_batch_size: 
     eval_indices = _eval_rows(eval_rows.num_rows, cfg['num_eval_batches'], global_batch_size)
 
   train = train.map(train_rows).batch(batch_size, drop_remainder=True)
-  train = train.to_iter_dataset(_read_options(cfg))
-  if cfg['num_workers'] > 0:
-    # grain 0.2.18 reads an absl flag when it starts workers, which fails in a script that did not
-    # parse flags (not an absl app, pytest): grain issue #1355. The flags then keep their defaults.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    train = train.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg['num_workers'], per_worker_buffer_size=max(1, cfg['prefetch_buffer_size'])))
+  train = _with_workers(train.to_iter_dataset(_read_options(cfg)), cfg)
   eval_ds = grain.MapDataset.source(eval_indices)[shard].map(eval_rows).batch(batch_size)
   eval_ds = eval_ds.to_iter_dataset(_read_options(cfg))
 

@@ -20,6 +20,8 @@ from flax import nnx
 
 from retnet_jax import checkpoint
 from retnet_jax import convert
+from retnet_jax.convert import fla as fla_format
+from retnet_jax.convert import torchscale as torchscale_format
 from retnet_jax import model as model_lib
 from tests import timm_stub
 from tests import util
@@ -154,7 +156,7 @@ def test_torchscale_logits_match(ts, shape):
   for layer in decoder.layers:
     layer.retention.q_proj.weight.data.mul_(qk_scale)
     layer.retention.k_proj.weight.data.mul_(qk_scale)
-  params, cfg = convert.from_torchscale(numpy_state_dict(decoder), args)
+  params, cfg = torchscale_format.from_torchscale(numpy_state_dict(decoder), args)
   assert cfg == dataclasses.replace(want_cfg, chunk_size=cfg.chunk_size)
   cfg = dataclasses.replace(cfg, chunk_size=want_cfg.chunk_size)  # 16: T = 37 is uneven.
   toks = tokens(cfg)
@@ -173,7 +175,7 @@ def test_torchscale_needs_decay_row_norm_for_exact_parity(ts):
   cfg = torchscale_variant()
   args = torchscale_args(cfg)
   decoder = build_torchscale(ts, args)
-  params, cfg = convert.from_torchscale(numpy_state_dict(decoder), args)
+  params, cfg = torchscale_format.from_torchscale(numpy_state_dict(decoder), args)
   toks = tokens(cfg)
   ref = torchscale_logits(decoder, toks)
   assert util.rel_err(our_logits(params, cfg, toks, 'parallel'), ref) <= TOL
@@ -204,7 +206,7 @@ def test_torchscale_chunkwise_differs_from_its_parallel(ts):
 
   ref = torchscale_logits(decoder, toks)
   theirs = util.rel_err(torchscale_chunkwise(args['layernorm_eps']), ref)
-  params, cfg = convert.from_torchscale(numpy_state_dict(decoder), args)
+  params, cfg = torchscale_format.from_torchscale(numpy_state_dict(decoder), args)
   ours = util.rel_err(our_logits(params, dataclasses.replace(cfg, chunk_size=8), toks, 'chunkwise'),
                       ref)
   print(f'torchscale chunkwise vs its parallel {theirs:.2e}; ours chunkwise vs it {ours:.2e}')
@@ -281,8 +283,8 @@ def test_torchscale_export_round_trip_cli(ts, tmp_path):
 def test_torchscale_layout_round_trip_numpy(tied):
   cfg = torchscale_variant(model__tie_embeddings=tied)
   params = numpy_params(cfg, seed=1)
-  state_dict, args = convert.to_torchscale(params, cfg)
-  back, back_cfg = convert.from_torchscale(state_dict, args)
+  state_dict, args = torchscale_format.to_torchscale(params, cfg)
+  back, back_cfg = torchscale_format.from_torchscale(state_dict, args)
   assert back_cfg == dataclasses.replace(cfg, chunk_size=back_cfg.chunk_size)
   jax.tree.map(np.testing.assert_array_equal, back, params)
 
@@ -290,9 +292,9 @@ def test_torchscale_layout_round_trip_numpy(tied):
 def test_torchscale_bf16_state_dict():
   """A bf16 checkpoint rounds the rotary and decay buffers too: still torchscale's schedule."""
   cfg = torchscale_variant()
-  state_dict, args = convert.to_torchscale(numpy_params(cfg), cfg)
+  state_dict, args = torchscale_format.to_torchscale(numpy_params(cfg), cfg)
   bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in state_dict.items()}
-  params, back_cfg = convert.from_torchscale(bf16, args)
+  params, back_cfg = torchscale_format.from_torchscale(bf16, args)
   assert back_cfg == dataclasses.replace(cfg, chunk_size=back_cfg.chunk_size)
   assert params['embed'].dtype == np.float32
   np.testing.assert_array_equal(params['embed'], bf16['embed_tokens.weight'].astype(np.float32))
@@ -300,30 +302,30 @@ def test_torchscale_bf16_state_dict():
 
 def test_export_rejects_what_torchscale_lacks():
   with pytest.raises(convert.ConversionError, match="rotary='half'"):
-    convert.to_torchscale({}, util.model_config(model__rotary='half'))
+    torchscale_format.to_torchscale({}, util.model_config(model__rotary='half'))
   with pytest.raises(convert.ConversionError, match='swish_gate'):
-    convert.to_torchscale({}, util.model_config(arg='ablation=no_gate'))
+    torchscale_format.to_torchscale({}, util.model_config(arg='ablation=no_gate'))
 
 
 def test_torchscale_errors_name_tensors():
   cfg = torchscale_variant()
-  state_dict, args = convert.to_torchscale(numpy_params(cfg), cfg)
+  state_dict, args = torchscale_format.to_torchscale(numpy_params(cfg), cfg)
   bad = dict(state_dict)
   del bad['layers.1.ffn.gate.weight']
   bad['layers.0.retention.q_proj.bias'] = np.zeros(48, np.float32)
   bad['layers.0.retention.v_proj.weight'] = np.zeros((60, 47), np.float32)
   with pytest.raises(convert.ConversionError) as e:
-    convert.from_torchscale(bad, args)
+    torchscale_format.from_torchscale(bad, args)
   msg = str(e.value)
   assert 'missing tensors (1): layers.1.ffn.gate.weight' in msg
   assert 'unexpected tensors (1): layers.0.retention.q_proj.bias' in msg
   assert 'layers.0.retention.v_proj.weight: expected shape (60, 48), got (60, 47)' in msg
   with pytest.raises(convert.ConversionError, match='deepnorm'):
-    convert.from_torchscale(state_dict, {**args, 'deepnorm': True})
+    torchscale_format.from_torchscale(state_dict, {**args, 'deepnorm': True})
   with pytest.raises(convert.ConversionError, match='args say decoder_layers=3'):
-    convert.from_torchscale(state_dict, {**args, 'decoder_layers': 3})
+    torchscale_format.from_torchscale(state_dict, {**args, 'decoder_layers': 3})
   with pytest.raises(convert.ConversionError, match='use --from=fla'):
-    convert.from_torchscale(fla_state_dict(fla_config()), {})
+    torchscale_format.from_torchscale(fla_state_dict(fla_config()), {})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,7 +345,7 @@ def fla_config(**overrides):
 
 def fla_state_dict(c, seed=0, dtype=np.float32):
   """Random weights under fla's names and shapes (RetNetForCausalLM.state_dict())."""
-  s = convert.fla_settings(c)
+  s = fla_format.fla_settings(c)
   D, H, L, vocab = c['hidden_size'], c['num_heads'], c['num_hidden_layers'], c['vocab_size']
   V, F = s['value_dim'], s['intermediate_size']
   rng = np.random.default_rng(seed)
@@ -374,7 +376,7 @@ def fla_reference_logits(sd, c, toks_T):
   γ_h = 1 − 2^(−5−h) and no normalisation; FusedRMSNormGated: rmsnorm(o)·w·swish(g);
   GatedMLP: down(swish(gate x) ⊙ up x); pre-norm residual blocks; final RMSNorm; lm_head.
   """
-  s = convert.fla_settings(c)
+  s = fla_format.fla_settings(c)
   w = lambda name: np.asarray(sd[name], np.float64)
   D, H, L, eps = c['hidden_size'], c['num_heads'], c['num_hidden_layers'], c['norm_eps']
   K, Vh, n = D // H, s['value_dim'] // H, len(toks_T)
@@ -425,7 +427,7 @@ FLA_VARIANTS = {
 def test_fla_mapping_matches_fla_equations(variant):
   c = fla_config(**FLA_VARIANTS[variant])
   sd = fla_state_dict(c)
-  params, cfg = convert.from_fla(sd, c)
+  params, cfg = fla_format.from_fla(sd, c)
   assert (cfg.rotary, cfg.rotary_freqs, cfg.decay_row_norm) == ('half', 'standard', False)
   toks = tokens(cfg, B=2)
   ref = np.stack([fla_reference_logits(sd, c, t) for t in toks])
@@ -475,7 +477,7 @@ def test_fla_rejects_unsupported_features():
                            ({'feature_map': 'relu'}, 'feature_map'),
                            ({'expand_k': 0.5}, 'expand_k')):
     with pytest.raises(convert.ConversionError, match=words):
-      convert.from_fla(sd, fla_config(**overrides))
+      fla_format.from_fla(sd, fla_config(**overrides))
 
 
 def test_fla_errors_name_tensors():
@@ -485,7 +487,7 @@ def test_fla_errors_name_tensors():
   sd['model.layers.0.attn.q_conv1d.weight'] = np.zeros((48, 4), np.float32)
   sd['model.layers.0.mlp.up_proj.weight'] = np.zeros((81, 48), np.float32)
   with pytest.raises(convert.ConversionError) as e:
-    convert.from_fla(sd, c)
+    fla_format.from_fla(sd, c)
   msg = str(e.value)
   assert 'missing tensors (1): model.layers.1.attn.g_norm_swish_gate.weight' in msg
   assert 'unexpected tensors (1): model.layers.0.attn.q_conv1d.weight' in msg
@@ -524,7 +526,7 @@ def test_fla_model_logits_match_on_gpu(length):
       p.copy_(torch.randn_like(p) * (0.2 if 'norm' in name else p.shape[-1]**-0.5)
               + (1.0 if 'norm' in name else 0.0))
   sd = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-  params, cfg = convert.from_fla(sd, c)
+  params, cfg = fla_format.from_fla(sd, c)
   toks = tokens(cfg, B=2, length=length)
   with torch.no_grad():
     ref = model(torch.as_tensor(toks).cuda()).logits.float().cpu().numpy()

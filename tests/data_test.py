@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import ml_collections
 import numpy as np
@@ -354,3 +355,123 @@ def test_mqar_is_deterministic_per_seed_and_resumes():
   single, _ = _make(config, seed=5, seq_len=64, global_batch_size=1)
   examples = np.concatenate([x['inputs'] for x in _take(single, 4)])
   np.testing.assert_array_equal(next(host1)['inputs'], examples[1::2])  # Host 1: examples 1, 3.
+
+
+# ----------------------------------------------------------------------------------------------------
+# Binary input (a files glob over random bytes).
+
+
+def test_binary_files_are_skipped_with_a_count_and_refused_when_nothing_is_left(tmp_path, caplog):
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    (tmp_path / f'blob{i}.bin').write_bytes(rng.integers(0, 256, 4000, np.uint8).tobytes())
+  with pytest.raises(ValueError, match=r'No text input left: all 3 documents .* look binary'):
+    _make(dict(source='files', files_glob=str(tmp_path / '*.bin')))
+  for i in range(4):
+    (tmp_path / f'text{i}.bin').write_text(f'text {i} ' * 50 + 'ünïcödé\n', encoding='utf-8')
+  config = dict(source='files', files_glob=str(tmp_path / '*.bin'), num_eval_batches=100)
+  with caplog.at_level('WARNING'):
+    texts = data.load_texts(config, 'train') + data.load_texts(config, 'validation')
+  assert sorted(texts) == sorted((tmp_path / f'text{i}.bin').read_text('utf-8') for i in range(4))
+  assert 'Skipped 3 of 7 documents that look binary' in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------
+# source='arrayrecord': the shards of retnet_jax/preprocess.py.
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+  """A preprocessed corpus of 300 numbered documents (several shards, 20% held out)."""
+  from retnet_jax import preprocess
+  root = tmp_path_factory.mktemp('arrayrecord')
+  rng = np.random.default_rng(1)
+  docs = [f'<{i}> ' + 'ab cd ' * int(rng.integers(0, 30)) for i in range(300)]
+  (root / 'in.jsonl').write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs), 'utf-8')
+  preprocess.run(preprocess.Args(input=str(root / 'in.jsonl'), output=str(root / 'out'),
+                                 num_workers=0, val_fraction=0.2, shard_mb=0.01, progress_every=1e9))
+  split = {'train': [], 'validation': []}
+  for d in docs:
+    split['validation' if preprocess.unit_hash(d) < 0.2 else 'train'].append(d)
+  return dict(source='arrayrecord', path=str(root / 'out'), num_eval_batches=100), split
+
+
+def _documents_in(batches):
+  """The documents (text before each eos) of consecutive packed rows, and the rows' real inputs."""
+  stream = np.concatenate([row[seg > 0] for b in batches
+                           for row, seg in zip(b['inputs'], b['segment_ids'])])
+  cuts = np.flatnonzero(stream == TOK.eos_id)
+  return [TOK.decode(d) for d in np.split(stream, cuts + 1)[:-1]], stream
+
+
+def test_arrayrecord_rows_hold_every_document_once_per_epoch(shards):
+  config, split = shards
+  train_tokens = sum(len(d.encode()) + 1 for d in split['train'])
+  seq_len, batch = 37, 4
+  it, _ = _make(config, seq_len=seq_len, global_batch_size=batch)
+  batches = _take(it, 2 * train_tokens // (seq_len * batch) + 2)
+  for b in batches[:3]:
+    _check_text_batch(b, batch, seq_len)
+  docs, _ = _documents_in(batches)
+  first, second = docs[:len(split['train'])], docs[len(split['train']):2 * len(split['train'])]
+  assert sorted(first) == sorted(split['train']) == sorted(second)  # None lost, none repeated.
+  assert first != second and first != split['train']  # Shuffled, and reshuffled each epoch.
+  assert not set(docs) & set(split['validation'])  # Train and validation share no document.
+  again, _ = _make(config, seq_len=seq_len, global_batch_size=batch)
+  _assert_batches_equal(batches[:5], _take(again, 5))  # Seeded.
+  other, _ = _make(config, seq_len=seq_len, global_batch_size=batch, seed=1)
+  assert not np.array_equal(next(other)['inputs'], batches[0]['inputs'])
+
+
+def test_arrayrecord_hosts_read_disjoint_documents_covering_the_split(shards):
+  config, split = shards
+  per_host = []
+  for p in range(2):
+    it, _ = _make(config, seq_len=37, global_batch_size=4, process_index=p, process_count=2)
+    docs, _ = _documents_in(_take(it, 200))
+    per_host.append(docs)
+  n = [len(range(p, len(split['train']), 2)) for p in range(2)]
+  epoch = [set(per_host[p][:n[p]]) for p in range(2)]
+  assert len(epoch[0]) == n[0] and len(epoch[1]) == n[1]
+  assert not epoch[0] & epoch[1] and epoch[0] | epoch[1] == set(split['train'])
+
+
+@pytest.mark.parametrize('num_workers', [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_arrayrecord_state_resumes_exactly(shards, num_workers):
+  config = {**shards[0], 'num_workers': num_workers}
+  it, _ = _make(config, seq_len=37, global_batch_size=4)
+  _take(it, 7)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 6)
+  restored, _ = _make(config, seq_len=37, global_batch_size=4)
+  restored.set_state(state)
+  _assert_batches_equal(_take(restored, 6), expected)
+
+
+def test_arrayrecord_eval_is_fixed_covers_validation_and_matches_across_hosts(shards):
+  config, split = shards
+  _, eval_fn = _make(config, seq_len=37, global_batch_size=4)
+  first, second = list(eval_fn()), list(eval_fn())
+  _assert_batches_equal(first, second)
+  docs, _ = _documents_in(first)
+  assert sorted(docs) == sorted(split['validation'])  # All of it fits in 100 batches: each once.
+  for b in first:
+    _check_text_batch(b, 4, 37)
+  hosts = [list(_make(config, seq_len=37, global_batch_size=4, process_index=p,
+                      process_count=2)[1]()) for p in range(2)]
+  assert len(hosts[0]) == len(hosts[1])  # The same number of eval steps on every host.
+  assert sorted(_documents_in(hosts[0])[0] + _documents_in(hosts[1])[0]) == sorted(split['validation'])
+
+
+def test_arrayrecord_errors(shards, tmp_path):
+  config, _ = shards
+  with pytest.raises(ValueError, match=r"needs data_config.path"):
+    _make(dict(source='arrayrecord'))
+  with pytest.raises(ValueError, match=r"has no metadata.json: run `python -m retnet_jax.preprocess"):
+    _make(dict(source='arrayrecord', path=str(tmp_path)))
+  other = types.SimpleNamespace(vocab_size=512, pad_id=0, bos_id=1, eos_id=2)
+  with pytest.raises(ValueError, match=r'is not the one in .*\(vocab 259, eos 258\)'):
+    data.create_datasets(config, tokenizer=other, seq_len=16, global_batch_size=4, seed=0,
+                         process_index=0, process_count=1)
+  assert isinstance(tokenizer_lib.get_tokenizer({**config, 'tokenizer': 'hf:/ignored.json'}),
+                    tokenizer_lib.ByteTokenizer)  # The metadata's tokenizer wins.

@@ -99,3 +99,70 @@ def test_get_tokenizer_sentencepiece_trains_once_then_reloads(tmp_path, monkeypa
   monkeypatch.setattr(tokenizer_lib.SentencePieceTokenizer, 'train', fail)
   again = tokenizer_lib.get_tokenizer(config, str(workdir))
   assert again.model_proto == tok.model_proto
+
+
+@pytest.mark.parametrize('spec, expected', [
+    ('byte', ('byte', None)), ('sentencepiece', ('sentencepiece', None)),
+    ('sentencepiece:/m/a.model', ('sentencepiece', '/m/a.model')), ('hf:t.json', ('hf', 't.json')),
+])
+def test_parse_spec(spec, expected):
+  assert tokenizer_lib.parse_spec(spec) == expected
+
+
+@pytest.mark.parametrize('spec', ['gpt2', 'hf:', 'hf', 'byte:x', '', None, 3])
+def test_parse_spec_rejects(spec):
+  with pytest.raises(ValueError, match="Unknown tokenizer .*expected 'byte', 'sentencepiece'"):
+    tokenizer_lib.parse_spec(spec)
+
+
+def test_smallest_dtype():
+  assert [tokenizer_lib.smallest_dtype(v).name for v in (256, 257, 65536, 65537)] == [
+      'uint8', 'uint16', 'uint16', 'uint32']
+
+
+def test_bpe_spec_round_trips_and_counts_bytes(tmp_path):
+  pytest.importorskip('tokenizers')
+  path = str(tmp_path / 'tokenizer.json')
+  trained = tokenizer_lib.train_bpe(_training_texts(), 320, path)
+  tok = tokenizer_lib.from_spec('hf:tokenizer.json', base_dir=str(tmp_path))
+  assert tok.vocab_size == trained.vocab_size == 320
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+  ids = tok.encode(UNICODE_TEXT)
+  assert tok.decode(ids) == UNICODE_TEXT and tok.decode([1] + ids + [2, 0]) == UNICODE_TEXT
+  assert not {0, 1, 2} & set(ids)
+  assert tok.token_bytes[ids].sum() == len(UNICODE_TEXT.encode('utf-8'))  # Byte-level pieces.
+  text = _training_texts()[0]
+  assert len(tok.encode(text)) < 0.75 * len(text.encode('utf-8'))
+  assert tokenizer_lib.get_tokenizer({'source': 'files', 'files_glob': path,
+                                      'tokenizer': f'hf:{path}'}).encode(text) == tok.encode(text)
+
+
+def test_hf_tokenizer_with_sentencepiece_style_pieces(tmp_path):
+  """A Llama-like tokenizer.json: '▁' for spaces, <0xNN> byte fallback, <s> / </s> specials."""
+  tokenizers = pytest.importorskip('tokenizers')
+  vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, '<0x0A>': 3, '▁hi': 4, 'é': 5, '▁': 6}
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token='<unk>',
+                                                   byte_fallback=True))
+  tok.add_special_tokens(['<s>', '</s>'])
+  tok.save(str(tmp_path / 'tokenizer.json'))
+  ours = tokenizer_lib.from_spec(f"hf:{tmp_path / 'tokenizer.json'}")
+  assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # No pad: eos pads.
+  assert list(ours.token_bytes) == [0, 0, 0, 1, 3, 2, 1]
+  with pytest.raises(ValueError, match=r'has none of the eos tokens'):
+    t = tokenizers.Tokenizer(tokenizers.models.WordLevel({'a': 0, '<unk>': 1}, unk_token='<unk>'))
+    t.save(str(tmp_path / 'noeos.json'))
+    tokenizer_lib.from_spec(f"hf:{tmp_path / 'noeos.json'}")
+
+
+def test_sentencepiece_spec_loads_an_existing_model(tmp_path):
+  pytest.importorskip('sentencepiece')
+  path = str(tmp_path / 'm.model')
+  trained = tokenizer_lib.train_sentencepiece(_training_texts(), 320, path)
+  for spec in (f'sentencepiece:{path}', 'sentencepiece:m.model'):
+    tok = tokenizer_lib.from_spec(spec, base_dir=str(tmp_path))
+    assert tok.model_bytes == trained.model_bytes and tok.eos_id == 2
+  tok = tokenizer_lib.get_tokenizer({'source': 'files', 'files_glob': path,
+                                     'tokenizer': f'sentencepiece:{path}'})
+  assert tok.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)
+  with pytest.raises(ValueError, match=r"Tokenizer file '.*nope.model' does not exist"):
+    tokenizer_lib.from_spec('sentencepiece:nope.model', base_dir=str(tmp_path))
