@@ -39,6 +39,12 @@ SIZES = {
 # (python -m retnet_jax.main ... --mode=compile; the README's planning table). The batch stays
 # 2048 × 2048; micro-batches of batch_size / grad_accum_steps sequences run one after another.
 SLICES = {
+    ('1.3b', 'v5p-32'): {'optim.grad_accum_steps': 16},  # 8 sequences per chip at a time
+    ('1.3b', 'v5e-32'): {'optim.grad_accum_steps': 32},  # 2
+    ('1.3b', 'v4-32'): {'optim.grad_accum_steps': 32},  # 4
+    ('2.7b', 'v5p-64'): {'optim.grad_accum_steps': 8},  # 8
+    ('6.7b', 'v5p-128'): {'optim.grad_accum_steps': 8},  # 4
+    ('6.7b', 'v4-256'): {'optim.grad_accum_steps': 16},  # 1
 }
 
 
@@ -85,8 +91,9 @@ def get_config(arg='1.3b'):
       ffn_dim=ffn, gamma='retnet', dropout=0.1, chunk_size=256, dtype='bfloat16', remat='dots_no_batch'))
   c.data.update(dict(source='files', files_glob='', tokenizer='sentencepiece', sp_vocab_size=32_000,
                      num_workers=8, num_eval_batches=64))
+  # 16 micro-batches of 128 × 2048 tokens (1.3B on v5p-32 fits with 68 GiB to spare); SLICES.
   c.optim.update(dict(learning_rate=lr, warmup_steps=375, schedule='linear', end_lr_fraction=0.0,
-                      grad_accum_steps=1))
+                      grad_accum_steps=16))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   if kind == 'transformer':
     _to_transformer(c)  # Same layers, width and heads; the FFN widened to equal parameters.

@@ -103,19 +103,19 @@ def _kernel_grad(cases, sh):
   """One jitted function: the loss over several kernel calls and its gradient in q, k, v, log γ."""
   from retnet_jax import retention_pallas
 
-  def loss(args):
+  def loss(args, resets):
     total = 0.0
-    for (q, k, v, g, reset), (chunk, _) in zip(args, cases):
+    for (q, k, v, g), reset, (chunk, _) in zip(args, resets, cases):
       o, s = retention_pallas.chunkwise(q, k, v, g, reset=reset, chunk_size=chunk, target='tpu')
       total += jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s)
     return total
 
-  args = []
-  for chunk, (B, T, H, K, V, dtype, resets) in cases:
+  args, resets = [], []
+  for chunk, (B, T, H, K, V, dtype, with_resets) in cases:
     a = lambda *shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
-    args.append((a(B, T, H, K), a(B, T, H, K), a(B, T, H, V), a(H, dt=jnp.float32),
-                 a(B, T, dt=jnp.bool_) if resets else None))
-  return jax.jit(jax.grad(loss)).lower(args).compile()
+    args.append((a(B, T, H, K), a(B, T, H, K), a(B, T, H, V), a(H, dt=jnp.float32)))
+    resets.append(a(B, T, dt=jnp.bool_) if with_resets else None)
+  return jax.jit(jax.grad(loss)).lower(args, resets).compile()
 
 
 @needs_libtpu
