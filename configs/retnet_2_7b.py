@@ -1,7 +1,7 @@
 r"""RetNet 2.7B as in the paper (§3.1); see configs/retnet_paper.py for the settings.
 
   python -m retnet_jax.main --config=configs/retnet_2_7b.py --workdir=gs://bucket/retnet_2_7b \
-      --config.data.files_glob='/data/corpus/*.jsonl'
+      --config.data.path=/data/tokenized   # the output of python -m retnet_jax.preprocess
 """
 
 import os

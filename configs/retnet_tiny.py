@@ -82,6 +82,7 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       source='stdlib', tokenizer='byte', sp_vocab_size=4096, files_glob='', jsonl_text_field='text',
+      path='',  # source='arrayrecord': a `python -m retnet_jax.preprocess` output directory
       val_fraction=0.03, shuffle=True, num_workers=0, prefetch_buffer_size=8, num_eval_batches=16,
       mqar_num_kv_pairs=8, mqar_vocab_size=256))
 

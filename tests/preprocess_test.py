@@ -302,3 +302,43 @@ def test_train_from_preprocessed_shards_and_resume(tmp_path):
   with pytest.raises(ValueError, match=r'needs 259 token ids but model.vocab_size is 200'):
     train.train_and_evaluate(util.config(data__source='arrayrecord', data__path=str(out),
                                          model__vocab_size=200), str(tmp_path / 'small_vocab'))
+
+
+def test_paper_configs_read_preprocessed_shards(tmp_path):
+  from retnet_jax import config_lib
+  from retnet_jax import data
+  path = os.path.join(util.ROOT, 'configs', 'retnet_paper.py')
+  with open(path) as f:
+    text = f.read()
+  assert 'python -m retnet_jax.preprocess --input=' in text and '--config.data.path=' in text
+  c = config_lib.load(path + ':1.3b')
+  assert c.data.source == 'arrayrecord'
+  data.resolve_config(c.data)  # Valid without data (ahead-of-time compiles read none) ...
+  with pytest.raises(ValueError, match='needs data_config.path'):
+    tokenizer_lib.get_tokenizer(c.data)  # ... but a run must name it.
+  preprocess.run(args(write(tmp_path / 'in', 'jsonl', make_docs(50)), tmp_path / 'out'))
+  c.data.path = str(tmp_path / 'out')
+  assert data.vocab_size(c.data, tokenizer_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
+
+
+@pytest.mark.parametrize('fmt', ['txt', 'jsonl.zst', 'parquet'])
+def test_read_records_resumes_at_any_record(tmp_path, fmt):
+  docs = make_docs(2100 if fmt == 'parquet' else 30, seed=5)  # Parquet: over two read batches.
+  pattern = write(tmp_path, fmt, docs)
+  paths = preprocess.list_inputs(pattern)
+
+  def texts(start):
+    out = []
+    for p in paths:
+      for kind, payload, _ in preprocess.read_records(p, 'text', 1 << 20, start if p == paths[-1] else 0):
+        out.append(preprocess._text_of(kind, payload, 'text')[0])
+    return out
+
+  whole = texts(0)
+  assert whole == docs
+  if fmt == 'txt':
+    assert texts(1) == whole[:-1]  # One record a file: skipping 1 in the last file drops it.
+  else:
+    for start in (1, 1023, 1025, len(docs) - 1):
+      if start < len(docs):
+        assert texts(start) == whole[start:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -59,3 +60,8 @@ def check_params(params, cfg: model_lib.ModelConfig) -> None:
   got = jax.tree.map(lambda a: tuple(a.shape), params)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
     raise ConversionError(f'internal: converted parameters {got} do not fit the model {want}.')
+
+
+def check_output_dir(output: str) -> None:
+  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+    raise ConversionError(f'output {output!r} exists and is not an empty directory.')

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from retnet_jax import checkpoint
+from retnet_jax.convert import checks
 from retnet_jax.convert import fla
 from retnet_jax.convert import reading
 from retnet_jax.convert import torchscale
@@ -21,12 +22,7 @@ from retnet_jax.convert.layout import NP_DTYPES
 # (params, ModelConfig, Hugging Face config or None); exporters have export_weights(params, cfg,
 # output, meta) -> a description of what they wrote.
 SOURCES = {'torchscale': torchscale, 'fla': fla}
-TARGETS = {'torchscale': torchscale}
-
-
-def check_output_dir(output: str) -> None:
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise ConversionError(f'output {output!r} exists and is not an empty directory.')
+TARGETS = {'torchscale': torchscale, 'fla': fla}
 
 
 def import_checkpoint(source: str, input_path: str, output: str, config_json: str | None = None,
@@ -41,7 +37,7 @@ def import_checkpoint(source: str, input_path: str, output: str, config_json: st
     raise ConversionError(f'param_dtype must be one of {sorted(NP_DTYPES)}; got {param_dtype!r}.')
   if not os.path.exists(input_path):
     raise ConversionError(f'input {input_path!r} does not exist.')
-  check_output_dir(output)
+  checks.check_output_dir(output)
   params, cfg, hf_config = SOURCES[source].import_weights(input_path, config_json, param_dtype,
                                                          trust_pickle)
   directory = input_path if os.path.isdir(input_path) else os.path.dirname(os.path.abspath(input_path))
@@ -69,12 +65,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m retnet_jax.convert',
       description='Import torchscale / fla RetNet weights into an orbax checkpoint, or export one '
-                  'to torchscale.')
+                  'to torchscale / fla.')
   parser.add_argument('--from', dest='source', choices=sorted(SOURCES), help='import from this format')
   parser.add_argument('--to', dest='target', choices=sorted(TARGETS), help='export to this format')
   parser.add_argument('--input', required=True,
                       help='import: .pt / .safetensors / directory; export: orbax directory')
-  parser.add_argument('--output', required=True, help='import: new orbax directory; export: .pt file')
+  parser.add_argument('--output', required=True, help='import: new orbax directory; export: torchscale .pt file, fla directory')
   parser.add_argument('--config_json', default=None,
                       help='torchscale: JSON of RetNetConfig fields; fla: its config.json')
   parser.add_argument('--param_dtype', default='float32', choices=sorted(NP_DTYPES))

@@ -226,8 +226,8 @@ def to_torchscale(params, cfg: model_lib.ModelConfig) -> tuple[dict[str, np.ndar
   sd['layer_norm.weight'] = f32(params['final_norm']['scale'])
   sd['retnet_rel_pos.angle'] = np.repeat(layout.inv_freq(cfg), 2).astype(np.float32)
   sd['retnet_rel_pos.decay'] = _log_gamma_per_layer(params, cfg).astype(np.float32)
-  in_heads = lambda w: np.ascontiguousarray(f32(w).reshape(w.shape[0], -1).T)  # [D, H, X] -> [HX, D]
-  out_heads = lambda w: np.ascontiguousarray(f32(w).reshape(-1, w.shape[-1]).T)  # [H, X, D] -> [D, HX]
+  in_heads = lambda w: layout.from_in_heads(f32(w))
+  out_heads = lambda w: layout.from_out_heads(f32(w))
   for i in range(L):
     p = f'layers.{i}.'
     for ours, theirs in (('wq', 'q_proj'), ('wk', 'k_proj'), ('wv', 'v_proj'), ('wg', 'g_proj')):
