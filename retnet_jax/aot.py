@@ -313,8 +313,13 @@ def retention_in_step(run, batch_rows: int) -> dict[str, Any]:
   `retention_ops.choose` the layer calls, under the same mesh), before compiling."""
   cfg = run.setup.model_config
   if cfg.kind != 'retnet':
-    return {'impl': 'none', 'reason': f'model kind {cfg.kind!r} has no retention (softmax attention)'}
-  from retnet_jax import retention_ops
+    return {'impl': 'none', 'kernel': 'none (softmax attention)',
+            'reason': f'model kind {cfg.kind!r} has no retention'}
+  try:
+    from retnet_jax import retention_ops
+  except ImportError:  # Before the one dispatcher lands: the compiled program says what ran.
+    return {'impl': 'xla', 'reason': 'no retention dispatcher (retention_ops) in this version',
+            'kernel': f'none: retention.{cfg.form} (XLA)'}
   from retnet_jax import sharding
   T = run.config.seq_len
   q_shape = (batch_rows, T, cfg.num_heads, cfg.head_dim)
@@ -399,9 +404,13 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
   mem = memory_per_device(compiled, topology_.chip.hbm_bytes)
   kernels = kernels_in(compiled)
   retention['kernel_calls_in_step'] = kernels
-  if retention['impl'] == 'pallas' and not any(k.startswith('retention_') for k in kernels):
+  ran_kernel = any(k.startswith('retention_') for k in kernels)
+  if retention['impl'] == 'pallas' and not ran_kernel:
     retention['impl'] = 'xla'
     retention['reason'] += '; but the compiled step has no retention kernel call'
+  elif retention['impl'] != 'pallas' and ran_kernel:
+    retention['impl'] = 'pallas'
+    retention['reason'] += '; but the compiled step calls the retention kernel'
   tokens = config.batch_size * config.seq_len
   model_flops = train_flops_per_step(cfg, config.batch_size, config.seq_len)
   peak = topology_.chip.peak_flops * len(devices)
