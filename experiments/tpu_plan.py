@@ -53,7 +53,7 @@ def compile_row(size, slice_, kind, output_dir) -> dict | None:
 
 
 def table(reports) -> str:
-  head = ('| model | slice (chips) | mesh | micro-batch (seqs/chip) | arguments / temporaries / '
+  head = ('| model | slice (chips) | mesh | sequences per micro-batch × steps (per chip) | arguments / temporaries / '
           'total per chip | HBM | fits | model FLOPs/step | step ≥ (at peak) | retention | '
           'compile |\n|' + '---|' * 11)
   lines = [head]
