@@ -31,6 +31,7 @@ import numpy as np
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import decay
+from retnet_jax import metrics as metrics_lib
 from retnet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,13 +121,6 @@ def peak_bytes(compiled) -> int | None:
              - mem.alias_size_in_bytes)
 
 
-def duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
-
-
 def train_one(variant: Variant, config, run_dir: str) -> dict:
   """Trains (or resumes) one run to its end and writes its result.json. Returns the result."""
   t0 = time.perf_counter()
@@ -171,17 +165,17 @@ def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequen
   for i, v in enumerate(todo):
     run_dir = os.path.join(workdir, v.name)
     elapsed = time.perf_counter() - t_start
-    eta = duration(np.mean(took) * (len(todo) - i)) if took else 'unknown'
+    eta = metrics_lib.duration(np.mean(took) * (len(todo) - i)) if took else 'unknown'
     logging.info('=== run %d/%d: %s (%s) | elapsed %s | ETA %s', i + 1, len(todo), v.name, v.config,
-                 duration(elapsed), eta)
+                 metrics_lib.duration(elapsed), eta)
     check_config(run_dir, configs[v.name])
     t0 = time.perf_counter()
     result = train_one(v, configs[v.name], run_dir)
     took.append(time.perf_counter() - t0)
     logging.info('=== run %d/%d: %s done in %s: eval loss %.4f | elapsed %s | ETA %s', i + 1,
-                 len(todo), v.name, duration(took[-1]), result['eval']['loss'],
-                 duration(time.perf_counter() - t_start),
-                 duration(np.mean(took) * (len(todo) - i - 1)))
+                 len(todo), v.name, metrics_lib.duration(took[-1]), result['eval']['loss'],
+                 metrics_lib.duration(time.perf_counter() - t_start),
+                 metrics_lib.duration(np.mean(took) * (len(todo) - i - 1)))
   results = {}
   for v in variants:
     result = read_result(os.path.join(workdir, v.name))
@@ -342,8 +336,6 @@ def gammas_from_rates(theta: np.ndarray) -> np.ndarray:
 def learned_gamma_trajectory(run_dir: str) -> tuple[list[int], np.ndarray]:
   """(steps, γ [steps, layers, heads]) of a learnable-γ run, from its kept checkpoints and, at
   step 0, its initial schedule."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(run_dir, 'checkpoints')
   mgr = checkpoint.manager(ckpt_dir, max_to_keep=None, read_only=True)
@@ -352,8 +344,7 @@ def learned_gamma_trajectory(run_dir: str) -> tuple[list[int], np.ndarray]:
     if not steps:
       raise ValueError(f'no checkpoints in {ckpt_dir}.')
     cfg = checkpoint.model_config_from_dict(checkpoint.read_meta(mgr, steps[-1])['model_config'])
-    abstract = jax.eval_shape(
-        lambda: nnx.to_pure_dict(nnx.state(model_lib.create(cfg), nnx.Param)))
+    abstract = model_lib.abstract_params(cfg)
     gammas = [gammas_from_rates(decay_rates(checkpoint.restore(
         mgr, step, abstract_params=abstract)['params'])) for step in steps]
   finally:
@@ -376,7 +367,7 @@ def setup_logging() -> None:
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().python_handler.stream = sys.stdout
-  train.quiet_library_logs()
+  metrics_lib.quiet_library_logs()
 
 
 def runs_dir(output_dir: str, workdir: str | None) -> str:
@@ -413,7 +404,7 @@ def main_from_flags(run: Callable[..., object], shared: dict, **kwargs) -> None:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  logging.info('Done in %s: see %s', duration(time.perf_counter() - t0),
+  logging.info('Done in %s: see %s', metrics_lib.duration(time.perf_counter() - t0),
                os.path.join(output_dir, 'table.md'))
 
 

@@ -38,13 +38,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments import common
 from retnet_jax import config_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
-from retnet_jax import train
 
 def define_flags() -> dict:
   """Flags, defined from `__main__` only (importing this module next to other experiments is safe)."""
@@ -73,7 +71,7 @@ def tree_bytes(tree) -> int:
 def build(config, seed: int = 0):
   """(setup, random params) at the config's model size."""
   setup = generate.make_setup(config_lib.model_config(config))
-  return setup, jax.jit(lambda k: train.init_params(setup, k))(jax.random.key(seed))
+  return setup, jax.jit(lambda k: model_lib.init_params(setup.model_config, k))(jax.random.key(seed))
 
 
 def context_state(setup, batch: int, context: int, new_tokens: int, key):
@@ -83,7 +81,7 @@ def context_state(setup, batch: int, context: int, new_tokens: int, key):
   cache holds context + new_tokens positions, the first `context` of them filled (segment 1).
   """
   cfg = setup.model_config
-  abstract = nnx.eval_shape(lambda: model_lib.Model(cfg, rngs=nnx.Rngs(0)))
+  abstract = model_lib.abstract_model(cfg)
   max_len = context + new_tokens if cfg.kind == 'transformer' else None
   shapes = jax.eval_shape(lambda: abstract.init_state(batch, max_len))
 

@@ -129,7 +129,7 @@ def build_step(config, batch: int, seq_len: int):
   config.seq_len, config.batch_size = seq_len, batch
   setup = train.build_setup(config, _ByteCounts())
   tx, schedule = train.make_optimizer(config.optim, config.total_steps)
-  params = train.init_params(setup, jax.random.key(0))
+  params = model_lib.init_params(setup.model_config, jax.random.key(0))
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
   step = jax.jit(functools.partial(
       train.train_step, setup=setup, tx=tx, schedule=schedule, accum_steps=1,
@@ -366,8 +366,7 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
                  'peak_bytes': r['peak_bytes'], 'mfu': total * tps / peak, 'dense_mfu': dense * tps / peak,
                  'compile_seconds': r['compile_seconds'],
                  'params': int(sum(x.size for x in jax.tree.leaves(
-                     jax.eval_shape(lambda: train.init_params(train.build_setup(c, _ByteCounts()),
-                                                              jax.random.key(0))))))})
+                     model_lib.abstract_params(cfg))))})
     done = time.perf_counter() - t0
     logging.info('[%d/%d] %s T=%d: %.0f tok/s, peak %s, MFU %.1f%% | elapsed %.0fs, ETA %.0fs',
                  i + 1, len(todo), form, T, tps, _fmt_bytes(r['peak_bytes']), 100 * rows[-1]['mfu'],

@@ -105,15 +105,10 @@ def load_params(directory: str, step: int | None = None, shardings=None):
     raise ValueError(f'no checkpoint in {directory}.')
   meta = read_meta(mgr, step)
   cfg = model_config_from_dict(meta['model_config'])
-  abstract = jax.eval_shape(lambda: _pure_params(model_lib.create(cfg)))
+  abstract = model_lib.abstract_params(cfg)
   if shardings is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   restored = restore(mgr, step, abstract_params=abstract)
   mgr.close()
   return restored['params'], cfg, restored['meta']
-
-
-def _pure_params(model):
-  from flax import nnx
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))

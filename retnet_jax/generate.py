@@ -45,9 +45,9 @@ import numpy as np
 from flax import nnx
 
 from retnet_jax import checkpoint
+from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
 from retnet_jax import tokenizer as tokenizer_lib
-from retnet_jax import train
 
 F32 = jnp.float32
 MAX_STOP = 8  # Stop tokens are a traced [MAX_STOP] array (padded with -1): no recompiles.
@@ -55,11 +55,7 @@ MIN_NEW_BUCKET = 16
 TRACES: collections.Counter = collections.Counter()  # Traces per jitted function, for tests.
 
 
-def make_setup(model_config: model_lib.ModelConfig):
-  """A train.Setup (graphdef + ModelConfig) for a model config, e.g. one from load_params."""
-  abstract = nnx.eval_shape(lambda: model_lib.Model(model_config, rngs=nnx.Rngs(0)))
-  return train.Setup(model_config, nnx.graphdef(abstract), True,
-                     np.ones((model_config.vocab_size,), np.int32))
+make_setup = model_lib.make_setup  # The Setup (graphdef + ModelConfig) of a model config.
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -226,7 +222,7 @@ def generate(setup, params, prompts_tokens: Sequence[Sequence[int]], *, max_new_
              min_bucket: int = 16) -> list[list[int]]:
   """The new tokens of each prompt (a stop token, when one ends the row, is the last one kept).
 
-  setup: anything with .graphdef and .model_config (train.Setup, or `make_setup(cfg)`).
+  setup: anything with .graphdef and .model_config (a model.Setup: `make_setup(cfg)`).
   params: the pure dict of parameters (train state['params'] or checkpoint.load_params).
   prefill_form: the retention form of the prompt pass ('chunkwise' | 'parallel' | 'recurrent').
   """
@@ -335,7 +331,7 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   Defaults come from `config.generate`; the model is the checkpoint's own ModelConfig, the tokenizer
   `config.data`'s. Prompts run one after another (each streamed as it is produced). Returns the texts.
   """
-  train.quiet_library_logs()
+  metrics_lib.quiet_library_logs()
   out = sys.stdout if out is None else out
   g = dict(config.get('generate') or {})
   pick = lambda value, key, default: g.get(key, default) if value is None else value

@@ -504,3 +504,59 @@ def count_params(tree) -> int:
 
 def create(cfg: ModelConfig, seed: int = 0) -> Model:
   return Model(cfg, rngs=nnx.Rngs(seed))
+
+
+# ------------------------------------------------------------------------------------------------
+# The model as pure functions of its parameters (what the trainer, generation, checkpoints, the
+# converters and the experiments share).
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What jitted functions of the parameters close over: no arrays but `token_bytes`.
+
+  use_segments: pass the batch's segment ids to the model (reset retention at document bounds).
+  token_bytes: [vocab] UTF-8 bytes per token id, for bits per byte (ones when unknown).
+  """
+  model_config: ModelConfig
+  graphdef: Any
+  use_segments: bool
+  token_bytes: np.ndarray
+
+
+def abstract_model(model_config: ModelConfig) -> Model:
+  """The Model with ShapeDtypeStructs for arrays (nnx.eval_shape): shapes, metadata, graphdef."""
+  return nnx.eval_shape(lambda: Model(model_config, rngs=nnx.Rngs(0)))
+
+
+def make_setup(model_config: ModelConfig, *, use_segments: bool = True,
+               token_bytes=None) -> Setup:
+  """The Setup of `model_config`; `token_bytes` shorter than the vocabulary is padded with 0."""
+  if token_bytes is None:
+    table = np.ones((model_config.vocab_size,), np.int32)
+  else:
+    given = np.asarray(token_bytes, np.int32)[:model_config.vocab_size]
+    table = np.zeros((model_config.vocab_size,), np.int32)
+    table[:len(given)] = given
+  return Setup(model_config, nnx.graphdef(abstract_model(model_config)), bool(use_segments), table)
+
+
+def apply_model(setup: Setup, params, tokens, **kwargs):
+  """Model.__call__ on a pure dict of parameters: (logits, state)."""
+  return nnx.merge(setup.graphdef, params)(tokens, **kwargs)
+
+
+def init_params(model_config: ModelConfig, key) -> dict:
+  """Freshly initialised parameters as a pure dict."""
+  model = Model(model_config, rngs=nnx.Rngs(params=key))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(model_config: ModelConfig) -> dict:
+  """The parameters' ShapeDtypeStructs as a pure dict (no arrays allocated)."""
+  return nnx.to_pure_dict(nnx.state(abstract_model(model_config), nnx.Param))
+
+
+def param_logical_axes(model_config: ModelConfig):
+  """The logical axes of every parameter, as a pure-dict tree of tuples."""
+  return sharding.logical_axes(abstract_model(model_config))

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import data as data_lib
+from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
 from retnet_jax import sharding
 from retnet_jax import tokenizer as tokenizer_lib
@@ -80,40 +81,14 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
 # The model as pure functions of its parameters.
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What the step functions close over: static, hashable-free of arrays."""
-  model_config: model_lib.ModelConfig
-  graphdef: Any
-  use_segments: bool
-  token_bytes: np.ndarray  # [vocab] UTF-8 bytes per token id, for bits per byte.
+def build_setup(config, tok=None) -> model_lib.Setup:
+  """The model's Setup for a run: segments as config.reset_at_doc_boundaries, the tokenizer's bytes."""
+  return model_lib.make_setup(config_lib.model_config(config),
+                              use_segments=bool(config.get('reset_at_doc_boundaries', True)),
+                              token_bytes=getattr(tok, 'token_bytes', None))
 
 
-def build_setup(config, tok) -> Setup:
-  cfg = config_lib.model_config(config)
-  abstract = nnx.eval_shape(lambda: model_lib.Model(cfg, rngs=nnx.Rngs(0)))
-  token_bytes = np.zeros((cfg.vocab_size,), np.int32)
-  tb = np.asarray(getattr(tok, 'token_bytes', np.ones(0)), np.int32)[:cfg.vocab_size]
-  token_bytes[:len(tb)] = tb
-  return Setup(cfg, nnx.graphdef(abstract), bool(config.get('reset_at_doc_boundaries', True)),
-               token_bytes)
-
-
-def apply_model(setup: Setup, params, tokens, **kwargs):
-  return nnx.merge(setup.graphdef, params)(tokens, **kwargs)
-
-
-def init_params(setup: Setup, key) -> dict:
-  model = model_lib.Model(setup.model_config, rngs=nnx.Rngs(params=key))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def param_logical_axes(setup: Setup):
-  return sharding.logical_axes(nnx.eval_shape(
-      lambda: model_lib.Model(setup.model_config, rngs=nnx.Rngs(0))))
-
-
-def batch_statistics(setup: Setup, logits, batch) -> dict:
+def batch_statistics(setup: model_lib.Setup, logits, batch) -> dict:
   """Sums over the scored targets: loss (nats), tokens, correct predictions, UTF-8 bytes."""
   mask = batch['loss_mask'].astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
@@ -134,14 +109,14 @@ def summarize(sums: dict) -> dict:
   return out
 
 
-def loss_fn(params, setup: Setup, batch, rng):
+def loss_fn(params, setup: model_lib.Setup, batch, rng):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids_BT=segments, rng=rng)
+  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids_BT=segments, rng=rng)
   stats = batch_statistics(setup, logits, batch)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
 
-def train_step(state, batch, *, setup: Setup, tx, schedule, accum_steps: int, base_key):
+def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_steps: int, base_key):
   """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches."""
   rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -170,9 +145,9 @@ def train_step(state, batch, *, setup: Setup, tx, schedule, accum_steps: int, ba
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, stats
 
 
-def eval_step(params, batch, *, setup: Setup):
+def eval_step(params, batch, *, setup: model_lib.Setup):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = apply_model(setup, params, batch['inputs'], segment_ids_BT=segments)
+  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids_BT=segments)
   return batch_statistics(setup, logits, batch)
 
 
@@ -329,36 +304,50 @@ def rules_of(config) -> dict:
 
 
 class Run:
-  """Everything one training or evaluation run builds from its config."""
+  """Everything one training or evaluation run builds from its config.
 
-  def __init__(self, config, workdir: str, *, for_training: bool = True):
+  devices: the devices the mesh lays out (default jax.devices()), e.g. TPU topology devices to
+    compile for ahead of time. read_data: False builds no tokenizer (unless a byte one), datasets,
+    workdir or checkpoint manager: only the shapes and shardings (`abstract_batch`, `abstract`).
+  """
+
+  def __init__(self, config, workdir: str | None, *, for_training: bool = True, devices=None,
+               read_data: bool = True):
     config_lib.validate(config)
     tune_xla_cpu_flags()
     init_distributed(config.mesh)
     tune_host_allocator()
     self.config, self.workdir = config, workdir
     self.rules = rules_of(config)
-    self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES})
-    self.tokenizer = tokenizer_lib.get_tokenizer(config.data, workdir)
+    self.for_training, self.read_data = for_training, read_data
+    self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
+    if read_data or data_lib.resolve_config(config.data)['tokenizer'] == 'byte':
+      self.tokenizer = tokenizer_lib.get_tokenizer(config.data, workdir)
+    else:
+      self.tokenizer = None  # A SentencePiece model would be trained on the data.
     self.setup = build_setup(config, self.tokenizer)
     cfg = self.setup.model_config
-    needed = data_lib.vocab_size(config.data, self.tokenizer)
-    if needed > cfg.vocab_size:
-      raise ValueError(f'the data needs {needed} token ids but model.vocab_size is {cfg.vocab_size}.')
+    if self.tokenizer is not None:
+      needed = data_lib.vocab_size(config.data, self.tokenizer)
+      if needed > cfg.vocab_size:
+        raise ValueError(f'the data needs {needed} token ids but model.vocab_size is '
+                         f'{cfg.vocab_size}.')
     dp = self.mesh.shape['data'] * self.mesh.shape['fsdp']
     if config.batch_size % dp:
       raise ValueError(f'batch_size {config.batch_size} is not divisible by the data-parallel '
                        f'mesh size data×fsdp = {dp}.')
-    self.train_iter, self.eval_batches = data_lib.create_datasets(
-        config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
-        global_batch_size=config.batch_size, seed=config.seed)
-    check_workdir(workdir)
+    self.train_iter, self.eval_batches = None, None
+    if read_data:
+      self.train_iter, self.eval_batches = data_lib.create_datasets(
+          config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
+          global_batch_size=config.batch_size, seed=config.seed)
+      check_workdir(workdir)
     self.tx, self.schedule = make_optimizer(config.optim, config.total_steps)
-    self.params_axes = param_logical_axes(self.setup)
+    self.params_axes = model_lib.param_logical_axes(cfg)
     key = jax.random.key(config.seed)
 
     def init_state(key):
-      params = init_params(self.setup, key)
+      params = model_lib.init_params(cfg, key)
       opt_state = self.tx.init(params) if for_training else None
       return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state}
 
@@ -367,8 +356,10 @@ class Run:
     self.batch_sh = batch_sharding(self.mesh, self.rules)
     self._init = jax.jit(init_state, out_shardings=self.state_sh)
     self._key = key
-    self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
-                                   max_to_keep=config.checkpoint.max_to_keep)
+    self.ckpt = None
+    if read_data:
+      self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
+                                     max_to_keep=config.checkpoint.max_to_keep)
     self.compiler_options = step_compiler_options(self.setup.model_config)
     self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
                            in_shardings=(self.state_sh['params'], self.batch_sh),
@@ -376,6 +367,17 @@ class Run:
 
   def abstract(self, tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+  def abstract_train_state(self):
+    """The train state as ShapeDtypeStructs with their shardings."""
+    return self.abstract(self.abstract_state, self.state_sh)
+
+  def abstract_batch(self) -> dict:
+    """One global batch as ShapeDtypeStructs with the batch sharding (the keys of BATCH_KEYS)."""
+    shape = (self.config.batch_size, self.config.seq_len)
+    dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
+              'loss_mask': jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=self.batch_sh) for k in BATCH_KEYS}
 
   def initial_state(self):
     """The latest checkpoint's state, or a fresh one; a restore also moves the data iterator."""
@@ -412,59 +414,23 @@ class Run:
                     model_config=self.setup.model_config)
 
 
+def make_train_step(run: Run, **overrides) -> Callable:
+  """The jitted `train_step` of `run`: state and batch in their shardings, the state donated.
+
+  overrides: keyword arguments of `train_step` to replace (e.g. accum_steps); jit it with
+  `.lower(run.abstract_train_state(), run.abstract_batch())` to compile ahead of time.
+  """
+  kwargs = dict(setup=run.setup, tx=run.tx, schedule=run.schedule,
+                accum_steps=run.config.optim.get('grad_accum_steps', 1),
+                base_key=jax.random.key(run.config.seed + 1))
+  kwargs.update(overrides)
+  return jax.jit(functools.partial(train_step, **kwargs),
+                 in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
+                 donate_argnums=(0,), compiler_options=run.compiler_options)
+
+
 # ------------------------------------------------------------------------------------------------
 # Logging.
-
-
-class MetricWriter:
-  """metrics.jsonl and TensorBoard (process 0 only)."""
-
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.tb = None
-    if self.active:
-      try:
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      except ImportError:
-        logging.warning('tensorboardX is not installed: no TensorBoard event files.')
-
-  def write(self, step: int, split: str, metrics: dict):
-    if not self.active:
-      return
-    record = {'step': int(step), 'split': split, **{k: float(v) for k, v in metrics.items()}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
-    if self.tb is not None:
-      for k, v in metrics.items():
-        self.tb.add_scalar(f'{split}/{k}', float(v), int(step))
-      self.tb.flush()
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
-
-
-class _QuietLibraries:
-  """Drops the INFO chatter of orbax and grain from the absl log; keeps their warnings."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or not any(f'{os.sep}{lib}{os.sep}' in record.pathname
-                                           for lib in ('orbax', 'grain'))
-
-
-def quiet_library_logs() -> None:
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
 class _Stop:
@@ -506,7 +472,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
   max_steps: stop (with a checkpoint) after this many steps of this call, e.g. to train in pieces
   from a notebook; the learning-rate schedule still follows config.total_steps.
   """
-  quiet_library_logs()
+  metrics_lib.quiet_library_logs()
   run = Run(config, workdir)
   setup, mesh = run.setup, run.mesh
   sharding.log_summary(mesh, run.params_axes, run.abstract_state['params'], run.rules)
@@ -516,13 +482,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
     logging.info('Resumed from the checkpoint at step %d.', start)
   total = config.total_steps
   stop_at = total if max_steps is None else min(total, start + max_steps)
-  step_fn = jax.jit(
-      functools.partial(train_step, setup=setup, tx=run.tx, schedule=run.schedule,
-                        accum_steps=config.optim.get('grad_accum_steps', 1),
-                        base_key=jax.random.key(config.seed + 1)),
-      in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
-      donate_argnums=(0,), compiler_options=run.compiler_options)
-  writer = MetricWriter(workdir)
+  step_fn = make_train_step(run)
+  writer = metrics_lib.MetricWriter(workdir)
   last = {}
   tokens_per_step = config.batch_size * config.seq_len
   sums, t_window, steps_in_window = None, time.perf_counter(), 0
@@ -548,7 +509,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
         logging.info('step %d/%d | loss %.4f%s | lr %.2e | %.0f tok/s | ETA %s', step, total,
                      metrics['loss'],
                      f" | {metrics['bits_per_byte']:.3f} bits/byte" if 'bits_per_byte' in metrics else '',
-                     metrics['learning_rate'], metrics['tokens_per_second'], _duration(eta))
+                     metrics['learning_rate'], metrics['tokens_per_second'], metrics_lib.duration(eta))
         writer.write(step, 'train', metrics)
         last['train'] = metrics
         sums, t_window, steps_in_window = None, time.perf_counter(), 0
@@ -570,13 +531,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
                       stop.requested, step)
   writer.close()
   run.ckpt.close()
-  logging.info('Done: %d steps in %s.', step - start, _duration(time.perf_counter() - t_start))
+  logging.info('Done: %d steps in %s.', step - start, metrics_lib.duration(time.perf_counter() - t_start))
   return {'step': step, **last, 'stopped': bool(stop.requested and step < total)}
 
 
 def evaluate(config, workdir: str) -> dict:
   """Restores the latest checkpoint of `workdir` and evaluates it on the held-out split."""
-  quiet_library_logs()
+  metrics_lib.quiet_library_logs()
   run = Run(config, workdir, for_training=False)
   step = run.ckpt.latest_step()
   if step is None:
@@ -586,7 +547,7 @@ def evaluate(config, workdir: str) -> dict:
       abstract_params=run.abstract(run.abstract_state['params'], run.state_sh['params']))
   metrics = run.evaluate(restored['params'])
   logging.info('eval of step %d: %s', step, json.dumps(metrics))
-  writer = MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir)
   writer.write(step, 'eval', metrics)
   writer.close()
   run.ckpt.close()

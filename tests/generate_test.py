@@ -15,6 +15,7 @@ from flax import nnx
 
 from retnet_jax import config_lib
 from retnet_jax import generate
+from retnet_jax import model as model_lib
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from tests import util
@@ -27,7 +28,7 @@ def build(kind='retnet', **overrides):
   extra = {'model__value_dim': None} if kind == 'transformer' else {}
   cfg = util.model_config(model__kind=kind, **{**extra, **overrides})
   setup = generate.make_setup(cfg)
-  return setup, train.init_params(setup, jax.random.key(1))
+  return setup, model_lib.init_params(cfg, jax.random.key(1))
 
 
 @pytest.fixture(scope='module', params=['retnet', 'transformer'])

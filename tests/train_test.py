@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from retnet_jax import config_lib
+from retnet_jax import model as model_lib
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from tests import util
@@ -223,7 +224,7 @@ def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
                 dataclasses.replace(cfg, kind='transformer', value_dim=None)):
     assert train.step_compiler_options(other) is None
   # The option reaches XLA (no YNNPACK fusion left) and the gradient is the same function.
-  params = train.init_params(setup, jax.random.key(0))
+  params = model_lib.init_params(cfg, jax.random.key(0))
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 45))
   batch = {'inputs': tokens, 'targets': np.roll(tokens, -1, axis=1),
            'segment_ids': np.ones_like(tokens), 'loss_mask': np.ones(tokens.shape, np.float32)}
@@ -233,3 +234,26 @@ def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
   assert 'ynn_fusion' in default.as_text() and 'ynn_fusion' not in eigen.as_text()
   for a, b in zip(jax.tree.leaves(default(params)), jax.tree.leaves(eigen(params))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_abstract_run_compiles_the_loops_step_without_data(tmp_path):
+  # A run over explicit devices that reads nothing: no workdir, data or checkpoints are made, and
+  # its step lowers on the abstract state and batch to the same program the loop runs.
+  config = small(mesh__data=2, mesh__fsdp=2)
+  devices = jax.devices()[4:8]
+  workdir = str(tmp_path / 'never_made')
+  run = train.Run(config, workdir, read_data=False, devices=devices)
+  assert run.train_iter is None and run.ckpt is None and not os.path.exists(workdir)
+  assert set(run.mesh.devices.flat) == set(devices)
+  batch = run.abstract_batch()
+  assert sorted(batch) == sorted(train.BATCH_KEYS)
+  assert all(b.shape == (config.batch_size, config.seq_len) and b.sharding == run.batch_sh
+             for b in batch.values())
+  abstract_text = train.make_train_step(run).lower(run.abstract_train_state(), batch).as_text()
+  real = train.Run(config, str(tmp_path / 'real'), devices=devices)
+  state = real.initial_state()
+  real_batch = train.to_global(next(real.train_iter), real.batch_sh)
+  assert {k: (v.shape, v.dtype) for k, v in real_batch.items()} == {
+      k: (v.shape, v.dtype) for k, v in batch.items()}
+  assert train.make_train_step(real).lower(state, real_batch).as_text() == abstract_text
+  real.ckpt.close()
