@@ -38,7 +38,7 @@ import numpy as np
 from experiments import common
 from retnet_jax import checkpoint
 from retnet_jax import data as data_lib
-from retnet_jax import generate
+from retnet_jax import model as model_lib
 from retnet_jax import scoring
 from retnet_jax import tokenizer as tokenizer_lib
 
@@ -81,7 +81,7 @@ def position_losses(run_dir: str, docs, form: str, chunk: int | None, pad_id: in
                     batch_size: int) -> np.ndarray:
   """−log p per target position, mean over documents [length] (float64)."""
   params, cfg, _ = checkpoint.load_params(run_dir)
-  scorer = scoring.Scorer(generate.make_setup(cfg), params, form=form, chunk=chunk, pad_id=pad_id)
+  scorer = scoring.Scorer(model_lib.make_setup(cfg), params, form=form, chunk=chunk, pad_id=pad_id)
   out = scorer.token_logprobs(docs, batch_size)
   return -np.mean(np.stack([logp.astype(np.float64) for logp, _ in out]), axis=0)
 

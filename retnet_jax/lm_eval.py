@@ -56,6 +56,7 @@ import numpy as np
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import generate
+from retnet_jax import model as model_lib
 from retnet_jax import scoring
 from retnet_jax import tokenizer as tokenizer_lib
 
@@ -151,7 +152,7 @@ class RetNetLM(lm_model.TemplateLM):
     cfg_dict = config_lib.load(str(config)) if config else None
     self.params, self.model_config, meta = checkpoint.load_params(
         workdir, None if step is None else int(step))
-    self.setup = generate.make_setup(self.model_config)
+    self.setup = model_lib.make_setup(self.model_config)
     self.tok = load_tokenizer(workdir, meta, cfg_dict, tokenizer)
     if self.tok.vocab_size > self.model_config.vocab_size:
       raise ValueError(f'the tokenizer has {self.tok.vocab_size} ids but the model only '

@@ -16,6 +16,7 @@ pytest.importorskip('lm_eval', reason='lm-eval is not installed (the `eval` extr
 
 from retnet_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from retnet_jax import generate
+from retnet_jax import model as model_lib
 from retnet_jax import lm_eval as rj_lm_eval
 from retnet_jax import scoring
 from retnet_jax import tokenizer as tokenizer_lib
@@ -100,7 +101,7 @@ class Hand:
 
   def __init__(self, workdir):
     params, cfg, _ = checkpoint.load_params(workdir)
-    graphdef = generate.make_setup(cfg).graphdef
+    graphdef = model_lib.make_setup(cfg).graphdef
     self.fn = jax.jit(lambda p, t: scoring._call(nnx.merge(graphdef, p), t, None, 'parallel')[0])
     self.params = params
 
@@ -215,7 +216,7 @@ def test_scorer_buckets_and_carries_the_state(retnet):
   one parallel pass, and one trace per (batch, length) bucket."""
   workdir, _ = retnet
   params, cfg, _ = checkpoint.load_params(workdir)
-  scorer = scoring.Scorer(generate.make_setup(cfg), params, form='chunkwise', chunk=SEQ_LEN,
+  scorer = scoring.Scorer(model_lib.make_setup(cfg), params, form='chunkwise', chunk=SEQ_LEN,
                              pad_id=256)
   rng = np.random.default_rng(1)
   seqs = [rng.integers(0, 256, n).tolist() for n in (5, 17, 3 * SEQ_LEN + 4, 12, 2, 9)]
