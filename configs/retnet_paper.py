@@ -98,7 +98,7 @@ def get_config(arg='1.3b'):
   # 16 micro-batches of 128 × 2048 tokens (1.3B on v5p-32 fits with 68 GiB to spare); SLICES.
   c.optim.update(dict(learning_rate=lr, warmup_steps=375, schedule='linear', end_lr_fraction=0.0,
                       grad_accum_steps=16))
-  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))
   if kind == 'transformer':
     _to_transformer(c)  # Same layers, width and heads; the FFN widened to equal parameters.
   for key, value in SLICES.get((size, slice_), {}).items():

@@ -91,9 +91,9 @@ def get_config(arg=None):
       b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip=2.0, grad_accum_steps=1))
 
   c.mesh = ml_collections.ConfigDict(dict(
-      data=-1, fsdp=1, tensor=1,
+      data=-1, fsdp=1, sequence=1, tensor=1,
       rules=ml_collections.ConfigDict(dict(
-          batch=('data', 'fsdp'), length=None, embed='fsdp', heads='tensor', kv=None,
+          batch=('data', 'fsdp'), length='sequence', embed='fsdp', heads='tensor', kv=None,
           mlp='tensor', vocab='tensor', layers=None)),
       coordinator_address=None, num_processes=None, process_id=None))
 

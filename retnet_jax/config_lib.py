@@ -21,7 +21,7 @@ REQUIRED = ('seed', 'total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_e
 TOP_LEVEL = REQUIRED + ('reset_at_doc_boundaries', 'generate', 'name')
 OPTIM = ('learning_rate', 'warmup_steps', 'schedule', 'end_lr_fraction', 'b1', 'b2', 'eps',
          'weight_decay', 'grad_clip', 'grad_accum_steps')
-MESH = ('data', 'fsdp', 'tensor', 'rules', 'coordinator_address', 'num_processes', 'process_id')
+MESH = ('data', 'fsdp', 'sequence', 'tensor', 'rules', 'coordinator_address', 'num_processes', 'process_id')
 CHECKPOINT = ('max_to_keep', 'save_on_sigterm')
 
 

@@ -11,13 +11,23 @@ impl: 'auto' (the kernel where the platform is GPU/TPU and it supports the shape
 'xla', 'pallas' (the kernel always; interpreted off GPU/TPU, for tests), or 'skip', a
 benchmark-only stand-in for "the step without the retention operator": o = v and the state passed
 through (zero without one), so that a cost benchmark times everything else in the same step.
+
+Sequence parallelism: where the rules map 'length' to a mesh axis of size n > 1 ('sequence'),
+device j of that axis holds tokens [jL, (j+1)L). It runs the chunkwise form (XLA or the kernel) on
+its block from a zero state, giving o_loc and U_j; with a_j = γ^L (0 if the block holds a reset),
+the state entering block j is S_j = a_{j−1} S_{j−1} + U_{j−1}, S_0 = the initial state. One
+all-gather of (U, a) over the axis and a local fold give every device its S_j (and S_n, the final
+state); the device then adds the cross term γ^{t+1} q_t S_j (zero from its block's first reset on).
+Gradients flow through the all-gather (its transpose is a reduce-scatter).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from retnet_jax import retention as ref
 from retnet_jax import retention_pallas
@@ -79,6 +89,15 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
   choice = choose(q.shape, v.shape, v.dtype, form=form, chunk_size=chunk_size, impl=impl)
   if choice.impl == 'skip':
     return v, (ref.zero_state(B, H, K, V) if state is None else state)
+  axis, n = sharding.sequence_axis()
+  if n > 1:
+    if form != 'chunkwise':
+      raise ValueError(f'the sequence mesh axis ({n} devices) needs form="chunkwise"; got '
+                       f'form={form!r}.')
+    if T % (n * chunk_size):
+      raise ValueError(f'sequence length {T} is not divisible by the sequence axis ({n}) times '
+                       f'chunk_size ({chunk_size}).')
+    return _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_size)
   if choice.impl == 'xla':
     options = {'chunk_size': chunk_size} if form == 'chunkwise' else {}
     return ref.FORMS[form](q, k, v, log_gamma, state, reset=reset, **options)
@@ -92,3 +111,68 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
   in_axes = (bthk, bthk, bthk, ('heads',), bhkv) + (('batch', None),) * len(resets)
   run = sharding.per_shard(kernel, in_axes, (bthk, bhkv))
   return run(q, k, v, log_gamma, state, *resets)
+
+
+def _local(choice, chunk_size):
+  """The chunkwise form on one device's block, (q, k, v, log γ, state, reset) -> (o, state)."""
+  if choice.impl == 'xla':
+    return lambda q, k, v, g, s, r: ref.chunkwise(q, k, v, g, s, reset=r, chunk_size=chunk_size)
+  return lambda q, k, v, g, s, r: retention_pallas.chunkwise(
+      q, k, v, g, s, reset=r, chunk_size=chunk_size, target=choice.target,
+      interpret=choice.interpret)
+
+
+def _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_size):
+  """Chunkwise retention with the length split over mesh axis `axis` (n devices): see above."""
+  B, T, H, K, V = ref.check_shapes(q, k, v, log_gamma, state, reset)
+  L = T // n
+  local = _local(choice, chunk_size)
+  with_state, with_reset = state is not None, reset is not None
+
+  def block(q_BLHK, k_BLHK, v_BLHV, log_gamma_H, *rest):
+    rest = list(rest)
+    s_in_BHKV = rest.pop(0) if with_state else None
+    reset_BL = rest.pop(0) if with_reset else None
+    b, _, h, kd = q_BLHK.shape
+    zero = ref.zero_state(b, h, kd, v_BLHV.shape[-1])
+    o_BLHV, u_BHKV = local(q_BLHK, k_BLHK, v_BLHV, log_gamma_H, zero, reset_BL)
+    g_H = log_gamma_H.astype(jnp.float32)
+    carry_BH = jnp.broadcast_to(jnp.exp(L * g_H), (b, h))
+    t_L = jnp.arange(L, dtype=jnp.float32)
+    q_weight_BLH = jnp.broadcast_to(jnp.exp((t_L[:, None] + 1) * g_H), (b, L, h))
+    if reset_BL is not None:
+      open_BL = ref.segments(reset_BL) == 0  # Tokens before the block's first reset.
+      carry_BH = carry_BH * open_BL[:, -1:]
+      q_weight_BLH = q_weight_BLH * open_BL[..., None]
+    # Exclusive scan across the axis: every device folds all blocks' (a, U) from the initial state.
+    u_NBHKV = jax.lax.all_gather(u_BHKV, axis)
+    carry_NBH = jax.lax.all_gather(carry_BH, axis)
+    s_BHKV = zero if s_in_BHKV is None else s_in_BHKV.astype(jnp.float32)
+    before = []
+    for i in range(n):
+      before.append(s_BHKV)
+      s_BHKV = carry_NBH[i][..., None, None] * s_BHKV + u_NBHKV[i]
+    entering_BHKV = jnp.stack(before)[jax.lax.axis_index(axis)]
+    q_BLHK32 = q_BLHK.astype(jnp.float32) * q_weight_BLH[..., None]
+    cross_BLHV = jnp.einsum('blhk,bhkv->blhv', q_BLHK32, entering_BHKV)
+    o_BLHV = (o_BLHV.astype(jnp.float32) + cross_BLHV).astype(o_BLHV.dtype)
+    return o_BLHV, s_BHKV
+
+  spec = lambda axes, x: sharding.logical_to_spec(axes, sharding.active_rules(),
+                                                  sharding.active_mesh(), x.shape)
+  bthk = ('batch', 'length', 'heads', None)
+  bhkv = ('batch', 'heads', None, None)
+  args, in_specs = [q, k, v, log_gamma], [spec(bthk, q), spec(bthk, k), spec(bthk, v),
+                                          spec(('heads',), log_gamma)]
+  if with_state:
+    args.append(state)
+    in_specs.append(spec(bhkv, state))
+  if with_reset:
+    args.append(reset)
+    in_specs.append(spec(('batch', 'length'), reset))
+  for s_ in in_specs[:3]:
+    if s_[1] != axis:
+      raise ValueError(f'the sequence axis {axis!r} does not split length {T} of {q.shape}.')
+  out_specs = (spec(bthk, v), spec(bhkv, jax.ShapeDtypeStruct((B, H, K, V), jnp.float32)))
+  return jax.shard_map(block, mesh=sharding.active_mesh(), in_specs=tuple(in_specs),
+                       out_specs=out_specs, check_vma=False)(*args)

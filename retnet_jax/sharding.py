@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-AXES = ('data', 'fsdp', 'tensor')
+AXES = ('data', 'fsdp', 'sequence', 'tensor')
 LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'layers')
 
 _active: dict[str, Any] = {'mesh': None, 'rules': None}
@@ -90,6 +90,28 @@ def constrain(x, axes: Sequence[str | None]):
       x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
 
 
+def active_mesh():
+  """The mesh of `use_rules` (None outside it)."""
+  return _active['mesh']
+
+
+def active_rules():
+  """The rules of `use_rules` (None outside it)."""
+  return _active['rules']
+
+
+def sequence_axis() -> tuple[str | None, int]:
+  """(mesh axis, its size) that the active rules split the 'length' dimension over; (None, 1)
+  when none does. Only one mesh axis may split it."""
+  mesh, rules = _active['mesh'], _active['rules']
+  if mesh is None or not rules:
+    return None, 1
+  axes = [a for a in _as_tuple(rules.get('length')) if mesh.shape.get(a, 1) > 1]
+  if len(axes) > 1:
+    raise ValueError(f"the 'length' rule splits over more than one mesh axis: {axes}.")
+  return (axes[0], mesh.shape[axes[0]]) if axes else (None, 1)
+
+
 def platform() -> str:
   """The platform ('cpu', 'gpu', 'tpu') of the devices the computation is placed on: those of the
   active mesh (`use_rules`, else jax's current or abstract mesh, which a `jit` traced under a mesh
@@ -130,7 +152,8 @@ def per_shard(f, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[Seq
 
 
 def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
-  """A mesh with axes ('data', 'fsdp', 'tensor'); one size may be −1 (all remaining devices).
+  """A mesh with axes ('data', 'fsdp', 'sequence', 'tensor'); one size may be −1 (all remaining
+  devices).
 
   Without −1 the mesh may use the first devices only (a one-device mesh on a multi-device host).
   Axis types are Auto (the compiler propagates shardings from the in/out shardings and the

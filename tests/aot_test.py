@@ -53,7 +53,7 @@ def test_bad_topology_names(name, words):
 
 def test_mesh_must_use_every_chip():
   mesh = lambda **s: {'data': 1, 'fsdp': 1, 'tensor': 1, **s}
-  assert aot.check_mesh(mesh(fsdp=-1), 16, 'v5p-32') == {'data': 1, 'fsdp': 16, 'tensor': 1}
+  assert aot.check_mesh(mesh(fsdp=-1), 16, 'v5p-32') == {'data': 1, 'fsdp': 16, 'sequence': 1, 'tensor': 1}
   assert aot.check_mesh(mesh(data=2, fsdp=4, tensor=2), 16, 'v5p-32')['tensor'] == 2
   with pytest.raises(ValueError, match='has 8 devices but v5p-32 has 16 chips'):
     aot.check_mesh(mesh(data=2, fsdp=4), 16, 'v5p-32')

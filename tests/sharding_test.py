@@ -96,7 +96,7 @@ def test_parameter_shardings_follow_the_rules():
   }
   for name, spec in expect.items():
     assert ret[name].sharding.spec == spec, name
-    assert ret[name].sharding.mesh.shape == {'data': 1, 'fsdp': 2, 'tensor': 4}
+    assert ret[name].sharding.mesh.shape == {'data': 1, 'fsdp': 2, 'sequence': 1, 'tensor': 4}
   assert ffn['w_gate'].sharding.spec == P(None, 'fsdp', 'tensor')  # ('layers', 'embed', 'mlp')
   assert state['params']['embed'].sharding.spec == P('tensor', 'fsdp')  # ('vocab', 'embed')
   # Every parameter, stacked layer axis included, resolves through the rules; Adam's moments
@@ -151,7 +151,7 @@ def test_command_line_with_a_2x2x2_mesh(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=util.ROOT, env=env, timeout=600)
   out = proc.stdout + proc.stderr
   assert proc.returncode == 0, out[-3000:]
-  assert "Mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices" in out
+  assert "Mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'tensor': 2} over 8 devices" in out
   assert 'blocks/retention/wq' in out and "P(None, 'fsdp', 'tensor', None)" in out
   assert len(losses(str(tmp_path))) == 2
 

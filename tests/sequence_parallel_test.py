@@ -1,0 +1,144 @@
+"""Sequence parallelism on 8 virtual CPU devices (tests/conftest.py): one sequence split over the
+`sequence` mesh axis gives one device's retention outputs, gradients and training losses."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retnet_jax import retention
+from retnet_jax import retention_ops
+from retnet_jax import sharding
+from retnet_jax import train
+from tests import util
+
+RULES = {'batch': ('data', 'fsdp'), 'length': 'sequence', 'embed': 'fsdp', 'heads': 'tensor',
+         'kv': None, 'mlp': 'tensor', 'vocab': 'tensor', 'layers': None}
+MESHES = {'data2_seq4': dict(data=2, sequence=4), 'seq8': dict(sequence=8),
+          'fsdp2_seq2_tensor2': dict(fsdp=2, sequence=2, tensor=2)}
+
+
+def _inputs(B=4, T=64, H=2, K=16, V=16, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k = (jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32) for _ in range(2))
+  v = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
+  state = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+  lg = jnp.log(jnp.asarray([0.9, 0.99], jnp.float32))
+  reset = np.zeros((B, T), bool)
+  reset[0, [8, 16]] = True  # On device boundaries of (sequence 8) and (sequence 4).
+  reset[1, [5, 13, 14]] = True  # Inside blocks, twice in a row.
+  reset[2, [0, 31, T - 1]] = True  # The first token, the last of a block, the last of all.
+  return q, k, v, lg, state, jnp.asarray(reset)
+
+
+def _loss_and_grads(fn, q, k, v, lg, state, reset):
+  w_o = jnp.asarray(np.random.default_rng(1).standard_normal(v.shape), jnp.float32)
+  w_s = jnp.asarray(np.random.default_rng(2).standard_normal(state.shape), jnp.float32)
+
+  def loss(q, k, v, lg, state):
+    o, s = fn(q, k, v, lg, state, reset=reset)
+    return jnp.sum(o * w_o) + jnp.sum(s * w_s)
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, lg, state)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'pallas'])
+@pytest.mark.parametrize('mesh', sorted(MESHES))
+def test_retention_over_the_sequence_axis_equals_one_device(mesh, impl):
+  args = _inputs()
+  ref = _loss_and_grads(functools.partial(retention.chunkwise, chunk_size=8), *args)
+  fn = functools.partial(retention_ops.retention, form='chunkwise', chunk_size=8, impl=impl)
+  with sharding.use_rules(sharding.make_mesh(MESHES[mesh]), RULES):
+    got = _loss_and_grads(fn, *args)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for name, x, r in zip('q k v log_gamma state'.split(), got[1], ref[1]):
+    assert util.rel_err(x, r) <= 1e-5, (mesh, impl, name, util.rel_err(x, r))
+
+
+def test_bad_inputs_under_the_sequence_axis():
+  q, k, v, lg, state, reset = _inputs(T=40)
+  with sharding.use_rules(sharding.make_mesh({'sequence': 8}), RULES):
+    with pytest.raises(ValueError, match='not divisible by the sequence axis'):
+      retention_ops.retention(q, k, v, lg, state, chunk_size=8)
+    with pytest.raises(ValueError, match='needs form="chunkwise"'):
+      retention_ops.retention(q, k, v, lg, state, form='parallel')
+
+
+def cfg(mesh=None, **overrides):
+  mesh = {'data': 1, **(mesh or {})}
+  base = dict(model__num_heads=4, model__value_dim=64, model__chunk_size=8, seq_len=64,
+              batch_size=8, total_steps=4, log_every=1, eval_every=4, checkpoint_every=100,
+              reset_at_doc_boundaries=True, **{f'mesh__{a}': n for a, n in mesh.items()})
+  return util.config(**{**base, **overrides})
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
+
+
+@pytest.fixture(scope='module')
+def one_device(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('one_device'))
+  train.train_and_evaluate(cfg(), workdir)
+  return losses(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', ['seq8', 'fsdp2_seq2_tensor2'])
+def test_training_losses_match_one_device(mesh, one_device, tmp_path):
+  train.train_and_evaluate(cfg(MESHES[mesh]), str(tmp_path))
+  got = losses(str(tmp_path))
+  assert len(got) == len(one_device) == 4
+  np.testing.assert_allclose(got, one_device, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_pallas_and_transformer_under_the_sequence_axis(one_device, tmp_path):
+  """The kernel (interpreted) runs each device's block; the Transformer attends over the gathered
+  sequence (the compiler's all-gather of k and v): both equal their one-device runs."""
+  train.train_and_evaluate(cfg(MESHES['data2_seq4'], model__retention_impl='pallas'),
+                           str(tmp_path / 'pallas'))
+  np.testing.assert_allclose(losses(str(tmp_path / 'pallas')), one_device, rtol=1e-5)
+  extra = dict(model__kind='transformer', model__value_dim=None, total_steps=3, eval_every=3)
+  train.train_and_evaluate(cfg(**extra), str(tmp_path / 'one'))
+  train.train_and_evaluate(cfg(MESHES['data2_seq4'], **extra), str(tmp_path / 'mesh'))
+  np.testing.assert_allclose(losses(str(tmp_path / 'mesh')), losses(str(tmp_path / 'one')),
+                             rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_command_line_with_data_2_sequence_4(one_device, tmp_path):
+  overrides = {**util.SHRINK, 'model.num_heads': 4, 'model.value_dim': 64, 'model.chunk_size': 8,
+               'seq_len': 64, 'batch_size': 8, 'total_steps': 4, 'log_every': 1,
+               'eval_every': 4, 'checkpoint_every': 100, 'reset_at_doc_boundaries': True,
+               'mesh.data': 2, 'mesh.sequence': 4}
+  cmd = [sys.executable, '-m', 'retnet_jax.main',
+         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+         f'--workdir={tmp_path}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=util.ROOT, env=env, timeout=900)
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0, out[-3000:]
+  assert "'sequence': 4" in out
+  np.testing.assert_allclose(losses(str(tmp_path)), one_device, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode(tmp_path):
+  """experiments/sequence_parallel.py --quick: one short length, sequence axes 1 and 2."""
+  proc = subprocess.run([sys.executable, '-m', 'experiments.sequence_parallel', '--quick',
+                         f'--out={tmp_path}'], capture_output=True, text=True, cwd=util.ROOT,
+                        timeout=900)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  with open(tmp_path / 'sequence_parallel.json') as f:
+    result = json.load(f)
+  peaks = {r['sequence']: r['peak_bytes_per_device'] for r in result['steps']}
+  assert set(peaks) == {1, 2} and all(p > 0 for p in peaks.values())
+  assert result['exchange'][0]['exchange_ms_fwd_bwd'] > 0
