@@ -41,8 +41,10 @@ def get_config(arg='1.3b'):
   c.model.update(dict(
       vocab_size=32_768, num_layers=layers, embed_dim=hidden, num_heads=heads, value_dim=2 * hidden,
       ffn_dim=ffn, gamma='retnet', dropout=0.1, chunk_size=256, dtype='bfloat16', remat='dots_no_batch'))
-  c.data.update(dict(source='arrayrecord', path='',  # The tokenizer is the preprocess output's.
-                     num_workers=8, num_eval_batches=64))
+  # The tokenizer is the one stored with the shards in data.path ('sentencepiece': a model that
+  # only the data provides, so a run that reads no data builds none).
+  c.data.update(dict(source='arrayrecord', path='', tokenizer='sentencepiece', num_workers=8,
+                     num_eval_batches=64))
   c.optim.update(dict(learning_rate=lr, warmup_steps=375, schedule='linear', end_lr_fraction=0.0,
                       grad_accum_steps=1))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))

@@ -124,8 +124,6 @@ def resolve_config(data_config) -> dict:
       raise ValueError(f'{key} must be an int >= {low}; got {cfg[key]!r}.')
   if cfg['source'] == 'files' and not str(cfg['files_glob']).strip(' ,'):
     raise ValueError("source='files' needs data_config.files_glob (comma-separated globs).")
-  if cfg['source'] == 'arrayrecord' and not str(cfg['path']).strip():
-    raise ValueError("source='arrayrecord' needs data_config.path (a preprocess output directory).")
   if cfg['source'] == 'mqar':
     n, v = cfg['mqar_num_kv_pairs'], cfg['mqar_vocab_size']
     if v // 2 - 1 < n:  # Keys come from [1, v/2) without replacement; 0 is padding.
@@ -144,6 +142,8 @@ def vocab_size(data_config, tokenizer) -> int:
 
 def read_metadata(path: str) -> dict:
   """`<path>/metadata.json` of a finished preprocess run, its shard paths made absolute."""
+  if not str(path).strip():  # Checked here, not in resolve_config: compiling needs no data.
+    raise ValueError("source='arrayrecord' needs data_config.path (a preprocess output directory).")
   meta_path = os.path.join(os.path.expanduser(path), preprocess.METADATA)
   if not os.path.isfile(meta_path):
     raise ValueError(f'data.path {path!r} has no {preprocess.METADATA}: run '

@@ -18,7 +18,7 @@ EXECUTION_DEFAULTS = {f'model__{k}': getattr(model_lib.ModelConfig, k)
 
 def numpy_params(cfg, seed=0):
   """A model's parameters as a pure dict of NumPy arrays, with norms scales moved off 1."""
-  params = nnx.to_pure_dict(nnx.state(model_lib.create(cfg, seed=seed), nnx.Param))
+  params = model_lib.init_params(cfg, jax.random.key(seed))
   rng = np.random.default_rng(seed)
   perturb = lambda path, a: (np.asarray(a) + 0.2 * rng.standard_normal(a.shape).astype(np.float32)
                              if 'scale' in jax.tree_util.keystr(path) else np.asarray(a))
@@ -33,7 +33,7 @@ def jitted(model, mode):
 
 def build(params, cfg):
   """Our Model holding `params` (a pure dict, e.g. a converter's output)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.create(cfg)))
+  graphdef, state = nnx.split(model_lib.abstract_model(cfg))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   return nnx.merge(graphdef, state)
 

@@ -7,7 +7,6 @@ import re
 
 import jax
 import numpy as np
-from flax import nnx
 
 from retnet_jax import model as model_lib
 
@@ -55,7 +54,7 @@ def need(state_dict: dict, name: str, where: str, hint: str = '') -> np.ndarray:
 
 def check_params(params, cfg: model_lib.ModelConfig) -> None:
   """The converted tree must be exactly the model's parameter tree."""
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: model_lib.create(cfg)), nnx.Param))
+  abstract = model_lib.abstract_params(cfg)
   want = jax.tree.map(lambda a: tuple(a.shape), abstract)
   got = jax.tree.map(lambda a: tuple(a.shape), params)
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:

@@ -1,0 +1,191 @@
+"""The GPU check without a GPU: its float64 reference, its wheel list, its budget, and the whole
+script end to end in its dry run (tiny shapes, interpreted kernels, fla's torch references)."""
+
+import importlib.metadata as md
+import json
+import os
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+
+from experiments import gpu_check
+from tests import reference
+from tests import util
+
+LIST = os.path.join(util.ROOT, 'experiments', 'gpu_wheels.txt')
+TARGET = {'python_version': '3.12', 'python_full_version': '3.12.3', 'sys_platform': 'linux',
+          'platform_system': 'Linux', 'platform_machine': 'x86_64', 'os_name': 'posix',
+          'implementation_name': 'cpython', 'platform_python_implementation': 'CPython'}
+
+
+def _inputs(seed=0, B=2, T=11, H=2, K=3, V=4):
+  rng = np.random.default_rng(seed)
+  q, k = rng.standard_normal((2, B, T, H, K))
+  v, do = rng.standard_normal((2, B, T, H, V))
+  s0, ds = rng.standard_normal((2, B, H, K, V))
+  gamma = np.array([0.9, 0.6])
+  reset = np.zeros((B, T), bool)
+  reset[0, 4] = reset[0, 7] = True  # Two boundaries in row 0, none in row 1.
+  return q, k, v, gamma, s0, reset, do, ds
+
+
+def test_reference_forward_is_the_papers_retention():
+  q, k, v, gamma, s0, reset, do, ds = _inputs()
+  (o, final), _ = gpu_check.reference(q, k, v, gamma, s0, reset, do, ds)
+  o_ref, final_ref = reference.retention(q, k, v, gamma, s0, reset)
+  np.testing.assert_allclose(o, o_ref, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_gradients_match_finite_differences():
+  q, k, v, gamma, s0, reset, do, ds = _inputs(seed=1)
+  _, grads = gpu_check.reference(q, k, v, gamma, s0, reset, do, ds)
+
+  def loss(q, k, v, log_gamma, s0):
+    (o, final), _ = gpu_check.reference(q, k, v, np.exp(log_gamma), s0, reset, do, ds)
+    return np.sum(o * do) + np.sum(final * ds)
+
+  args = [q, k, v, np.log(gamma), s0]
+  rng = np.random.default_rng(2)
+  eps = 1e-6
+  for i, (arg, grad) in enumerate(zip(args, grads)):
+    for _ in range(6):
+      idx = tuple(rng.integers(0, n) for n in arg.shape)
+      plus = [a.copy() for a in args]
+      minus = [a.copy() for a in args]
+      plus[i][idx] += eps
+      minus[i][idx] -= eps
+      numeric = (loss(*plus) - loss(*minus)) / (2 * eps)
+      assert abs(numeric - grad[idx]) <= 1e-6 * max(1.0, abs(numeric)), (i, idx, numeric, grad[idx])
+
+
+def _closure(roots, machine, skip):
+  """{name: installed version} of every distribution the roots need on the GPU machine (Python
+  3.12, Linux x86-64), not descending into the machine's packages or the skipped ones."""
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  installed = {gpu_check._canonical(d.metadata['Name']): d  # pylint: disable=protected-access
+               for d in md.distributions()}
+  seen, needed_by_skip, done = {}, set(), set()
+  todo = [(r, ()) for r in roots]
+  while todo:
+    name, extras = todo.pop()
+    key = gpu_check._canonical(name)  # pylint: disable=protected-access
+    if key in machine:
+      continue
+    if key in skip:
+      needed_by_skip.add(key)
+      continue
+    if (key, extras) in done:
+      continue
+    done.add((key, extras))
+    dist = installed[key]
+    seen[key] = dist.version
+    for text in dist.requires or ():
+      req = Requirement(text)
+      if req.marker is not None and not any(
+          req.marker.evaluate({**TARGET, 'extra': e}) for e in ('', *extras)):
+        continue
+      if req.marker is not None and 'extra' in str(req.marker) and not any(
+          req.marker.evaluate({**TARGET, 'extra': e}) for e in extras):
+        continue  # A requirement of an extra that was not asked for.
+      todo.append((req.name, tuple(req.extras)))
+  return seen, needed_by_skip
+
+
+def test_wheel_list_is_the_requirement_closure_at_the_tested_versions():
+  pytest.importorskip('packaging')
+  try:
+    md.distribution('flash-linear-attention')
+  except md.PackageNotFoundError:
+    pytest.skip('fla (the fla extra) is needed to read its requirements')
+  listed = gpu_check.read_wheel_list(LIST)
+  roots = gpu_check.wheel_list_names('ROOTS', LIST)
+  machine = set(gpu_check.wheel_list_names('MACHINE', LIST))
+  skip = set(gpu_check.wheel_list_names('SKIP', LIST))
+  assert {'jax', 'jaxlib', 'numpy', 'torch', 'triton'} <= machine
+  assert {'grain', 'ml-collections', 'flash-linear-attention', 'fla-core'} <= set(listed)
+  closure, reached_skips = _closure(roots, machine, skip)
+  assert set(listed) == set(closure), (
+      f'missing {sorted(set(closure) - set(listed))}, extra {sorted(set(listed) - set(closure))}')
+  assert listed == closure, {n: (listed[n], closure[n]) for n in listed if listed[n] != closure[n]}
+  assert skip == reached_skips, f'stale SKIP entries: {sorted(skip - reached_skips)}'
+  assert not {'torch', 'triton', 'jax', 'jaxlib', 'nvidia-cudnn-cu12'} & set(listed)
+  # Every runtime requirement of the project is carried, left out on purpose, or on the machine.
+  with open(os.path.join(util.ROOT, 'pyproject.toml'), 'rb') as f:
+    deps = tomllib.load(f)['project']['dependencies']
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  for dep in deps:
+    name = gpu_check._canonical(Requirement(dep).name)  # pylint: disable=protected-access
+    assert name in set(listed) | machine | skip, name
+
+
+def test_wheel_download_step_fetches_the_list_for_python_312_manylinux():
+  with open(os.path.join(util.ROOT, 'experiments', 'gpu_wheels.sh')) as f:
+    script = f.read()
+  for flag in ('--no-deps', '--only-binary=:all:', '--python-version 3.12', '--implementation cp',
+               '--platform manylinux_2_28_x86_64', '--platform manylinux2014_x86_64',
+               '-r experiments/gpu_wheels.txt', 'dest=${1:-.whl}'):
+    assert flag in script, flag
+  with open(os.path.join(util.ROOT, '.gitignore')) as f:
+    assert '/.whl/' in f.read().split()
+
+
+def test_budget_spent_skips_every_part_and_still_writes_the_outputs(tmp_path):
+  rc = gpu_check.main(['--dry_run', '--budget_s', '0', '--out', str(tmp_path)])
+  assert rc == 0
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  assert list(results['parts']) == list(gpu_check.PART_NAMES)
+  for record in results['parts'].values():
+    assert record['status'] == 'skipped' and record['reason'].startswith('budget'), record
+  assert '| kernels | skipped |' in (tmp_path / 'table.md').read_text()
+
+
+def test_a_failing_part_is_recorded_and_the_next_one_runs(tmp_path):
+  class Broken(gpu_check.Check):
+    def part_env(self, record):
+      raise RuntimeError('no such device')
+
+    def part_model(self, record):
+      self.item(record, name='ran', ok=True)
+
+  results = Broken(str(tmp_path), dry_run=True, budget_s=60, parts=('env', 'model'),
+                   log=lambda s: None).run()
+  assert results['parts']['env']['status'] == 'failed'
+  assert 'RuntimeError: no such device' in results['parts']['env']['error']
+  assert results['parts']['model']['status'] == 'ok'
+  with pytest.raises(ValueError, match='unknown parts'):
+    gpu_check.Check(str(tmp_path), dry_run=True, budget_s=1, parts=('nope',)).run()
+
+
+@pytest.mark.slow
+def test_dry_run_end_to_end(tmp_path):
+  pytest.importorskip('torch', reason='the dry run times fla torch references')
+  env = {**os.environ, 'PYTHONPATH': util.ROOT}
+  env.pop('OUT', None)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.gpu_check', '--dry_run', '--out', str(tmp_path)],
+      cwd=util.ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(tmp_path / 'results.json') as f:
+    results = json.load(f)
+  parts = results['parts']
+  for name in gpu_check.PART_NAMES:
+    allowed = ('ok', 'skipped') if name == 'fla_parity' else ('ok',)
+    assert parts[name]['status'] in allowed, (name, parts[name])
+  kernels = parts['kernels']['items']
+  assert kernels and all(it['ok'] and not it['compiled'] for it in kernels)
+  assert all(it['ok'] for it in parts['model']['items'])
+  timed = [it for it in parts['kernel_timing']['items'] if 'impl' in it]
+  assert {it['impl'] for it in timed} >= {'pallas', 'fla_chunk (naive, dry run)'}
+  assert all(it['ms'] > 0 for it in timed)
+  assert any(it.get('kind') == 'agreement' and it['ok'] for it in parts['kernel_timing']['items'])
+  assert all(it['ok'] and it['tokens_per_s'] > 0 for it in parts['train_step']['items'])
+  assert all(it['ok'] and it['ms_per_token'] > 0 for it in parts['decode']['items'])
+  table = (tmp_path / 'table.md').read_text()
+  for heading in ('## Kernels against the float64 reference', '## Kernel time', '## Train step',
+                  '## Decoding'):
+    assert heading in table
