@@ -141,7 +141,7 @@ def test_corrupt_checkpoint(straight_run, tmp_path):
       with open(path, 'r+b') as f:
         f.truncate(max(os.path.getsize(path) // 3, 1))
   before = sorted(os.listdir(ckpts))
-  with pytest.raises(ValueError, match='checkpoint step 6 in .* is damaged: params/.* truncated'):
+  with pytest.raises(ValueError, match='checkpoint step 6 in .* is damaged: params/.*truncated'):
     train.train_and_evaluate(small(total_steps=9), workdir)
   assert sorted(os.listdir(ckpts)) == before
   assert _tree_digest(os.path.join(ckpts, '3')) == earlier
