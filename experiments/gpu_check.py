@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -122,7 +121,7 @@ DRY = Sizes(
     check_dims=(16,), check_dtypes=('float32',), check_shape=(1, 2, 37, 16),
     model={'model.num_layers': 1, 'model.embed_dim': 64, 'model.num_heads': 2,
            'model.value_dim': 128, 'model.ffn_dim': 128, 'model.chunk_size': 16},
-    model_len=37, model_dtypes=('float32',), model_forms=FORMS[:2],
+    model_len=37, model_dtypes=('float32',), model_forms=(FORMS[0], FORMS[3]),
     timing=(1, 2, 16), timing_lens=(64,), timing_modes=('fwd+bwd',),
     timing_ours=('pallas',), warmup=1, repeats=2,
     train={'model.num_layers': 1, 'model.embed_dim': 64, 'model.num_heads': 2,
@@ -139,18 +138,6 @@ TRAIN_MODELS = {'retnet kernel': ('chunkwise', 'pallas'), 'retnet xla': ('chunkw
 # (dtype-rounded) inputs.
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 3e-2}
 MODEL_TOLERANCE = 1e-4  # float32 logits, each form against the parallel form.
-
-
-# ------------------------------------------------------------------------------------------------
-# Calls with the contract's keyword names (retention forms: reset=; the model: form=, segment_ids=),
-# mapped to the older names (reset_BT=, mode=, segment_ids_BT=) where a module still has them.
-
-_OLD_NAMES = {'reset': 'reset_BT', 'form': 'mode', 'segment_ids': 'segment_ids_BT'}
-
-
-def call(fn, *args, **kwargs):
-  params = inspect.signature(fn).parameters
-  return fn(*args, **{(k if k in params else _OLD_NAMES.get(k, k)): v for k, v in kwargs.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,9 +365,9 @@ class Check:
         cot = (jnp.asarray(do, dt), jnp.asarray(ds))
         reset_j = jnp.asarray(reset)
         impls = {
-            'pallas': lambda *a: call(retention_pallas.chunkwise, *a, reset=reset_j, chunk_size=C,
+            'pallas': lambda *a: retention_pallas.chunkwise(*a, reset=reset_j, chunk_size=C,
                                       target='gpu', interpret=self.interpret),
-            'xla': lambda *a: call(retention.chunkwise, *a, reset=reset_j, chunk_size=C),
+            'xla': lambda *a: retention.chunkwise(*a, reset=reset_j, chunk_size=C),
         }
         outs = {}
         t0 = time.perf_counter()
@@ -425,6 +412,7 @@ class Check:
     segments = np.ones((2, T), np.int32)
     segments[0, T // 3:] = 2  # A document boundary in the first row.
     segments = jnp.asarray(segments)
+    params = None
     for dtype in self.sizes.model_dtypes:
       logits = {}
       for form, impl in self.sizes.model_forms:
@@ -433,13 +421,13 @@ class Check:
         c = config.copy_and_resolve_references()
         c.model.dtype, c.model.retention_impl = dtype, impl
         cfg = config_lib.model_config(c)
-        model = model_lib.Model(cfg, rngs=nnx.Rngs(0))
-        graphdef, state = nnx.split(model)
-
-        forward = jax.jit(lambda state, tokens, segments, graphdef=graphdef, form=form: call(
-            nnx.merge(graphdef, state), tokens, form=form, segment_ids=segments)[0])
+        if params is None:  # One set of parameters (float32) for every dtype and form.
+          params = jax.jit(lambda key, cfg=cfg: model_lib.init_params(cfg, key))(jax.random.key(0))
+        graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
+        forward = jax.jit(lambda params, tokens, segments, graphdef=graphdef, form=form: nnx.merge(
+            graphdef, params)(tokens, form=form, segment_ids=segments)[0])
         with jax.default_matmul_precision('highest' if dtype == 'float32' else 'default'):
-          logits[f'{form}/{impl}'] = np.asarray(forward(state, tokens, segments), np.float64)
+          logits[f'{form}/{impl}'] = np.asarray(forward(params, tokens, segments), np.float64)
       first = '/'.join(self.sizes.model_forms[0])
       base = logits[first]
       tol = MODEL_TOLERANCE if dtype == 'float32' else TOLERANCE['bfloat16']
@@ -468,9 +456,9 @@ class Check:
     scale = D**-0.5
     # Retention takes q already scaled by K^-1/2 (fla scales inside its kernels); attention scales.
     ours = {
-        'pallas': lambda q, k, v: call(retention_pallas.chunkwise, q, k, v, log_gamma,
+        'pallas': lambda q, k, v: retention_pallas.chunkwise(q, k, v, log_gamma,
                                        chunk_size=C, target='gpu', interpret=self.interpret)[0],
-        'xla': lambda q, k, v: call(retention.chunkwise, q, k, v, log_gamma, chunk_size=C)[0],
+        'xla': lambda q, k, v: retention.chunkwise(q, k, v, log_gamma, chunk_size=C)[0],
         'cudnn_attention': lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation='cudnn' if self.gpu else None),
     }

@@ -10,6 +10,8 @@ r"""Entry point: flags in, `train.train_and_evaluate(config, workdir)` out.
 
 Exit status: 0 the run finished, 75 a signal stopped it after saving (rerun to resume), 1 an error
 (one line on stderr: `error: ...`).
+  python -m retnet_jax.main --config=configs/retnet_paper.py:1.3b --workdir=/tmp/aot \
+      --mode=compile --topology=v5p-32        (or --mode=compile_generate [--decode_batch=64,256])
 """
 
 import sys
@@ -19,6 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from retnet_jax import aot
 from retnet_jax import config_lib
 from retnet_jax import generate
 from retnet_jax import platform
@@ -28,7 +31,11 @@ from retnet_jax import train
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'generate'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'generate', 'compile', 'compile_generate'],
+                          'What to do; compile*: compile for --topology ahead of time (retnet_jax/aot.py).')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice to compile for: v5p-32, v5e:4x4, ...')
+_DECODE_BATCH = flags.DEFINE_list('decode_batch', ['64', '256'], 'compile_generate: batch sizes.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', None, 'compile_generate: prompt length (seq_len).')
 # --mode=generate: unset values come from config.generate.
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt text to continue (repeatable).')
 _PROMPT_FILE = flags.DEFINE_string(
@@ -76,11 +83,20 @@ def main(argv):
   logging.get_absl_handler().python_handler.stream = (
       sys.stderr if _MODE.value == 'generate' else sys.stdout)
   try:
-    platform.start(_CONFIG.value.mesh)
+    if not _MODE.value.startswith('compile'):  # A compile sets up its own (deviceless) backend.
+      platform.start(_CONFIG.value.mesh)
+    if _MODE.value.startswith('compile') and not _TOPOLOGY.value:
+      raise ValueError('--mode=compile needs --topology (e.g. v5p-32, v5e-16, v4-32, v6e-8).')
     if _MODE.value == 'train':
       result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
       if result['stopped']:
         sys.exit(preemption.EXIT_PREEMPTED)
+    elif _MODE.value == 'compile':
+      aot.compile_train(_CONFIG.value, _WORKDIR.value, _TOPOLOGY.value)
+    elif _MODE.value == 'compile_generate':
+      aot.compile_generate(_CONFIG.value, _WORKDIR.value, _TOPOLOGY.value,
+                           batch_sizes=[int(b) for b in _DECODE_BATCH.value],
+                           prompt_len=_PROMPT_LEN.value, max_new_tokens=_MAX_NEW_TOKENS.value)
     elif _MODE.value == 'generate':
       generate.generate_text(
           _CONFIG.value, _WORKDIR.value, generate.read_prompts(_PROMPT.value, _PROMPT_FILE.value),

@@ -50,7 +50,7 @@ def build_setup(config, tok=None) -> model_lib.Setup:
 
 def loss_fn(params, setup: model_lib.Setup, batch, rng):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids_BT=segments, rng=rng)
+  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
   stats = metrics_lib.batch_statistics(setup, logits, batch)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
@@ -104,7 +104,7 @@ def accumulate(sums, stats):
 
 def eval_step(params, batch, *, setup: model_lib.Setup):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids_BT=segments)
+  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments)
   return metrics_lib.batch_statistics(setup, logits, batch)
 
 

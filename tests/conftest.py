@@ -1,7 +1,11 @@
 """Every test process sees 8 virtual CPU devices (sharding tests build meshes over them; the others
-use a one-device mesh, see tests/util.py)."""
+use a one-device mesh, see tests/util.py), and runs on the CPU: with the TPU library installed jax
+would otherwise try to open a TPU first (noise, and libtpu's one-process lock, which makes another
+process's TPU compile fail). Set JAX_PLATFORMS to test on an accelerator."""
 
 import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
