@@ -406,3 +406,190 @@ def main_from_flags(run: Callable[..., object], shared: dict, **kwargs) -> None:
     sys.exit(1)
   logging.info('Done in %s: see %s', metrics_lib.duration(time.perf_counter() - t0),
                os.path.join(output_dir, 'table.md'))
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeds: each variant trained once per seed, reported as mean ± standard deviation.
+
+
+def define_seeds_flag():
+  """`--seeds=0,1,2`: train every variant once per seed (config.seed); tables give mean ± std."""
+  return flags.DEFINE_list('seeds', None, 'Seeds (config.seed) to train every variant with; the '
+                           'tables then report mean ± std over them. Default: one run, the '
+                           "config's seed.")
+
+
+def parse_seeds(seeds) -> tuple[int, ...] | None:
+  """None, or the distinct integer seeds of a list / comma-separated string, in order."""
+  if seeds is None or seeds == '' or seeds == []:
+    return None
+  items = seeds.split(',') if isinstance(seeds, str) else list(seeds)
+  try:
+    out = tuple(int(str(s).strip()) for s in items if str(s).strip())
+  except ValueError as e:
+    raise ValueError(f'--seeds must be comma-separated integers; got {seeds!r}.') from e
+  if len(set(out)) != len(out):
+    raise ValueError(f'--seeds has duplicates: {seeds!r}.')
+  return out or None
+
+
+def seed_run_name(name: str, seed: int) -> str:
+  return f'{name}_seed{seed}'
+
+
+def with_seeds(variants: Sequence[Variant], seeds: Sequence[int] | None) -> list[Variant]:
+  """One variant per (variant, seed), named `<name>_seed<s>` with `seed=<s>` among its overrides;
+  the variants themselves when seeds is None (their run directories stay those of one-seed runs)."""
+  if not seeds:
+    return list(variants)
+  return [Variant(seed_run_name(v.name, s), v.config, (*v.overrides, f'seed={s}'))
+          for v in variants for s in seeds]
+
+
+def seeded_names(only: Sequence[str] | None, names: Sequence[str],
+                 seeds: Sequence[int] | None) -> list[str] | None:
+  """--only under --seeds: a variant's name stands for all its seeds' runs."""
+  if only is None or not seeds:
+    return only
+  return [m for n in only for m in ([seed_run_name(n, s) for s in seeds] if n in names else [n])]
+
+
+def by_seed(results: dict[str, dict], names: Sequence[str],
+            seeds: Sequence[int] | None) -> dict[str, dict[int | None, dict]]:
+  """{variant: {seed: result}} of the finished runs (seed None for one-seed runs)."""
+  out = {}
+  for name in names:
+    runs = ({None: results[name]} if name in results else {}) if not seeds else {
+        s: results[seed_run_name(name, s)] for s in seeds if seed_run_name(name, s) in results}
+    if runs:
+      out[name] = runs
+  return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+  """(mean, sample standard deviation (ddof 1); None for a single value)."""
+  x = np.asarray([float(v) for v in values], np.float64)
+  if x.size == 0:
+    return math.nan, None
+  return float(x.mean()), (float(x.std(ddof=1)) if x.size > 1 else None)
+
+
+def fmt_mean_std(mean: float | None, std: float | None, fmt: str = '{:.4f}') -> str:
+  if mean is None:
+    return '–'
+  return fmt.format(mean) + ('' if std is None else ' ± ' + fmt.format(std))
+
+
+def seed_rows(runs: dict[str, dict[int | None, dict]], value: Callable[[dict], float],
+              baseline: str | None = None) -> list[dict]:
+  """Per variant: mean and std of `value(result)` over its seeds, the seeds, and against
+  `baseline` the mean and std of the per-seed differences (paired by seed; seeds the baseline
+  lacks are left out of the difference)."""
+  rows = []
+  base = runs.get(baseline, {}) if baseline else {}
+  for name, per_seed in runs.items():
+    values = {s: float(value(r)) for s, r in per_seed.items()}
+    mean, std = mean_std(list(values.values()))
+    row = {'name': name, 'mean': mean, 'std': std, 'n': len(values),
+           'seeds': ','.join('–' if s is None else str(s) for s in values), 'values': values}
+    paired = [values[s] - float(value(base[s])) for s in values if s in base]
+    if baseline and paired:
+      row['delta_mean'], row['delta_std'] = mean_std(paired)
+    else:
+      row['delta_mean'] = row['delta_std'] = None
+    rows.append(row)
+  return rows
+
+
+def seed_table(rows: Sequence[dict], *, label: str, metric: str, baseline: str | None,
+               fmt: str = '{:.4f}', labels: dict[str, str] | None = None) -> str:
+  """Markdown: variant, mean ± std of the metric, Δ to the baseline ± std, seeds."""
+  lines = [f'| {label} | {metric} (mean ± std) | Δ vs {baseline or "–"} (mean ± std) | seeds |',
+           '|---|---:|---:|---:|']
+  for r in rows:
+    delta = fmt_mean_std(r['delta_mean'], r['delta_std'], '{:+.4f}') if r['delta_mean'] is not None \
+        else '–'
+    lines.append(f"| {(labels or {}).get(r['name'], r['name'])} | {fmt_mean_std(r['mean'], r['std'], fmt)} "
+                 f"| {delta} | {r['n']} ({r['seeds']}) |")
+  return '\n'.join(lines) + '\n'
+
+
+def write_seed_csv(output_dir: str, rows: Sequence[dict], name: str = 'results_seeds.csv') -> str:
+  """One line per (variant, seed): variant, seed, value; then the variant's mean, std, Δ."""
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, name)
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['variant', 'seed', 'value', 'mean', 'std', 'delta_mean', 'delta_std'])
+    for r in rows:
+      for s, v in r['values'].items():
+        writer.writerow([r['name'], '' if s is None else s, v, r['mean'],
+                         '' if r['std'] is None else r['std'],
+                         '' if r['delta_mean'] is None else r['delta_mean'],
+                         '' if r['delta_std'] is None else r['delta_std']])
+  return path
+
+
+def plot_seed_curves(runs_dirs: dict[str, Sequence[str]], path: str, *, metric: str = 'loss',
+                     title: str = '') -> str:
+  """Eval `metric` against step, one color per variant: the mean over seeds (line), the band of
+  ± one std (shaded) and each seed's points (dots); train `metric` mean as a thin line."""
+  fig, axes = new_figure(size=(7.0, 4.5))
+  ax = axes[0, 0]
+  for i, (name, dirs) in enumerate(runs_dirs.items()):
+    color = f'C{i % 10}'
+    for split, style in (('train', dict(lw=0.8, alpha=0.5)), ('eval', dict(lw=1.8))):
+      per_seed = [{r['step']: r[metric] for r in read_metrics(d).get(split, []) if metric in r}
+                  for d in dirs]
+      steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+      if not steps:
+        continue
+      values = np.asarray([[p[s] for s in steps] for p in per_seed], np.float64)
+      mean = values.mean(0)
+      ax.plot(steps, mean, color=color, label=f'{name} ({len(dirs)} seeds)' if split == 'eval'
+              else None, **style)
+      if split == 'eval':
+        if len(dirs) > 1:
+          std = values.std(0, ddof=1)
+          ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        for row in values:
+          ax.plot(steps, row, 'o', color=color, markersize=2.5, alpha=0.6)
+  ax.set_xlabel('step')
+  ax.set_ylabel(metric)
+  ax.set_title(title or f'{metric}: eval mean ± std over seeds (band), seeds (dots), train (thin)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  return save_figure(fig, path)
+
+
+def plot_seed_bars(rows: Sequence[dict], path: str, *, ylabel: str, title: str = '',
+                   labels: dict[str, str] | None = None) -> str:
+  """Mean ± std per variant (error bars) with every seed's value as a dot."""
+  fig, axes = new_figure(size=(max(5.0, 1.1 * len(rows) + 2), 4.2))
+  ax = axes[0, 0]
+  for i, r in enumerate(rows):
+    color = f'C{i % 10}'
+    ax.errorbar([i], [r['mean']], yerr=[[r['std'] or 0.0], [r['std'] or 0.0]], fmt='s',
+                color=color, capsize=5, markersize=7)
+    values = list(r['values'].values())
+    ax.plot([i + 0.12] * len(values), values, 'o', color=color, markersize=3.5, alpha=0.7)
+  ax.set_xticks(range(len(rows)))
+  ax.set_xticklabels([(labels or {}).get(r['name'], r['name']) for r in rows], rotation=20,
+                     ha='right', fontsize='small')
+  ax.set_ylabel(ylabel)
+  ax.set_title(title or f'{ylabel}: mean ± std over seeds (dots: seeds)')
+  ax.grid(alpha=0.3, axis='y')
+  return save_figure(fig, path)
+
+
+def matched_transformer_overrides(retnet_config) -> tuple[str, ...]:
+  """Overrides that make configs/transformer_tiny.py (after the same overrides as `retnet_config`)
+  the Transformer with retnet_config's parameter count: value_dim = embed_dim and the FFN width
+  of transformer_tiny.matched_ffn_dim."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'transformer_tiny', os.path.join(ROOT, 'configs', 'transformer_tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  ffn = module.matched_ffn_dim(retnet_config.model.to_dict())
+  return ('model.value_dim=None', f'model.ffn_dim={ffn}')

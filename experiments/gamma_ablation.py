@@ -9,6 +9,10 @@ interrupted run and skips finished ones (see experiments/common.py). `--only=lm,
 subset (e.g. one schedule per process or machine, into the same workdir); the tables use every
 finished run.
 `--quick` shrinks the model and the run (common.TINY_QUICK); `--steps` sets total_steps.
+`--seeds=0,1,2` trains every schedule once per seed (into `<workdir>/<schedule>_seed<s>`, resumable
+the same way); the table then gives the mean ± std over seeds of each schedule's final loss and its
+difference to `retnet` (paired by seed), results_seeds.csv every seed's value, and the plots the
+spread (loss_curves.png: mean and ± std band; loss_by_schedule.png: mean ± std with the seeds).
 
 Writes into --output_dir:
   table.md, results.csv   schedule, final eval loss (nats/token), bits per byte, steps
@@ -58,15 +62,29 @@ def shared_overrides(quick: bool, steps: int | None, overrides: Sequence[str] = 
           + tuple(overrides))
 
 
+SEED_COLUMNS = (common.Column('schedule', 'schedule'),
+                common.Column('loss_mean', 'final eval loss (nats)', '{:.4f}'),
+                common.Column('loss_std', '± std', '{:.4f}'),
+                common.Column('bpb_mean', 'bits/byte', '{:.4f}'),
+                common.Column('bpb_std', '± std', '{:.4f}'),
+                common.Column('delta_mean', 'Δ vs retnet', '{:+.4f}'),
+                common.Column('delta_std', '± std', '{:.4f}'),
+                common.Column('seeds', 'seeds'), common.Column('steps', 'steps'))
+
+
 def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
         workdir: str | None = None, only: Sequence[str] | None = None,
         overrides: Sequence[str] = (), schedules: Sequence[str] = SCHEDULES,
-        config: str = CONFIG) -> list[dict]:
+        config: str = CONFIG, seeds=None) -> list[dict]:
   """Trains the schedules (skipping finished runs), writes the table and plots; returns the rows."""
   overrides = shared_overrides(quick, steps, overrides)
   base = common.build_config(common.Variant('base', config), overrides)
   runs = common.runs_dir(output_dir, workdir)
   todo = variants(schedules, base.total_steps, config)
+  seeds = common.parse_seeds(seeds)
+  if seeds:
+    return run_seeds(output_dir, todo, runs, base, seeds, quick=quick, overrides=overrides,
+                     only=only, config=config)
   results = common.run_variants(todo, runs, overrides=overrides, only=only)
   rows = [{'schedule': name, 'final_eval_loss': r['eval']['loss'],
            'bits_per_byte': r['eval'].get('bits_per_byte'), 'steps': r['steps']}
@@ -84,6 +102,50 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
                             notes=[note], extra_markdown=gamma_table(gammas))
   common.plot_curves({n: common.read_metrics(os.path.join(runs, n)) for n in results},
                      os.path.join(output_dir, 'loss_curves.png'), title='Loss per γ schedule')
+  plot_decay_per_head(gammas, base.seq_len, os.path.join(output_dir, 'decay_per_head.png'))
+  if trajectory is not None:
+    plot_learnable(*trajectory, os.path.join(output_dir, 'learnable_gamma.png'))
+  logging.info('\n%s', text)
+  common.check_finite(results)
+  return rows
+
+
+def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, config) -> list[dict]:
+  """`run` with --seeds: every schedule per seed; mean ± std tables and plots with the spread."""
+  results = common.run_variants(common.with_seeds(todo, seeds), runs, overrides=overrides,
+                                only=common.seeded_names(only, [v.name for v in todo], seeds))
+  grouped = common.by_seed(results, [v.name for v in todo], seeds)
+  baseline = 'retnet' if 'retnet' in grouped else None
+  loss = common.seed_rows(grouped, lambda r: r['eval']['loss'], baseline)
+  bpb = {r['name']: r for r in common.seed_rows(grouped, lambda r: r['eval']['bits_per_byte'])}
+  rows = [{'schedule': r['name'], 'loss_mean': r['mean'], 'loss_std': r['std'],
+           'bpb_mean': bpb[r['name']]['mean'], 'bpb_std': bpb[r['name']]['std'],
+           'delta_mean': r['delta_mean'], 'delta_std': r['delta_std'], 'seeds': r['seeds'],
+           'steps': max(x['steps'] for x in grouped[r['name']].values())} for r in loss]
+  configs = {v.name: common.build_config(v, overrides) for v in todo if v.name in grouped}
+  gammas, trajectory = {}, None
+  for name, c in configs.items():
+    if name == 'learnable':
+      trajectory = common.learned_gamma_trajectory(
+          os.path.join(runs, common.seed_run_name(name, min(grouped[name]))))
+      gammas[name] = trajectory[1][-1]
+    else:
+      gammas[name] = config_lib.model_config(c).gammas()[None, :]
+  note = (f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, width '
+          f'{base.model.embed_dim}, {base.model.num_heads} heads, {base.total_steps} steps of '
+          f'{base.batch_size}×{base.seq_len} tokens; loss on the held-out split ('
+          f'{base.data.num_eval_batches} batches at most). Mean ± sample std over seeds '
+          f'{",".join(map(str, seeds))}; Δ: the mean and std of the per-seed differences to retnet '
+          '(same seed: same initialisation draw and data order). learnable γ: the lowest seed.')
+  text = common.write_table(output_dir, rows, SEED_COLUMNS,
+                            title='Decay (γ) schedule ablation, over seeds', notes=[note],
+                            extra_markdown=gamma_table(gammas))
+  common.write_seed_csv(output_dir, loss)
+  dirs = {n: [os.path.join(runs, common.seed_run_name(n, s)) for s in per] for n, per in grouped.items()}
+  common.plot_seed_curves(dirs, os.path.join(output_dir, 'loss_curves.png'),
+                          title='Loss per γ schedule (mean ± std over seeds)')
+  common.plot_seed_bars(loss, os.path.join(output_dir, 'loss_by_schedule.png'),
+                        ylabel='final eval loss (nats)')
   plot_decay_per_head(gammas, base.seq_len, os.path.join(output_dir, 'decay_per_head.png'))
   if trajectory is not None:
     plot_learnable(*trajectory, os.path.join(output_dir, 'learnable_gamma.png'))
@@ -159,8 +221,9 @@ def main() -> None:
   shared = common.define_flags()
   schedules = flags.DEFINE_list('schedules', list(SCHEDULES), 'Schedules to compare.')
   config = flags.DEFINE_string('config', CONFIG, 'Config file whose `gamma=` argument is varied.')
+  seeds = common.define_seeds_flag()
   app.run(lambda argv: common.main_from_flags(run, shared, schedules=schedules.value,
-                                              config=config.value))
+                                              config=config.value, seeds=seeds.value))
 
 
 if __name__ == '__main__':

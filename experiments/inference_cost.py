@@ -87,23 +87,20 @@ def context_state(setup, batch: int, context: int, new_tokens: int, key):
 
   @jax.jit
   def make(key):
-    state = {'offset': jnp.asarray(context, jnp.int32), 'segment': jnp.ones((batch,), jnp.int32)}
-    for name in ('retention', 'k', 'v'):
-      if name in shapes:
-        key, sub = jax.random.split(key)
-        s = shapes[name]
-        x = 0.1 * jax.random.normal(sub, s.shape, jnp.float32)
-        if name != 'retention':  # Only the first `context` cache positions are written.
-          # k [L, B, H, K, S], v [L, B, H, S, K] (model.Attention).
-          pos = jnp.arange(context + new_tokens)
-          pos = pos if name == 'k' else pos[:, None]
-          x = jnp.where(pos < context, x, 0.0)
-        state[name] = x.astype(s.dtype)
-    if 'segments' in shapes:
-      state['segments'] = jnp.broadcast_to(
-          (jnp.arange(shapes['segments'].shape[1]) < context).astype(jnp.int32)[None],
-          shapes['segments'].shape)
-    return state
+    def fill(path, s):
+      name = getattr(path[-1], 'name', '') if path else ''
+      if name == 'segment_ids':  # [L, B, S]: the first `context` positions hold segment 1.
+        return jnp.broadcast_to((jnp.arange(s.shape[-1]) < context).astype(s.dtype), s.shape)
+      x = 0.1 * jax.random.normal(jax.random.fold_in(key, ('k', 'v').index(name) if name in ('k', 'v') else 2), s.shape, jnp.float32)
+      if name in ('k', 'v'):  # Only the first `context` cache positions are written.
+        # k [L, B, H, K, S], v [L, B, H, S, K] (model.KVCache).
+        pos = jnp.arange(context + new_tokens)
+        x = jnp.where((pos if name == 'k' else pos[:, None]) < context, x, 0.0)
+      return x.astype(s.dtype)
+
+    return shapes._replace(offset=jnp.asarray(context, jnp.int32),
+                           segment=jnp.ones((batch,), jnp.int32),
+                           layers=jax.tree_util.tree_map_with_path(fill, shapes.layers))
 
   return make(key)
 
@@ -115,15 +112,14 @@ class Case:
     self.name, self.setup, self.params = name, setup, params
     self.context, self.batch, self.new_tokens = context, batch, new_tokens
     self.state = context_state(setup, batch, context, new_tokens, key)
-    self.state_bytes = tree_bytes({k: v for k, v in self.state.items()
-                                   if k not in ('offset', 'segment')})
+    self.state_bytes = tree_bytes(self.state.layers)
     vocab = setup.model_config.vocab_size
     self.logits = jax.random.normal(jax.random.fold_in(key, 1), (batch, vocab), jnp.float32)
     self.done = jnp.zeros((batch,), bool)
     self.knobs = generate._knobs(0.0, 0, 1.0, 0, (), 0)  # pylint: disable=protected-access
     self.args = (jnp.asarray(0, jnp.int32), jnp.asarray(new_tokens, jnp.int32), self.knobs)
     # The executable depends only on shapes: RetNet's is shared by every context.
-    shape_key = (name, batch, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(self.state.items())))
+    shape_key = (name, batch, tuple((v.shape, str(v.dtype)) for v in jax.tree.leaves(self.state)))
     if shape_key not in compiled_cache:
       compiled_cache[shape_key] = generate.decode.lower(
           setup.graphdef, params, self.state, self.logits, self.done, *self.args,
@@ -142,7 +138,7 @@ class Case:
     if steps != self.new_tokens:
       raise RuntimeError(f'decoded {steps} tokens, expected {self.new_tokens}.')
     # Continue from the same context next time (the state was donated; its offset moved on).
-    self.state = {**out[2], 'offset': jnp.asarray(self.context, jnp.int32)}
+    self.state = out[2]._replace(offset=jnp.asarray(self.context, jnp.int32))
     return elapsed
 
   def record(self) -> dict:

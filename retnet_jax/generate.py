@@ -101,7 +101,7 @@ def prefill(graphdef, params, tokens_BP, segments_BP, *, form='chunkwise', max_l
   TRACES['prefill'] += 1
   model = nnx.merge(graphdef, params)
   state = model.init_state(tokens_BP.shape[0], max_len)
-  logits_BPV, state = model(tokens_BP, state, mode=form, segment_ids_BT=segments_BP)
+  logits_BPV, state = model(tokens_BP, state, form=form, segment_ids=segments_BP)
   return logits_BPV[:, -1], state
 
 
@@ -134,7 +134,7 @@ def decode(graphdef, params, state, logits_BV, done_B, step0, num_steps, knobs, 
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
     length_B = length_B + (~done_B).astype(jnp.int32)
     done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
-    logits_B1V, state = model(token_B[:, None], state, mode='recurrent')
+    logits_B1V, state = model(token_B[:, None], state, form='recurrent')
     return i + 1, state, logits_B1V[:, 0], done_B, out_BN, length_B
 
   out_BN = jnp.full((B, out_len), knobs['pad_id'], jnp.int32)

@@ -6,17 +6,21 @@
 `kind='transformer'` swaps retention for causal softmax attention with a KV cache and keeps
 everything else (embedding, pre-norm, SwiGLU FFN, rotary positions, head).
 
-Both run as `model(tokens_BT, state=None, mode=...) -> (logits_BTV float32, state)`, where `state`
-is a pytree carrying each layer's recurrent state (RetNet: [L, B, H, K, V]; Transformer: the KV
-cache) and the position offset, so that the logits of x[:n] and then of x[n:] with the carried
-state equal the logits of x.
+Both run as `model(tokens, state=None, *, form=None, segment_ids=None, rng=None) -> (logits
+[B, T, vocab] float32, state)`, where `state` is a typed decoding state (`RetNetState`,
+`TransformerState`: the position offset, each row's last segment id and the stacked layers' mixer
+states), so that the logits of x[:n] and then of x[n:] with the carried state equal those of x.
+
+The two mixers, `MultiScaleRetention` and `Attention`, share one interface: `init_state(batch,
+max_len)` and `mixer(x, state, *, positions, segment_ids, prev_segment, form) -> (y, state)`; each
+builds its own resets or masks. `Block` and `Model` only look the mixer up by kind (`MIXERS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +29,7 @@ from flax import nnx
 
 from retnet_jax import decay
 from retnet_jax import retention
+from retnet_jax import retention_ops
 from retnet_jax import sharding
 
 F32 = jnp.float32
@@ -57,8 +62,9 @@ class ModelConfig:
   gamma_init: str = 'retnet'
   form: str = 'chunkwise'  # Default retention form: 'parallel' | 'chunkwise' | 'recurrent'.
   chunk_size: int = 64
-  # Chunkwise implementation: 'auto' (the fused Pallas kernel on GPU/TPU where it applies, else
-  # XLA), 'xla', or 'pallas' (interpreted on CPU: slow, for tests).
+  # Chunkwise implementation (retention_ops): 'auto' (the fused Pallas kernel on GPU/TPU where it
+  # applies, else XLA), 'xla', 'pallas' (interpreted on CPU: slow, for tests), or 'skip'
+  # (benchmarks only: o = v, the step without the retention operator).
   retention_impl: str = 'auto'
   # Rotary angles on q and k: 'interleaved' pairs (torchscale), 'half'-split (fla), or 'none';
   # frequencies 'torchscale' (θ_i = base^−linspace(0, 1, K/2)) or 'standard' (θ_i = base^(−2i/K)).
@@ -102,8 +108,8 @@ class ModelConfig:
     need(self.ffn_activation in ('swish', 'gelu'),
          f"ffn_activation must be 'swish' or 'gelu'; got {self.ffn_activation!r}.")
     need(self.form in retention.FORMS, f'form must be one of {sorted(retention.FORMS)}.')
-    need(self.retention_impl in retention.IMPLS,
-         f'retention_impl must be one of {retention.IMPLS}; got {self.retention_impl!r}.')
+    need(self.retention_impl in retention_ops.IMPLS,
+         f'retention_impl must be one of {retention_ops.IMPLS}; got {self.retention_impl!r}.')
     need(self.remat in REMAT_POLICIES, f'remat must be one of {sorted(REMAT_POLICIES)}.')
     need(self.dtype in DTYPES and self.param_dtype in DTYPES, f'dtypes must be among {DTYPES}.')
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1); got {self.dropout}.')
@@ -152,8 +158,8 @@ def _param(rngs, init, shape, axes, dtype):
 def dense(x, w, dtype, in_dims=1, out_dtype=None):
   """x [..., *w.shape[:in_dims]] · w [*in, *out] -> [..., *out], as one 2-D matmul over all tokens.
 
-  XLA:CPU lays 3-D einsum operands out transposed in the backward pass, which made the layer's
-  gradient ~1.7× slower than this form; accelerators run both alike.
+  XLA:CPU lays 3-D einsum operands out transposed in the backward pass, which makes the layer's
+  gradient slower than this form (README, Performance); accelerators run both alike.
   """
   in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]
@@ -241,8 +247,24 @@ class MultiScaleRetention(nnx.Module):
       return -jnp.exp(self.decay_log_rate[...].astype(F32))
     return jnp.asarray(np.log(self.cfg.gammas()), F32)
 
-  def __call__(self, x_BTD, state_BHKV, *, sin, cos, reset_BT, positions_T, form):
+  def init_state(self, batch: int, max_len: int | None = None) -> jax.Array:
+    """The empty retention state [B, H, K, V] float32 (it has no length: max_len is unused)."""
+    cfg = self.cfg
+    return retention.zero_state(batch, cfg.num_heads, cfg.head_dim, cfg.value_head_dim)
+
+  def __call__(self, x_BTD, state, *, positions, segment_ids, prev_segment, form):
+    """Returns (y [B, T, D], the state [B, H, K, V] after x).
+
+    state: None (zero) or [B, H, K, V]. positions [T]: global token positions (rotary angles).
+    segment_ids [B, T] or None: the state resets where the id changes, also against prev_segment
+    [B], the id of the token before x. form: the retention form.
+    """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    positions_T = positions
+    reset_BT = None
+    if segment_ids is not None:
+      reset_BT = segment_ids != jnp.concatenate([prev_segment[:, None], segment_ids[:, :-1]], 1)
+    sin, cos = rotary_angles(cfg, positions_T)
     proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk) * cfg.head_dim**-0.5, sin, cos, cfg.rotary)
@@ -250,19 +272,10 @@ class MultiScaleRetention(nnx.Module):
     q_BTHK, k_BTHK, v_BTHV = (sharding.constrain(a, ('batch', 'length', 'heads', 'kv'))
                               for a in (q_BTHK, k_BTHK, v_BTHV))
     log_gamma_H = self.log_gamma()
-    impl = cfg.retention_impl if form == 'chunkwise' else 'auto'
-    run = lambda q, k, v, g, s, reset=None: retention.retention(
-        q, k, v, g, s, form=form, chunk_size=cfg.chunk_size, reset_BT=reset, impl=impl)
-    resets = () if reset_BT is None else (reset_BT,)  # shard_map takes arrays, not None.
-    if retention.runs_kernel(q_BTHK, v_BTHV, form, cfg.chunk_size, impl):
-      # The compiler does not partition a Pallas call: run it on each shard of batch and heads.
-      if state_BHKV is None:
-        B, _, H, K = q_BTHK.shape
-        state_BHKV = retention.zero_state(B, H, K, v_BTHV.shape[-1])
-      bthk, bhkv = ('batch', None, 'heads', None), ('batch', 'heads', None, None)
-      in_axes = (bthk, bthk, bthk, ('heads',), bhkv) + (('batch', None),) * len(resets)
-      run = sharding.per_shard(run, in_axes, (bthk, bhkv))
-    o_BTHV, state_BHKV = run(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, *resets)
+    impl = cfg.retention_impl if form == 'chunkwise' or cfg.retention_impl == 'skip' else 'auto'
+    o_BTHV, state_BHKV = retention_ops.retention(
+        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state, reset=reset_BT, form=form,
+        chunk_size=cfg.chunk_size, impl=impl)
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
       n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0
@@ -290,42 +303,68 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, init, (D, H, K), ('embed', 'heads', 'kv'), pd)
     self.wo = _param(rngs, _xavier(1.0, (0, 1), 2), (H, K, D), ('heads', 'kv', 'embed'), pd)
 
-  def __call__(self, x_BTD, cache, *, sin, cos, mask_BTS, offset):
-    """Returns (y, the new tokens' {'k', 'v'}) in the cache's layout (`write_cache`).
+  def init_state(self, batch: int, max_len: int | None = None) -> 'KVCache':
+    """An empty KV cache of max_len positions (required: the cache has a length)."""
+    if max_len is None:
+      raise ValueError('the Transformer needs max_len to allocate its KV cache.')
+    cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    bh = (batch, cfg.num_heads)
+    return KVCache(k=jnp.zeros(bh + (cfg.head_dim, max_len), dt),
+                   v=jnp.zeros(bh + (max_len, cfg.head_dim), dt),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32))
 
-    cache: None (attend within x) or {'k': [B, H, K, S], 'v': [B, H, S, K]}: attends over it with
-    the new tokens written at [offset, offset + T).
+  def __call__(self, x_BTD, state, *, positions, segment_ids, prev_segment, form=None):
+    """Returns (y [B, T, D], the cache after x).
+
+    state: None (attend within x; the returned cache holds x's tokens only) or a `KVCache`: attends
+    over it with x written at [positions[0], positions[0] + T). segment_ids [B, T] or None (all
+    tokens continue prev_segment [B]): tokens attend only within their segment. form: unused.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    positions_T = positions
+    B, T = x_BTD.shape[:2]
+    if segment_ids is None:
+      segment_ids = jnp.broadcast_to(prev_segment[:, None], (B, T))
+    sin, cos = rotary_angles(cfg, positions_T)
     proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk), sin, cos, cfg.rotary)
     v_BTHK = proj(self.wv)
-    new = {'k': k_BTHK.transpose(0, 2, 3, 1), 'v': v_BTHK.transpose(0, 2, 1, 3)}
-    if cache is None:  # Training: attend within x, in x's own layout.
+    new = KVCache(k=k_BTHK.transpose(0, 2, 3, 1), v=v_BTHK.transpose(0, 2, 1, 3),
+                  segment_ids=segment_ids)
+    if state is None:  # Training: attend within x, in x's own layout.
+      cache = new
       scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BTHK, preferred_element_type=F32)
       attend = lambda p_BHTS: jnp.einsum('bhts,bshk->bthk', p_BHTS, v_BTHK)
+      valid_TS = jnp.tril(jnp.ones((T, T), bool))
     else:
-      full = write_cache(cache, new, offset)
-      k_BHKS, v_BHSK = full['k'].astype(dt), full['v'].astype(dt)
+      cache = write_cache(state, new, positions_T[0])
+      k_BHKS, v_BHSK = cache.k.astype(dt), cache.v.astype(dt)
       scores_BHTS = jnp.einsum('bthk,bhks->bhts', q_BTHK, k_BHKS, preferred_element_type=F32)
       attend = lambda p_BHTS: jnp.einsum('bhts,bhsk->bthk', p_BHTS, v_BHSK)
+      valid_TS = jnp.arange(cache.segment_ids.shape[1])[None, :] <= positions_T[:, None]
+    mask_BTS = valid_TS[None] & (segment_ids[:, :, None] == cache.segment_ids[:, None, :])
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5, -1e30)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
     o_BTHK = attend(probs_BHTS.astype(dt))
     y_BTD = dense(o_BTHK, self.wo[...], dt, in_dims=2)
-    return y_BTD, new
+    return y_BTD, cache
 
 
-def write_cache(cache, new, offset):
-  """Writes T new tokens into a KV cache at positions [offset, offset + T).
+class KVCache(NamedTuple):
+  """One attention layer's cache: k [B, H, K, S], v [B, H, S, K] (the layouts a decoding step's two
+  matmuls read without a transpose) and each position's segment id [B, S] int32."""
+  k: jax.Array
+  v: jax.Array
+  segment_ids: jax.Array
 
-  The cache holds k as [..., B, H, K, S] and v as [..., B, H, S, K]: the layouts in which a
-  decoding step's two matmuls read it without a transpose. A stacked [L, ...] cache works alike.
-  """
+
+def write_cache(cache: KVCache, new: KVCache, offset) -> KVCache:
+  """Writes T new tokens into a KV cache at positions [offset, offset + T) (a stacked [L, ...]
+  cache works alike)."""
   write = lambda c, x, axis: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), offset, axis)
-  return {'k': write(cache['k'], new['k'], cache['k'].ndim - 1),
-          'v': write(cache['v'], new['v'], cache['v'].ndim - 2)}
+  return KVCache(k=write(cache.k, new.k, cache.k.ndim - 1), v=write(cache.v, new.v, cache.v.ndim - 2),
+                 segment_ids=write(cache.segment_ids, new.segment_ids, cache.segment_ids.ndim - 1))
 
 
 class FeedForward(nnx.Module):
@@ -349,30 +388,52 @@ class FeedForward(nnx.Module):
     return dense(h_BTF, self.w_down[...], dt)
 
 
+# The mixer of each kind: (its attribute name in a Block, its class). The attribute names are the
+# parameter paths ('blocks/retention/wq') that checkpoints and the converters use.
+MIXERS = {'retnet': ('retention', MultiScaleRetention), 'transformer': ('attention', Attention)}
+
+
 class Block(nnx.Module):
-  """Pre-norm residual block: mixer (retention or attention), then the FFN."""
+  """Pre-norm residual block: the kind's mixer (retention or attention), then the FFN."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = jnp.dtype(cfg.param_dtype)
     self.mixer_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pd)
-    if cfg.kind == 'retnet':
-      self.retention = MultiScaleRetention(cfg, rngs=rngs)
-    else:
-      self.attention = Attention(cfg, rngs=rngs)
+    name, mixer_class = MIXERS[cfg.kind]
+    setattr(self, name, mixer_class(cfg, rngs=rngs))
     self.ffn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pd)
     self.ffn = FeedForward(cfg, rngs=rngs)
 
+  @property
+  def mixer(self):
+    return getattr(self, MIXERS[self.cfg.kind][0])
+
   def __call__(self, x_BTD, layer_state, ctx, dropout_key=None):
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    h = self.mixer_norm(x_BTD)
-    if self.cfg.kind == 'retnet':
-      h, layer_state = self.retention(h, layer_state, **ctx)
-    else:
-      h, layer_state = self.attention(h, layer_state, **ctx)
+    h, layer_state = self.mixer(self.mixer_norm(x_BTD), layer_state, **ctx)
     x_BTD = x_BTD + _dropout(h, self.cfg.dropout, keys[0])
     x_BTD = x_BTD + _dropout(self.ffn(self.ffn_norm(x_BTD)), self.cfg.dropout, keys[1])
     return sharding.constrain(x_BTD, ('batch', 'length', 'embed')), layer_state
+
+
+class RetNetState(NamedTuple):
+  """RetNet's decoding state: offset [] int32 (tokens so far), segment [B] int32 (each row's last
+  segment id), layers [L, B, H, K, V] float32 (each layer's retention state)."""
+  offset: jax.Array
+  segment: jax.Array
+  layers: jax.Array
+
+
+class TransformerState(NamedTuple):
+  """The Transformer's decoding state: offset, segment as in `RetNetState`; layers: a `KVCache`
+  stacked over layers (k [L, B, H, K, S], v [L, B, H, S, K], segment_ids [L, B, S])."""
+  offset: jax.Array
+  segment: jax.Array
+  layers: KVCache
+
+
+STATES = {'retnet': RetNetState, 'transformer': TransformerState}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,47 +462,39 @@ class Model(nnx.Module):
     self.head = None if cfg.tie_embeddings else _param(rngs, normal, (D, cfg.vocab_size),
                                                         ('embed', 'vocab'), pd)
 
-  def init_state(self, batch_size: int, max_len: int | None = None) -> dict[str, Any]:
-    """The empty decoding state. RetNet needs no max_len; the Transformer's cache holds max_len."""
-    cfg, L = self.cfg, self.cfg.num_layers
-    state = {'offset': jnp.zeros((), jnp.int32), 'segment': jnp.zeros((batch_size,), jnp.int32)}
-    if cfg.kind == 'retnet':
-      shape = (L, batch_size, cfg.num_heads, cfg.head_dim, cfg.value_head_dim)
-      state['retention'] = jnp.zeros(shape, F32)
-    else:
-      if max_len is None:
-        raise ValueError('the Transformer needs max_len to allocate its KV cache.')
-      lbh, dt = (L, batch_size, cfg.num_heads), jnp.dtype(cfg.dtype)
-      state['k'] = jnp.zeros(lbh + (cfg.head_dim, max_len), dt)  # [L, B, H, K, S] (write_cache)
-      state['v'] = jnp.zeros(lbh + (max_len, cfg.head_dim), dt)  # [L, B, H, S, K]
-      state['segments'] = jnp.zeros((batch_size, max_len), jnp.int32)
-    return state
+  def init_state(self, batch: int, max_len: int | None = None):
+    """The empty decoding state (`STATES[kind]`). RetNet needs no max_len; the Transformer's cache
+    holds max_len positions."""
+    cfg = self.cfg
+    one = self.blocks.mixer.init_state(batch, max_len)
+    layers = jax.tree.map(lambda x: jnp.zeros((cfg.num_layers,) + x.shape, x.dtype), one)
+    return STATES[cfg.kind](offset=jnp.zeros((), jnp.int32),
+                            segment=jnp.zeros((batch,), jnp.int32), layers=layers)
 
-  def __call__(self, tokens_BT, state=None, *, mode: str | None = None, segment_ids_BT=None,
-               rng=None):
+  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None):
     """Logits [B, T, vocab] float32 and the state after the last token.
 
-    mode: the retention form ('parallel' | 'chunkwise' | 'recurrent'; default cfg.form).
-    segment_ids_BT: document ids; the state resets (attention is masked) where the id changes,
-      also against the last id of the carried state. Left-padded prompts use 0 for padding.
+    tokens [B, T] int. state: None (empty) or this model's decoding state (`init_state`).
+    form: the retention form ('parallel' | 'chunkwise' | 'recurrent'; default cfg.form).
+    segment_ids [B, T] int: document ids; the state resets (attention is masked) where the id
+      changes, also against the last id of the carried state. Left-padded prompts use 0 for padding.
     rng: a PRNG key for dropout (None: deterministic).
     """
-    cfg = self.cfg
-    mode = cfg.form if mode is None else mode
-    if mode not in retention.FORMS:
-      raise ValueError(f'mode must be one of {sorted(retention.FORMS)}; got {mode!r}.')
+    cfg, tokens_BT = self.cfg, tokens
+    form = cfg.form if form is None else form
+    if form not in retention.FORMS:
+      raise ValueError(f'form must be one of {sorted(retention.FORMS)}; got {form!r}.')
     B, T = tokens_BT.shape
-    offset = jnp.zeros((), jnp.int32) if state is None else state['offset']
+    offset = jnp.zeros((), jnp.int32) if state is None else state.offset
     positions_T = offset + jnp.arange(T, dtype=jnp.int32)
-    sin, cos = rotary_angles(cfg, positions_T)
-    if segment_ids_BT is None:
-      prev_B = jnp.zeros((B,), jnp.int32) if state is None else state['segment']
-      segment_ids_BT = jnp.broadcast_to(prev_B[:, None], (B, T))
-      reset_BT = None
+    segment_ids_BT = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    if state is not None:
+      prev_B = state.segment
+    elif segment_ids_BT is not None:
+      prev_B = segment_ids_BT[:, 0]
     else:
-      segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
-      prev_B = segment_ids_BT[:, 0] if state is None else state['segment']
-      reset_BT = segment_ids_BT != jnp.concatenate([prev_B[:, None], segment_ids_BT[:, :-1]], 1)
+      prev_B = jnp.zeros((B,), jnp.int32)
+    last_B = prev_B if segment_ids_BT is None else segment_ids_BT[:, -1]
 
     # Gather from the whole table (as FSDP gathers every weight): a lookup into a table sharded
     # over vocab and embed makes the partitioner rematerialise the output.
@@ -450,30 +503,14 @@ class Model(nnx.Module):
     keys = (None, None) if rng is None else jax.random.split(rng)
     x_BTD = sharding.constrain(_dropout(x_BTD, cfg.dropout, keys[0]), ('batch', 'length', 'embed'))
 
-    new_state = {'offset': offset + T, 'segment': segment_ids_BT[:, -1]}
-    if cfg.kind == 'retnet':
-      ctx = dict(sin=sin, cos=cos, reset_BT=reset_BT, positions_T=positions_T, form=mode)
-      layer_states = None if state is None else state['retention']
-      x_BTD, new_state['retention'] = self._run_blocks(x_BTD, layer_states, ctx, keys[1])
-    else:
-      if state is None:
-        cache, seg_BS = None, segment_ids_BT
-        valid_TS = jnp.tril(jnp.ones((T, T), bool))
-      else:
-        cache = {'k': state['k'], 'v': state['v']}
-        seg_BS = jax.lax.dynamic_update_slice_in_dim(state['segments'], segment_ids_BT, offset, 1)
-        new_state['segments'] = seg_BS
-        valid_TS = jnp.arange(seg_BS.shape[1])[None, :] <= positions_T[:, None]
-      mask_BTS = valid_TS[None] & (segment_ids_BT[:, :, None] == seg_BS[:, None, :])
-      ctx = dict(sin=sin, cos=cos, mask_BTS=mask_BTS, offset=offset)
-      # The layers return only their new tokens' k and v; one write puts them into the cache.
-      x_BTD, new = self._run_blocks(x_BTD, cache, ctx, keys[1])
-      new_state.update(new if cache is None else write_cache(cache, new, offset))
-      new_state.setdefault('segments', segment_ids_BT)
+    ctx = dict(positions=positions_T, segment_ids=segment_ids_BT, prev_segment=prev_B, form=form)
+    layer_states = None if state is None else state.layers
+    x_BTD, layers = self._run_blocks(x_BTD, layer_states, ctx, keys[1])
 
     x_BTD = self.final_norm(x_BTD)
     head = self.embed[...].T if self.head is None else self.head[...]
     logits_BTV = dense(x_BTD, head, x_BTD.dtype, out_dtype=F32)
+    new_state = STATES[cfg.kind](offset=offset + T, segment=last_B, layers=layers)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
 
   def _run_blocks(self, x_BTD, layer_states, ctx, rng):

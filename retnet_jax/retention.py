@@ -14,6 +14,9 @@ per-(head, position) scalars that the layer's per-head norm cancels.
 of packed sequences, the first real token of a left-padded prompt. Decay exponents only ever appear as
 γ^n with n ≥ 0, so nothing overflows however long the sequence or slow the decay.
 
+The kernels (`retention_pallas`) and the one dispatcher that picks a form and an implementation
+(`retention_ops.retention`) sit above this module; it imports neither.
+
 The decay enters only through `_decay_exponent` and the `γ^n` helpers below, so a per-token decay
 [B, T, H] can later replace `log_gamma` [H] without changing the callers.
 """
@@ -26,8 +29,8 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
-def _check(q, k, v, log_gamma, state, reset):
-  """Validates shapes; returns (B, T, H, K, V)."""
+def check_shapes(q, k, v, log_gamma, state=None, reset=None):
+  """Validates the shapes of a retention call's arguments; returns (B, T, H, K, V)."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f'q, k, v must be [B, T, H, K|V]; got {q.shape}, {k.shape}, {v.shape}.')
   B, T, H, K = q.shape
@@ -44,6 +47,7 @@ def _check(q, k, v, log_gamma, state, reset):
 
 
 def zero_state(batch: int, num_heads: int, key_dim: int, value_dim: int) -> jax.Array:
+  """The empty state [B, H, K, V] float32."""
   return jnp.zeros((batch, num_heads, key_dim, value_dim), F32)
 
 
@@ -60,14 +64,15 @@ def _decay_matrix(log_gamma_H, length):
   return jnp.where((diff_TS >= 0)[..., None], d_TSH, 0.0).transpose(2, 0, 1)
 
 
-def _segments(reset_BT):
+def segments(reset_BT):
   """Segment index of each token: the number of resets at or before it. [B, T] int32."""
   return jnp.cumsum(reset_BT.astype(jnp.int32), axis=-1)
 
 
-def parallel(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, reset_BT=None):
+def parallel(q, k, v, log_gamma, state=None, *, reset=None):
   """Parallel form, (Q Kᵀ ⊙ D) V (eq. 5), plus the initial state's contribution."""
-  B, T, H, K, V = _check(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
+  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
+  B, T, H, K, V = check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
   dtype = v_BTHV.dtype
   t = jnp.arange(T)
   scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BTHK, preferred_element_type=F32)
@@ -77,7 +82,7 @@ def parallel(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, reset_BT=None
   k_weight_BTH = jnp.broadcast_to(_pow(log_gamma_H, T - 1 - t), (B, T, H))
   carry_weight_BH = jnp.broadcast_to(_pow(log_gamma_H, T), (B, H))
   if reset_BT is not None:
-    seg_BT = _segments(reset_BT)
+    seg_BT = segments(reset_BT)
     decay_BHTS = decay_BHTS * (seg_BT[:, :, None] == seg_BT[:, None, :])[:, None]
     q_weight_BTH = q_weight_BTH * (seg_BT == 0)[..., None]
     k_weight_BTH = k_weight_BTH * (seg_BT == seg_BT[:, -1:])[..., None]
@@ -93,8 +98,12 @@ def parallel(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, reset_BT=None
   return o_BTHV.astype(dtype), final_BHKV
 
 
-def step(q_BHK, k_BHK, v_BHV, log_gamma_H, state_BHKV, reset_B=None):
-  """One token of the recurrent form (eq. 6): S ← γ S + kᵀv; o = q S. Returns (o [B, H, V], S)."""
+def step(q, k, v, log_gamma, state, *, reset=None):
+  """One token of the recurrent form (eq. 6): S ← γ S + kᵀv; o = q S.
+
+  q, k [B, H, K]; v [B, H, V]; state [B, H, K, V]; reset [B] bool. Returns (o [B, H, V], S).
+  """
+  q_BHK, k_BHK, v_BHV, log_gamma_H, state_BHKV, reset_B = q, k, v, log_gamma, state, reset
   gamma_BH = jnp.broadcast_to(jnp.exp(log_gamma_H.astype(F32)), q_BHK.shape[:2])
   if reset_B is not None:
     gamma_BH = jnp.where(reset_B[:, None], 0.0, gamma_BH)
@@ -104,9 +113,10 @@ def step(q_BHK, k_BHK, v_BHV, log_gamma_H, state_BHKV, reset_B=None):
   return o_BHV.astype(v_BHV.dtype), state_BHKV
 
 
-def recurrent(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, reset_BT=None):
+def recurrent(q, k, v, log_gamma, state=None, *, reset=None):
   """Recurrent form (eq. 6): a `lax.scan` of `step` over time, O(1) state per token."""
-  B, T, H, K, V = _check(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
+  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
+  B, T, H, K, V = check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
   if state_BHKV is None:
     state_BHKV = zero_state(B, H, K, V)
   if reset_BT is None:
@@ -114,7 +124,7 @@ def recurrent(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, reset_BT=Non
 
   def body(state, xs):
     q_BHK, k_BHK, v_BHV, reset_B = xs
-    o_BHV, state = step(q_BHK, k_BHK, v_BHV, log_gamma_H, state, reset_B)
+    o_BHV, state = step(q_BHK, k_BHK, v_BHV, log_gamma_H, state, reset=reset_B)
     return state, o_BHV
 
   time_major = lambda x: jnp.moveaxis(x, 1, 0)
@@ -129,8 +139,8 @@ def _full_chunks(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT, chun
   Inside chunk n the parallel form gives the inner term; the state before the chunk, R_{n−1}, adds
   the cross term (Q_n ⊙ ξ) R_{n−1}, ξ_i = γ^{i+1}; and R_n = γ^C R_{n−1} + K_nᵀ (V_n ⊙ ζ),
   ζ_j = γ^{C−1−j}. Only the cheap state recurrence runs as a scan; all matrix products are batched
-  over chunks. They run heads-major, [B, H, N, C, ·], so that every product's batch axes lead: on
-  CPU the tiny config's train step is about 12% faster than with the inputs' [B, N, C, H, ·].
+  over chunks. They run heads-major, [B, H, N, C, ·], so that every product's batch axes lead
+  (faster on CPU; README, Performance).
   """
   B, T, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
@@ -148,7 +158,7 @@ def _full_chunks(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT, chun
   scores_BHNCC = scores_BHNCC * decay_HCC[:, None]
   if reset_BT is not None:
     # Resets seen so far inside the chunk; equal counts mean the same segment.
-    seg_B1NC = _segments(reset_BT.reshape(B, N, C))[:, None]
+    seg_B1NC = segments(reset_BT.reshape(B, N, C))[:, None]
     scores_BHNCC = scores_BHNCC * (seg_B1NC[..., :, None] == seg_B1NC[..., None, :])
     xi_BHNC = xi_BHNC * (seg_B1NC == 0)
     zeta_BHNC = zeta_BHNC * (seg_B1NC == seg_B1NC[..., -1:])
@@ -170,13 +180,14 @@ def _full_chunks(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT, chun
   return o_BTHV.astype(dtype), final_BHKV
 
 
-def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=64, reset_BT=None):
+def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64):
   """Chunkwise form (eq. 7): parallel inside chunks of `chunk_size`, recurrent across them.
 
   Any T: the ⌊T/C⌋ full chunks run chunkwise and the remaining T mod C tokens continue from their
   state in the parallel form, so no padding ever decays the state.
   """
-  B, T, H, K, V = _check(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
+  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
+  B, T, H, K, V = check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be positive; got {chunk_size}.')
   if state_BHKV is None:
@@ -192,44 +203,10 @@ def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=6
   if main < T:
     o_BTHV, state_BHKV = parallel(
         q_BTHK[:, main:], k_BTHK[:, main:], v_BTHV[:, main:], log_gamma_H, state_BHKV,
-        sl(reset_BT, main, T))
+        reset=sl(reset_BT, main, T))
     outputs.append(o_BTHV)
   o_BTHV = outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
   return o_BTHV, state_BHKV
 
 
 FORMS = {'parallel': parallel, 'recurrent': recurrent, 'chunkwise': chunkwise}
-IMPLS = ('auto', 'xla', 'pallas')
-
-
-def runs_kernel(q_BTHK, v_BTHV, form='chunkwise', chunk_size=64, impl='auto'):
-  """Whether `retention` with these arguments runs the Pallas kernel rather than XLA ops."""
-  if form != 'chunkwise' or impl == 'xla':
-    return False
-  from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
-  return impl == 'pallas' or retention_pallas.use_kernel(q_BTHK, v_BTHV, chunk_size)
-
-
-def retention(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, *, form='chunkwise',
-              chunk_size=64, reset_BT=None, impl='auto'):
-  """Dispatches to one of the three forms by name.
-
-  impl picks the chunkwise implementation: 'auto' runs the fused Pallas kernel
-  (`retention_pallas`) on GPU/TPU where it supports the shapes, else `chunkwise`; 'xla' always
-  `chunkwise`; 'pallas' always the kernel (interpreted on CPU). The other forms take only 'auto'
-  or 'xla'.
-  """
-  if form not in FORMS:
-    raise ValueError(f'Unknown retention form {form!r}; expected one of {sorted(FORMS)}.')
-  if impl not in IMPLS:
-    raise ValueError(f'Unknown retention impl {impl!r}; expected one of {IMPLS}.')
-  if impl == 'pallas' and form != 'chunkwise':
-    raise ValueError(f'impl="pallas" is only for form="chunkwise"; got form={form!r}.')
-  if runs_kernel(q_BTHK, v_BTHV, form, chunk_size, impl):
-    from retnet_jax import retention_pallas  # Lazy: retention_pallas imports this module.
-    return retention_pallas.chunkwise(
-        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT,
-        interpret=jax.default_backend() not in retention_pallas.TARGETS)
-  if form == 'chunkwise':
-    return chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, chunk_size, reset_BT)
-  return FORMS[form](q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)

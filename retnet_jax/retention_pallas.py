@@ -41,7 +41,8 @@ carried state stays float32. d log γ is computed from dQ, dK and the final stat
 masking changes none of the exponents, so the same formula holds with resets.
 
 Under a sharded `jit` the compiler does not partition a pallas_call (it would gather the operands),
-so the model runs the kernel per shard of batch and heads (`sharding.per_shard`, a `shard_map`).
+so the dispatcher (`retention_ops.retention`) runs the kernel per shard of batch and heads (a
+`shard_map`); it also decides where the kernel runs (`retention_ops.choose`).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ def default_block_v(V, target):
   return min(V, GPU_MAX_BLOCK_V)
 
 
-def unsupported(H, K, V, chunk_size, dtype, target, block_v=None):
-  """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); '' when it can."""
+def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
+  """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); None when it can."""
   bv = block_v or default_block_v(V, target)
   if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'
@@ -108,7 +109,7 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None):
       return f'K = {K}, block_v = {bv}, chunk = {chunk_size} must be powers of two ≥ 16'
     if K > 256 or bv > 128 or chunk_size > 128:
       return f'K = {K} > 256, block_v = {bv} > 128 or chunk = {chunk_size} > 128 (registers)'
-    return ''
+    return None
   if target == 'tpu':
     # Mosaic blocks: the last two dims are multiples of (8, 128) or the whole array dim; the
     # [B, T, H·K] view's last dim is H·K, so K (and BV) must be multiples of 128 unless H = NV = 1.
@@ -117,18 +118,8 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None):
     whole = H == 1 and bv == V
     if not whole and (K % 128 or bv % 128):
       return f'K = {K} and block_v = {bv} must be multiples of 128 (or H = 1, one value block)'
-    return ''
+    return None
   return f'target {target!r} (one of {TARGETS})'
-
-
-def use_kernel(q_BTHK, v_BTHV, chunk_size=64, backend=None) -> bool:
-  """True where `impl='auto'` runs the Pallas kernel: a GPU/TPU backend and a supported
-  (K, V, chunk, dtype). False on CPU (interpret mode is only for tests)."""
-  backend = backend or jax.default_backend()
-  if backend not in TARGETS:
-    return False
-  _, _, H, K = q_BTHK.shape
-  return not unsupported(H, K, v_BTHV.shape[-1], chunk_size, v_BTHV.dtype, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +338,7 @@ def _segment_inputs(reset_BT, Tp, C):
   to the chunk's last segment (it enters the outgoing state). Padding continues the last segment."""
   B, T = reset_BT.shape
   reset_BNC = jnp.pad(reset_BT.astype(bool), ((0, 0), (0, Tp - T))).reshape(B, Tp // C, C)
-  seen_BNC = retention._segments(reset_BNC)  # Resets so far in the chunk.
+  seen_BNC = retention.segments(reset_BNC)  # Resets so far in the chunk.
   start_BNC = lax.cummax(jnp.where(reset_BNC, jnp.arange(C), 0), axis=2)
   column = lambda x: x.astype(F32).reshape(B, Tp, 1)
   return (column(start_BNC), column(seen_BNC == 0), column(seen_BNC == seen_BNC[..., -1:]))
@@ -401,26 +392,29 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # Public entry points.
 
 
-def chunkwise(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV=None, chunk_size=64, reset_BT=None,
-              *, interpret=False, target=None, block_v=None):
+def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, target=None,
+              interpret=False, block_v=None):
   """Chunkwise retention (eq. 7) by the fused kernels; the semantics of `retention.chunkwise`.
 
-  interpret: run the kernels in the Pallas interpreter (required on CPU; tests). target: the
-  lowering the kernels are built for, 'gpu' (Triton) or 'tpu' (Mosaic); by default the backend's,
-  'gpu' on CPU. block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V).
-  Interpret mode takes any shape; compiled, `unsupported` must be ''. reset_BT [B, T] bool, as in
-  `retention`: the kernels mask each chunk by it.
+  target: the lowering the kernels are built for, 'gpu' (Triton) or 'tpu' (Mosaic). Given, it is
+  built for that target whether or not this process has its backend (e.g. compiled for TPU
+  devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
+  unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
+  block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V). Interpret mode
+  takes any shape; compiled, `unsupported` must be None. reset [B, T] bool, as in `retention`.
   """
-  B, T, H, K, V = retention._check(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
+  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
+  B, T, H, K, V = retention.check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be positive; got {chunk_size}.')
-  backend = jax.default_backend()
-  target = target or ('tpu' if backend == 'tpu' else 'gpu')
+  if target is None:
+    backend = jax.default_backend()
+    if not interpret and backend not in TARGETS:
+      raise ValueError(f'No GPU or TPU (backend {backend!r}): the kernel runs here only with '
+                       'interpret=True, or built for an explicit target.')
+    target = 'tpu' if backend == 'tpu' else 'gpu'
   if target not in TARGETS:
     raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
-  if not interpret and backend not in TARGETS:
-    raise ValueError(f'No GPU or TPU (backend {backend!r}): the kernel runs there only with '
-                     'interpret=True.')
   block_v = block_v or default_block_v(V, target)
   why = unsupported(H, K, V, chunk_size, v_BTHV.dtype, target, block_v)
   if why and not interpret:

@@ -90,6 +90,24 @@ def constrain(x, axes: Sequence[str | None]):
       x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh, x.shape)))
 
 
+def platform() -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of the devices the computation is placed on: those of the
+  active mesh (`use_rules`, else jax's current or abstract mesh, which a `jit` traced under a mesh
+  of, say, TPU topology devices sees on a CPU host), else the default device's."""
+  mesh = _active['mesh']
+  if mesh is not None:
+    return _platform_name(mesh.devices.flat[0].platform)
+  abstract = jax.sharding.get_abstract_mesh()
+  device = None if abstract.empty else getattr(abstract, 'abstract_device', None)
+  if device is not None and getattr(device, 'platform', None):
+    return _platform_name(device.platform)
+  return _platform_name(jax.devices()[0].platform)
+
+
+def _platform_name(name: str) -> str:
+  return 'gpu' if name in ('cuda', 'rocm') else name
+
+
 def per_shard(f, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[Sequence[str | None]]):
   """`f` run on each device's shard (`shard_map`) under the active rules; `f` itself outside them.
 

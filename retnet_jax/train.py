@@ -111,7 +111,7 @@ def summarize(sums: dict) -> dict:
 
 def loss_fn(params, setup: model_lib.Setup, batch, rng):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids_BT=segments, rng=rng)
+  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
   stats = batch_statistics(setup, logits, batch)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
@@ -147,7 +147,7 @@ def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_step
 
 def eval_step(params, batch, *, setup: model_lib.Setup):
   segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids_BT=segments)
+  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments)
   return batch_statistics(setup, logits, batch)
 
 

@@ -28,7 +28,7 @@ def numpy_params(cfg, seed=0):
 def jitted(model, mode):
   """The model's forward in one retention form, jitted: (tokens, state) -> (logits, state)."""
   graphdef, state = nnx.split(model)
-  return jax.jit(lambda toks, carry: nnx.merge(graphdef, state)(toks, carry, mode=mode))
+  return jax.jit(lambda toks, carry: nnx.merge(graphdef, state)(toks, carry, form=mode))
 
 
 def build(params, cfg):

@@ -6,11 +6,14 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from experiments import common
 from experiments import gamma_ablation
+from experiments import length_extrapolation
 from experiments import mqar
+from experiments import scaling
 from experiments import table6
 from retnet_jax import train
 
@@ -108,3 +111,74 @@ def test_mqar(tmp_path):
   with open(os.path.join(tmp_path, 'table.md')) as f:
     assert '| transformer | 32 |' in f.read()
   assert os.path.exists(os.path.join(tmp_path, 'accuracy_vs_kv.png'))
+
+
+def test_seed_rows_mean_std_and_paired_difference():
+  runs = {'base': {0: {'v': 1.0}, 1: {'v': 2.0}, 2: {'v': 4.0}},
+          'other': {0: {'v': 1.5}, 1: {'v': 2.0}, 2: {'v': 5.0}}}
+  rows = {r['name']: r for r in common.seed_rows(runs, lambda r: r['v'], 'base')}
+  assert rows['base']['mean'] == pytest.approx(7 / 3)
+  assert rows['base']['std'] == pytest.approx(math.sqrt(((1 - 7 / 3)**2 + (2 - 7 / 3)**2
+                                                         + (4 - 7 / 3)**2) / 2))
+  assert rows['base']['delta_mean'] == 0.0
+  # Paired by seed: differences 0.5, 0, 1.
+  assert rows['other']['delta_mean'] == pytest.approx(0.5)
+  assert rows['other']['delta_std'] == pytest.approx(0.5)
+  assert common.mean_std([3.0]) == (3.0, None)
+  assert common.parse_seeds('0, 1,2') == (0, 1, 2) and common.parse_seeds(None) is None
+  with pytest.raises(ValueError, match='duplicates'):
+    common.parse_seeds('1,1')
+  assert common.seeded_names(['a', 'x_seed3'], ['a'], (0, 1)) == ['a_seed0', 'a_seed1', 'x_seed3']
+
+
+@pytest.mark.slow
+def test_table6_and_gamma_with_seeds(tmp_path):
+  seeds = '0,1'
+  rows = table6.run(str(tmp_path / 't6'), quick=True, steps=2, ablations=('none', 'no_gate'),
+                    overrides=TINY, seeds=seeds)
+  assert [r['ablation'] for r in rows] == ['none', 'no_gate']
+  for r in rows:
+    assert r['seeds'] == '0,1' and r['loss_std'] is not None and math.isfinite(r['loss_mean'])
+  assert rows[0]['delta_mean'] == 0.0 and rows[0]['delta_std'] == 0.0
+  per_seed = read_csv(os.path.join(tmp_path, 't6', 'results_seeds.csv'))
+  assert len(per_seed) == 1 + 4
+  losses = {(r[0], r[1]): float(r[2]) for r in per_seed[1:]}
+  assert losses[('none', '0')] != losses[('none', '1')]  # Two seeds, two runs.
+  diffs = [losses[('no_gate', s)] - losses[('none', s)] for s in '01']
+  assert rows[1]['delta_mean'] == pytest.approx(np.mean(diffs))
+  assert rows[1]['delta_std'] == pytest.approx(np.std(diffs, ddof=1))
+  with open(os.path.join(tmp_path, 't6', 'table.md')) as f:
+    md = f.read()
+  assert 'seed 0:' in md and 'seed 1:' in md and 'mean ± std' in md
+  for name in ('loss_curves.png', 'ranking.png'):
+    assert os.path.exists(os.path.join(tmp_path, 't6', name))
+  # The runs are resumable per seed: rerunning trains nothing and gives the same rows.
+  assert table6.run(str(tmp_path / 't6'), quick=True, steps=2, ablations=('none', 'no_gate'),
+                    overrides=TINY, seeds=seeds) == rows
+  rows = gamma_ablation.run(str(tmp_path / 'g'), quick=True, steps=2, schedules=('retnet',),
+                            overrides=TINY, seeds='0,1')
+  assert rows[0]['schedule'] == 'retnet' and rows[0]['loss_std'] is not None
+  assert os.path.exists(os.path.join(tmp_path, 'g', 'loss_by_schedule.png'))
+
+
+@pytest.mark.slow
+def test_scaling_and_length_extrapolation(tmp_path):
+  rows = scaling.run(str(tmp_path / 's'), quick=True, steps=2, sizes=('q64',), seeds='0',
+                     overrides=TINY[4:])
+  by_model = {r['model']: r for r in rows}
+  assert set(by_model) == {'retnet', 'transformer'}
+  # Parameter-matched within 5%, the same tokens.
+  assert abs(by_model['transformer']['params'] / by_model['retnet']['params'] - 1) < 0.05
+  assert by_model['retnet']['delta_mean'] == pytest.approx(
+      by_model['retnet']['loss_mean'] - by_model['transformer']['loss_mean'])
+  assert os.path.exists(os.path.join(tmp_path, 's', 'loss_vs_params.png'))
+  rows = length_extrapolation.run(str(tmp_path / 'l'), quick=True, steps=2, overrides=TINY,
+                                  num_docs=1, max_multiple=2)
+  assert [(r['model'], r['form']) for r in rows] == [
+      ('retnet', 'chunkwise'), ('retnet', 'parallel'), ('transformer', 'parallel')]
+  # Carrying the state across chunks of 256 gives the one-pass parallel form's losses.
+  for key in ('first_1x', 'first_2x', 'new_2x'):
+    assert rows[0][key] == pytest.approx(rows[1][key], rel=1e-5)
+  assert os.path.exists(os.path.join(tmp_path, 'l', 'loss_vs_position.png'))
+  with open(os.path.join(tmp_path, 'l', 'positions.csv')) as f:
+    assert len(f.readlines()) == 1 + 3 * 2  # Two buckets of 256 per model and form.

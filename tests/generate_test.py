@@ -46,7 +46,7 @@ def retnet():
 
 @functools.partial(jax.jit, static_argnums=0)
 def _parallel_logits(graphdef, params, toks_BT):
-  return nnx.merge(graphdef, params)(toks_BT, mode='parallel')[0]
+  return nnx.merge(graphdef, params)(toks_BT, form='parallel')[0]
 
 
 def parallel_logits(setup, params, seqs):

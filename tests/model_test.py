@@ -43,7 +43,7 @@ def jitted(model, **kwargs):
 
 
 def decode_token_by_token(model, toks, state):
-  step = jitted(model, mode='recurrent')
+  step = jitted(model, form='recurrent')
   logits = []
   for t in range(toks.shape[1]):
     out, state = step(toks[:, t:t + 1], state)
@@ -55,23 +55,23 @@ def decode_token_by_token(model, toks, state):
 def test_forms_agree(variant):
   model, cfg = build(variant)
   toks = tokens(cfg)
-  ref, ref_state = jitted(model, mode='parallel')(toks, None)
+  ref, ref_state = jitted(model, form='parallel')(toks, None)
   assert ref.shape == (2, T, cfg.vocab_size) and ref.dtype == jnp.float32
-  for mode in ('chunkwise', 'recurrent'):
-    out, state = jitted(model, mode=mode)(toks, None)
-    assert util.rel_err(out, ref) <= 1e-4, mode
-    assert util.rel_err(state['retention'], ref_state['retention']) <= 1e-4, mode
+  for form in ('chunkwise', 'recurrent'):
+    out, state = jitted(model, form=form)(toks, None)
+    assert util.rel_err(out, ref) <= 1e-4, form
+    assert util.rel_err(state.layers, ref_state.layers) <= 1e-4, form
   out, state = decode_token_by_token(model, toks, model.init_state(2))
   assert util.rel_err(out, ref) <= 1e-4
-  assert int(state['offset']) == T
+  assert int(state.offset) == T
 
 
 @pytest.mark.parametrize('mode', ['parallel', 'chunkwise', 'recurrent'])
 def test_prefill_then_continue(mode):
   model, cfg = build()
   toks = tokens(cfg, seed=3)
-  ref, _ = jitted(model, mode='parallel')(toks, None)
-  run = jitted(model, mode=mode)
+  ref, _ = jitted(model, form='parallel')(toks, None)
+  run = jitted(model, form=mode)
   for n in (1, 16, 20, T - 1):
     first, state = run(toks[:, :n], None)
     second, _ = run(toks[:, n:], state)
@@ -83,10 +83,10 @@ def test_pallas_kernel_in_the_model_matches_xla():
   model, cfg = build(model__value_dim=96)  # K = 16, V = 32: shapes the kernel supports.
   kernel, _ = build(model__value_dim=96, model__retention_impl='pallas')
   toks = tokens(cfg)
-  ref, ref_state = jitted(model, mode='chunkwise')(toks, None)
-  out, state = jitted(kernel, mode='chunkwise')(toks, None)
+  ref, ref_state = jitted(model, form='chunkwise')(toks, None)
+  out, state = jitted(kernel, form='chunkwise')(toks, None)
   assert util.rel_err(out, ref) <= 1e-5
-  assert util.rel_err(state['retention'], ref_state['retention']) <= 1e-5
+  assert util.rel_err(state.layers, ref_state.layers) <= 1e-5
 
 
 def test_transformer_cache_matches_full_pass():
@@ -97,7 +97,7 @@ def test_transformer_cache_matches_full_pass():
   first, state = jitted(model)(toks[:, :20], state)
   rest, state = decode_token_by_token(model, toks[:, 20:], state)
   assert util.rel_err(jnp.concatenate([first, rest], 1), ref) <= 1e-4
-  assert int(state['offset']) == T
+  assert int(state.offset) == T
 
 
 @pytest.mark.parametrize('kind', ['retnet', 'transformer'])
@@ -110,7 +110,7 @@ def test_segments_isolate_documents(kind):
   seg = np.zeros((1, T), np.int32)
   for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
     seg[:, a:b] = i + 1
-  packed, _ = model(toks, segment_ids_BT=jnp.asarray(seg))
+  packed, _ = model(toks, segment_ids=jnp.asarray(seg))
   for a, b in zip(cuts[:-1], cuts[1:]):
     alone, _ = model(toks[:, a:b])
     assert util.rel_err(packed[:, a:b], alone) <= 1e-4, (a, b)
@@ -120,9 +120,9 @@ def test_left_padding_does_not_leak():
   """Padding before a prompt (segment 0) changes nothing for the prompt (segment 1)."""
   model, cfg = build()
   toks = tokens(cfg, B=1, seed=6)
-  alone, state_alone = model(toks[:, 10:], mode='chunkwise')
+  alone, state_alone = model(toks[:, 10:], form='chunkwise')
   seg = jnp.asarray((np.arange(T) >= 10)[None].astype(np.int32))
-  padded, state_padded = model(toks, mode='chunkwise', segment_ids_BT=seg)
+  padded, state_padded = model(toks, form='chunkwise', segment_ids=seg)
   assert util.rel_err(padded[:, 10:], alone) <= 1e-4
   # Relative positions: the padded row's later tokens see the same retention state.
   nxt = tokens(cfg, B=1, length=3, seed=7)
@@ -216,8 +216,8 @@ def test_no_nan_at_16k_tokens_in_bfloat16(gamma):
   """The slowest decays (γ = 1, and 1 − 1/512) at T = 16384 with bfloat16 activations."""
   model, cfg = build(model__gamma=gamma, model__dtype='bfloat16', model__chunk_size=64)
   toks = tokens(cfg, B=1, length=16384, seed=8)
-  logits, state = jax.jit(lambda t: model(t, mode='chunkwise'))(toks)
-  assert np.all(np.isfinite(np.asarray(logits))) and np.all(np.isfinite(np.asarray(state['retention'])))
+  logits, state = jax.jit(lambda t: model(t, form='chunkwise'))(toks)
+  assert np.all(np.isfinite(np.asarray(logits))) and np.all(np.isfinite(np.asarray(state.layers)))
   # And decoding onwards from that state stays finite.
-  nxt, _ = model(toks[:, :1], state, mode='recurrent')
+  nxt, _ = model(toks[:, :1], state, form='recurrent')
   assert np.all(np.isfinite(np.asarray(nxt)))

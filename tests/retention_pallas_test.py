@@ -14,7 +14,9 @@ import pytest
 
 from retnet_jax import decay
 from retnet_jax import retention
+from retnet_jax import retention_ops
 from retnet_jax import retention_pallas
+from retnet_jax import sharding
 from tests import reference
 from tests import retention_test
 from tests.retention_test import gammas
@@ -103,7 +105,7 @@ def test_gradients_match_parallel(schedule, target, block_v, T, with_reset):
   w_s = jnp.asarray(rng.standard_normal((B, H, K_DIM, V_DIM)), jnp.float32)
 
   def loss(fn, *args):
-    o, s = fn(*args, reset_BT=reset)
+    o, s = fn(*args, reset=reset)
     return jnp.sum(o * w_o) + jnp.sum(s * w_s)
 
   grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
@@ -149,47 +151,57 @@ def test_resets_match_reference(target, chunk, block_v, T):
   o_ref, s_ref = reference.retention(q, k, v, g, state, reset)
   o, s = jax.jit(functools.partial(
       retention_pallas.chunkwise, chunk_size=chunk, interpret=True, target=target,
-      block_v=block_v))(q, k, v, log_gammas(g), state, reset_BT=reset)
+      block_v=block_v))(q, k, v, log_gammas(g), state, reset=reset)
   assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, (rel_err(o, o_ref),
                                                                     rel_err(s, s_ref))
 
 
-def test_use_kernel():
+def test_choose_by_platform_and_shape():
+  """'auto' runs the kernel on a GPU/TPU platform where the shapes fit, XLA otherwise; each with a
+  reason. Only shapes and a platform name: no accelerator needed."""
   q, _, v, _ = inputs(0, 1, 8, 2)
+  choose = lambda q, v, chunk=CHUNK, **kw: retention_ops.choose(
+      q.shape, v.shape, v.dtype, form='chunkwise', chunk_size=chunk, **kw)
   assert jax.default_backend() == 'cpu'
-  assert not retention_pallas.use_kernel(q, v, CHUNK)  # CPU: never.
-  assert retention_pallas.use_kernel(q, v, CHUNK, backend='gpu')
-  assert not retention_pallas.use_kernel(q, v, 12, backend='gpu')  # Chunk not a power of two.
-  assert not retention_pallas.use_kernel(q[..., :5], v, CHUNK, backend='gpu')  # K = 5.
-  assert not retention_pallas.use_kernel(q, v, CHUNK, backend='tpu')  # K = 16: not a lane tile.
-  big_q = jax.ShapeDtypeStruct((8, 16384, 32, 128), jnp.bfloat16)  # fla's benchmark shape.
-  for backend in ('gpu', 'tpu'):
-    assert retention_pallas.use_kernel(big_q, big_q, 64, backend=backend), backend
+  c = choose(q, v)  # The platform of the devices in use: CPU.
+  assert c.impl == 'xla' and 'cpu' in c.reason
+  c = choose(q, v, platform='gpu')
+  assert (c.impl, c.target, c.interpret) == ('pallas', 'gpu', False) and c.reason
+  assert choose(q, v, 12, platform='gpu').impl == 'xla'  # Chunk not a power of two.
+  c = choose(q[..., :5], v, platform='gpu')  # K = 5.
+  assert c.impl == 'xla' and 'K = 5' in c.reason
+  c = choose(q, v, platform='tpu')  # K = 16: not a lane tile.
+  assert c.impl == 'xla' and 'multiples of 128' in c.reason
+  big = jax.ShapeDtypeStruct((8, 16384, 32, 128), jnp.bfloat16)  # fla's benchmark shape.
+  for platform in ('gpu', 'tpu'):
+    c = choose(big, big, 64, platform=platform)
+    assert (c.impl, c.target) == ('pallas', platform), c
+  c = choose(q, v, impl='pallas')
+  assert (c.impl, c.target, c.interpret) == ('pallas', 'gpu', True) and 'interpreted' in c.reason
+  assert choose(q, v, impl='xla', platform='tpu').impl == 'xla'
+  assert retention_ops.choose(big.shape, big.shape, big.dtype, form='recurrent',
+                              platform='tpu').impl == 'xla'
   with pytest.raises(ValueError, match='interpret=True'):
     retention_pallas.chunkwise(*inputs(0, 1, 8, 2)[:3], jnp.zeros(2))
 
 
-def test_retention_dispatch():
-  H = 3
-  q, k, v, state = inputs(5, 2, 45, H)
-  g = gammas('retnet', H)
-  lg = log_gammas(g)
-  o_ref, s_ref = reference.retention(q, k, v, g, state)
-
-  def run(impl):
-    fn = functools.partial(retention.retention, form='chunkwise', chunk_size=CHUNK, impl=impl)
-    return 'pallas_call' in str(jax.make_jaxpr(fn)(q, k, v, lg, state)), fn(q, k, v, lg, state)
-
-  for impl, uses_kernel in (('pallas', True), ('auto', False), ('xla', False)):
-    used, (o, s) = run(impl)
-    assert used == uses_kernel, impl
-    assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, impl
-  with pytest.raises(ValueError, match='impl'):
-    retention.retention(q, k, v, lg, impl='triton')
-  with pytest.raises(ValueError, match='only for form'):
-    retention.retention(q, k, v, lg, form='parallel', impl='pallas')
-  o, _ = retention.retention(q, k, v, lg, form='parallel', impl='xla')
-  assert rel_err(o, reference.retention(q, k, v, g)[0]) <= 1e-5
+def test_choose_reads_the_mesh_platform():
+  """The platform comes from the devices of the mesh the computation is traced under (here an
+  abstract TPU mesh on a CPU host), not from jax.default_backend()."""
+  big = jax.ShapeDtypeStruct((8, 1024, 4, 128), jnp.bfloat16)
+  choose = lambda: retention_ops.choose(big.shape, big.shape, big.dtype, form='chunkwise',
+                                        chunk_size=64)
+  assert choose().impl == 'xla'
+  tpu = jax.sharding.AbstractDevice(device_kind='TPU v5p', num_cores=None, platform='tpu')
+  mesh = jax.sharding.AbstractMesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                                   abstract_device=tpu)
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert sharding.platform() == 'tpu'
+    c = choose()
+  assert (c.impl, c.target) == ('pallas', 'tpu') and 'tpu' in c.reason, c
+  cpu_mesh = sharding.make_mesh({'data': 1})
+  with sharding.use_rules(cpu_mesh, {}):
+    assert sharding.platform() == 'cpu' and choose().impl == 'xla'
 
 
 def test_no_overflow_long_sequence_no_decay():
@@ -206,17 +218,17 @@ def test_no_overflow_long_sequence_no_decay():
 @pytest.mark.parametrize('platform,target,T,with_reset', [
     ('cuda', 'gpu', 16384, False), ('cuda', 'gpu', 1000, True), ('tpu', 'tpu', 16384, False),
     ('tpu', 'tpu', 1000, True)])
-def test_lowers_to_triton_and_mosaic(monkeypatch, platform, target, T, with_reset):
+def test_lowers_to_triton_and_mosaic(platform, target, T, with_reset):
   """Forward and backward at fla's benchmark shape (and a ragged T, with resets) pass Pallas'
-  Triton / Mosaic lowering. Lowering only: compiling and running them needs the GPU / TPU."""
-  monkeypatch.setattr(jax, 'default_backend', lambda: target)
+  Triton / Mosaic lowering, built for the target on this CPU host. Lowering only: compiling and
+  running them needs the GPU / TPU."""
   B, H, K, V = 8, 32, 128, 128
   spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   args = (spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), spec(H, dtype=jnp.float32),
           spec(B, H, K, V, dtype=jnp.float32))
   if with_reset:
     args += (spec(B, T, dtype=jnp.bool_),)
-  fn = lambda *a: retention_pallas.chunkwise(*a[:5], chunk_size=64, reset_BT=(*a[5:], None)[0],
+  fn = lambda *a: retention_pallas.chunkwise(*a[:5], chunk_size=64, reset=(*a[5:], None)[0],
                                              target=target)
 
   def loss(*args):

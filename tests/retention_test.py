@@ -9,6 +9,7 @@ import pytest
 
 from retnet_jax import decay
 from retnet_jax import retention
+from retnet_jax import retention_ops
 from tests import reference
 from tests.util import rel_err
 
@@ -109,7 +110,7 @@ def test_reset_matches_reference(form, chunk):
   g = gammas('lm', H)
   o_ref, s_ref = reference.retention(q, k, v, g, state, reset)
   fn = jitted(form, chunk)
-  o, s = fn(q, k, v, jnp.log(jnp.asarray(g, jnp.float32)), state, reset_BT=jnp.asarray(reset))
+  o, s = fn(q, k, v, jnp.log(jnp.asarray(g, jnp.float32)), state, reset=jnp.asarray(reset))
   assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
 
 
@@ -186,7 +187,7 @@ def test_log_gamma_gradient_matches_finite_difference():
   eps = 1e-6
   fd = np.array([(ref_loss(log_gamma + eps * e) - ref_loss(log_gamma - eps * e)) / (2 * eps)
                  for e in np.eye(H)])
-  g = jax.grad(lambda lg: jnp.sum(retention.chunkwise(q, k, v, lg, state, 8)[0] * w_o))(
+  g = jax.grad(lambda lg: jnp.sum(retention.chunkwise(q, k, v, lg, state, chunk_size=8)[0] * w_o))(
       jnp.asarray(log_gamma, jnp.float32))
   assert rel_err(g, fd) <= 1e-4
 
@@ -203,7 +204,7 @@ def test_bad_shapes_raise():
   with pytest.raises(ValueError, match='chunk_size'):
     retention.chunkwise(q, k, v, lg, chunk_size=0)
   with pytest.raises(ValueError, match='Unknown retention form'):
-    retention.retention(q, k, v, lg, form='fast')
+    retention_ops.retention(q, k, v, lg, form='fast')
 
 
 @pytest.mark.parametrize('form', ['chunkwise', 'recurrent', 'parallel'])
