@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -139,18 +138,6 @@ TRAIN_MODELS = {'retnet kernel': ('chunkwise', 'pallas'), 'retnet xla': ('chunkw
 # (dtype-rounded) inputs.
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 3e-2}
 MODEL_TOLERANCE = 1e-4  # float32 logits, each form against the parallel form.
-
-
-# ------------------------------------------------------------------------------------------------
-# Calls with the contract's keyword names (retention forms: reset=; the model: form=, segment_ids=),
-# mapped to the older names (reset_BT=, mode=, segment_ids_BT=) where a module still has them.
-
-_OLD_NAMES = {'reset': 'reset_BT', 'form': 'mode', 'segment_ids': 'segment_ids_BT'}
-
-
-def call(fn, *args, **kwargs):
-  params = inspect.signature(fn).parameters
-  return fn(*args, **{(k if k in params else _OLD_NAMES.get(k, k)): v for k, v in kwargs.items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -378,9 +365,9 @@ class Check:
         cot = (jnp.asarray(do, dt), jnp.asarray(ds))
         reset_j = jnp.asarray(reset)
         impls = {
-            'pallas': lambda *a: call(retention_pallas.chunkwise, *a, reset=reset_j, chunk_size=C,
+            'pallas': lambda *a: retention_pallas.chunkwise(*a, reset=reset_j, chunk_size=C,
                                       target='gpu', interpret=self.interpret),
-            'xla': lambda *a: call(retention.chunkwise, *a, reset=reset_j, chunk_size=C),
+            'xla': lambda *a: retention.chunkwise(*a, reset=reset_j, chunk_size=C),
         }
         outs = {}
         t0 = time.perf_counter()
@@ -437,8 +424,8 @@ class Check:
         if params is None:  # One set of parameters (float32) for every dtype and form.
           params = jax.jit(lambda key, cfg=cfg: model_lib.init_params(cfg, key))(jax.random.key(0))
         graphdef = nnx.graphdef(model_lib.abstract_model(cfg))
-        forward = jax.jit(lambda params, tokens, segments, graphdef=graphdef, form=form: call(
-            nnx.merge(graphdef, params), tokens, form=form, segment_ids=segments)[0])
+        forward = jax.jit(lambda params, tokens, segments, graphdef=graphdef, form=form: nnx.merge(
+            graphdef, params)(tokens, form=form, segment_ids=segments)[0])
         with jax.default_matmul_precision('highest' if dtype == 'float32' else 'default'):
           logits[f'{form}/{impl}'] = np.asarray(forward(params, tokens, segments), np.float64)
       first = '/'.join(self.sizes.model_forms[0])
@@ -469,9 +456,9 @@ class Check:
     scale = D**-0.5
     # Retention takes q already scaled by K^-1/2 (fla scales inside its kernels); attention scales.
     ours = {
-        'pallas': lambda q, k, v: call(retention_pallas.chunkwise, q, k, v, log_gamma,
+        'pallas': lambda q, k, v: retention_pallas.chunkwise(q, k, v, log_gamma,
                                        chunk_size=C, target='gpu', interpret=self.interpret)[0],
-        'xla': lambda q, k, v: call(retention.chunkwise, q, k, v, log_gamma, chunk_size=C)[0],
+        'xla': lambda q, k, v: retention.chunkwise(q, k, v, log_gamma, chunk_size=C)[0],
         'cudnn_attention': lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation='cudnn' if self.gpu else None),
     }

@@ -10,7 +10,7 @@ From Python, `import retnet_jax.lm_eval` registers it for `lm_eval.simple_evalua
 Model arguments:
   workdir     a training workdir or a checkpoints / converted directory (checkpoint.load_params)
   config      the run's config file (path[:arg]); gives the tokenizer (config.data) and seq_len
-  batch_size  rows per forward pass (default 16; `--batch_size` works too, model_args win)
+  batch_size  rows per forward pass (default 16; `--batch_size=N` above 1 works too; model_args win)
   form        RetNet's retention form: 'chunkwise' (default), 'parallel' or 'recurrent'
   max_length  the training length: default config.seq_len, else <workdir>/config.json's (the
               experiment runners write one), else 2048 (what converted torchscale / fla models use)
@@ -178,8 +178,11 @@ class RetNetLM(lm_model.TemplateLM):
 
   @classmethod
   def _create(cls, args: dict, additional_config: dict | None):
-    """lm-eval's --batch_size etc. under model_args (so `model_args=batch_size=8` wins)."""
+    """lm-eval's --batch_size etc. under model_args (so `model_args=batch_size=8` wins); its
+    default of 1 (or 'auto') leaves this model's default of 16."""
     extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+    if str(extra.get('batch_size', 1)) in ('1', 'auto'):
+      extra.pop('batch_size', None)
     return cls(**{**extra, **args})
 
   # TemplateLM's interface.

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import inspect
 from typing import Sequence
 
 import jax
@@ -25,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from retnet_jax import generate
-from retnet_jax import model as model_lib
 from retnet_jax import retention
 
 F32 = jnp.float32
@@ -33,12 +31,8 @@ MIN_BUCKET = 16
 TRACES: collections.Counter = collections.Counter()  # Traces of `score`, for tests.
 
 
-# The model's form keyword: 'form' (issue 15's name), or 'mode' before that lands.
-_FORM_KEYWORD = 'form' if 'form' in inspect.signature(model_lib.Model.__call__).parameters else 'mode'
-
-
 def _call(model, tokens, state, form):
-  return model(tokens, state, **{_FORM_KEYWORD: form})
+  return model(tokens, state, form=form)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'form'))
