@@ -97,10 +97,12 @@ def get_config(arg=None):
           mlp='tensor', vocab='tensor', layers=None)),
       coordinator_address=None, num_processes=None, process_id=None))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, save_on_sigterm=True))
+  # fallback_to_intact: resume (eval, generate) from the newest intact step when the latest is
+  # damaged, instead of stopping. on_nonfinite: 'stop' or 'skip' the update when the loss or the
+  # gradient norm is NaN or Inf.
+  c.checkpoint = ml_collections.ConfigDict(dict(max_to_keep=3, save_on_sigterm=True,
+                                                fallback_to_intact=False, on_nonfinite='stop'))
 
-  # `--mode=generate` defaults (retnet_jax/generate.py); the main flags override them.
-  c.generate = ml_collections.ConfigDict(dict(
-      max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, seed=0, stop_at_eos=True,
-      prefill_form='chunkwise', block_size=16))
+  # `--mode=generate` settings (config_lib.GENERATE); the main flags override them.
+  c.generate = ml_collections.ConfigDict(config_lib.GENERATE)
   return c

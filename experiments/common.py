@@ -32,6 +32,7 @@ from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import decay
 from retnet_jax import metrics as metrics_lib
+from retnet_jax import platform
 from retnet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -391,6 +392,7 @@ def define_flags() -> dict:
 def main_from_flags(run: Callable[..., object], shared: dict, **kwargs) -> None:
   """Calls run(output_dir, quick=, steps=, workdir=, only=, overrides=, **kwargs) from the flags of
   `define_flags`; bad configs or mismatched run directories exit with one clear line."""
+  platform.start()
   setup_logging()
   output_dir = shared['output_dir'].value
   if not output_dir:

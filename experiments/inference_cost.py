@@ -43,6 +43,7 @@ from experiments import common
 from retnet_jax import config_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
+from retnet_jax import platform
 
 def define_flags() -> dict:
   """Flags, defined from `__main__` only (importing this module next to other experiments is safe)."""
@@ -251,13 +252,11 @@ def write_table(records, path, meta: dict):
 
 
 def plot(records, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   contexts = sorted({r['context_len'] for r in records})
   batches = sorted({r['batch'] for r in records})
   by = {(r['model'], r['context_len'], r['batch']): r for r in records}
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+  fig, axes = common.new_figure(ncols=3, size=(5.3, 4.6))
+  axes = axes[0]
   styles = {'retnet': ('tab:blue', 'o'), 'transformer': ('tab:red', 's')}
   for m, (color, marker) in styles.items():
     for i, b in enumerate(batches):
@@ -282,9 +281,7 @@ def plot(records, path):
     ax.set_xscale('log', base=2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def run(configs: dict, output_dir: str, *, contexts, batches, decode_tokens: int, repeats: int,
@@ -321,6 +318,7 @@ def run(configs: dict, output_dir: str, *, contexts, batches, decode_tokens: int
 def main(argv, fl):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  platform.start()
   if not fl['output_dir'].value:
     raise app.UsageError('--output_dir is required.')
   sweep_args = dict(QUICK if fl['quick'].value else FULL)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
 import os
 
 import ml_collections
 
 from retnet_jax import model as model_lib
+from retnet_jax import sharding
 
 # Keys every config has, so that any run can be shortened or reseeded from the command line.
 REQUIRED = ('seed', 'total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
@@ -22,7 +24,11 @@ TOP_LEVEL = REQUIRED + ('reset_at_doc_boundaries', 'generate', 'name')
 OPTIM = ('learning_rate', 'warmup_steps', 'schedule', 'end_lr_fraction', 'b1', 'b2', 'eps',
          'weight_decay', 'grad_clip', 'grad_accum_steps')
 MESH = ('data', 'fsdp', 'tensor', 'rules', 'coordinator_address', 'num_processes', 'process_id')
-CHECKPOINT = ('max_to_keep', 'save_on_sigterm')
+CHECKPOINT = ('max_to_keep', 'save_on_sigterm', 'fallback_to_intact', 'on_nonfinite')
+# `--mode=generate` settings: the defaults here are the only ones (configs copy them; the main
+# flags override them).
+GENERATE = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, seed=0, stop_at_eos=True,
+                prefill_form='chunkwise', block_size=16)
 
 
 def parse_config_arg(arg: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
@@ -71,6 +77,29 @@ def set_value(config, dotted_key: str, text: str):
   node[leaf] = value
 
 
+def generate_settings(config, **given) -> dict:
+  """GENERATE, then config.generate, then the `given` values that are not None, checked:
+  ValueError naming the first impossible value (before any checkpoint is read)."""
+  section = dict(config.get('generate') or {})
+  _check_keys(section, GENERATE, 'config.generate')
+  out = {**GENERATE, **section, **{k: v for k, v in given.items() if v is not None}}
+  try:
+    temperature, top_p = float(out['temperature']), float(out['top_p'])
+    top_k, max_new, block = int(out['top_k']), int(out['max_new_tokens']), int(out['block_size'])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'generation settings must be numbers: {e}.') from e
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f'temperature must be a finite number >= 0 (0: greedy); got {temperature}.')
+  if not 0.0 < top_p <= 1.0:  # Also false for NaN.
+    raise ValueError(f'top_p must be in (0, 1]; got {top_p}.')
+  if top_k < 0:
+    raise ValueError(f'top_k must be >= 0 (0: no cut); got {top_k}.')
+  if max_new < 1 or block < 1:
+    raise ValueError(f'max_new_tokens and block_size must be positive; got {max_new}, {block}.')
+  return {**out, 'temperature': temperature, 'top_p': top_p, 'top_k': top_k,
+          'max_new_tokens': max_new, 'block_size': block, 'seed': int(out['seed'])}
+
+
 def _check_keys(section, allowed, where):
   unknown = sorted(set(section.keys()) - set(allowed))
   if unknown:
@@ -89,6 +118,15 @@ def validate(config) -> None:
   for key in ('total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'checkpoint_every'):
     if not isinstance(config[key], int) or config[key] <= 0:
       raise ValueError(f'config.{key} must be a positive integer; got {config[key]!r}.')
+  for key in ('learning_rate', 'warmup_steps', 'weight_decay', 'grad_clip', 'eps'):
+    value = config.optim.get(key)
+    if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)
+                              or value < 0):
+      raise ValueError(f'config.optim.{key} must be a finite number >= 0; got {value!r}.')
+  checkpoint = config.checkpoint
+  if checkpoint.get('on_nonfinite', 'stop') not in ('stop', 'skip'):
+    raise ValueError("config.checkpoint.on_nonfinite must be 'stop' or 'skip'; got "
+                     f"{checkpoint.get('on_nonfinite')!r}.")
   accum = config.optim.get('grad_accum_steps', 1)
   if not isinstance(accum, int) or accum < 1 or config.batch_size % accum:
     raise ValueError(f'config.optim.grad_accum_steps ({accum}) must be a positive divisor of '
@@ -106,3 +144,19 @@ def model_config(config) -> model_lib.ModelConfig:
   if 'gamma_values' in values:
     values['gamma_values'] = tuple(values['gamma_values'] or ())
   return model_lib.ModelConfig(**values)
+
+
+def mesh_rules(config) -> dict:
+  """config.mesh.rules checked against the logical and mesh axes, one entry per logical axis."""
+  rules = config.mesh.rules
+  rules = rules.to_dict() if hasattr(rules, 'to_dict') else dict(rules)
+  unknown = sorted(set(rules) - set(sharding.LOGICAL_AXES))
+  if unknown:
+    raise ValueError(f'unknown logical axes in config.mesh.rules: {unknown}; '
+                     f'known: {sharding.LOGICAL_AXES}.')
+  for name, axes in rules.items():
+    bad = [a for a in sharding._as_tuple(axes) if a not in sharding.AXES]
+    if bad:
+      raise ValueError(f'config.mesh.rules.{name} names unknown mesh axes {bad}; '
+                       f'mesh axes are {sharding.AXES}.')
+  return {a: rules.get(a) for a in sharding.LOGICAL_AXES}

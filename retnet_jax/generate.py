@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from retnet_jax import checkpoint
+from retnet_jax import config_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
 from retnet_jax import tokenizer as tokenizer_lib
@@ -177,7 +178,7 @@ def _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id):
   stop_tokens = tuple(int(t) for t in stop_tokens)
   if len(stop_tokens) > MAX_STOP:
     raise ValueError(f'at most {MAX_STOP} stop tokens; got {len(stop_tokens)}.')
-  if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+  if not temperature >= 0 or top_k < 0 or not 0.0 < top_p <= 1.0:  # NaN fails too.
     raise ValueError(f'need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, '
                      f'{top_k}, {top_p}.')
   stop = np.full((MAX_STOP,), -1, np.int32)
@@ -325,29 +326,32 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
 
 def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_k: int | None = None,
-                  top_p: float | None = None, seed: int | None = None, out=None) -> list[str]:
+                  top_p: float | None = None, seed: int | None = None, out=None,
+                  step: int | None = None, fallback: bool | None = None) -> list[str]:
   """Restores the latest checkpoint of `workdir` and streams each prompt's continuation to `out`.
 
-  Defaults come from `config.generate`; the model is the checkpoint's own ModelConfig, the tokenizer
+  Defaults come from `config.generate` (config_lib.GENERATE); step: the checkpoint step (default
+  the latest); fallback: the newest intact step when that one is damaged (default
+  config.checkpoint.fallback_to_intact). The model is the checkpoint's own ModelConfig, the tokenizer
   `config.data`'s. Prompts run one after another (each streamed as it is produced). Returns the texts.
   """
   metrics_lib.quiet_library_logs()
   out = sys.stdout if out is None else out
-  g = dict(config.get('generate') or {})
-  pick = lambda value, key, default: g.get(key, default) if value is None else value
-  max_new_tokens = int(pick(max_new_tokens, 'max_new_tokens', 256))
-  knobs = dict(temperature=float(pick(temperature, 'temperature', 0.0)),
-               top_k=int(pick(top_k, 'top_k', 0)), top_p=float(pick(top_p, 'top_p', 1.0)),
-               seed=int(pick(seed, 'seed', 0)))
+  g = config_lib.generate_settings(config, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, seed=seed)
+  max_new_tokens = g['max_new_tokens']
+  knobs = {k: g[k] for k in ('temperature', 'top_k', 'top_p', 'seed')}
   if not prompts or any(not p for p in prompts):
     raise ValueError('empty prompt: give some text to continue.')
-  params, cfg, meta = checkpoint.load_params(workdir)
+  if fallback is None:
+    fallback = bool(config.checkpoint.get('fallback_to_intact', False))
+  params, cfg, meta = checkpoint.load_params(workdir, step=step, fallback=fallback)
   tok = tokenizer_lib.get_tokenizer(config.data, workdir)
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} ids but the checkpoint\'s model only '
                      f'{cfg.vocab_size}.')
   setup = make_setup(cfg)
-  stop = (tok.eos_id,) if g.get('stop_at_eos', True) else ()
+  stop = (tok.eos_id,) if g['stop_at_eos'] else ()
   texts = []
   for i, prompt in enumerate(prompts):
     if len(prompts) > 1:
@@ -357,8 +361,8 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
     stream, text = TextStream(tok), []
     for block in generate_stream(setup, params, [tok.encode(prompt)], max_new_tokens=max_new_tokens,
                                  stop_tokens=stop, pad_id=tok.pad_id,
-                                 prefill_form=g.get('prefill_form', 'chunkwise'),
-                                 block_size=int(g.get('block_size', 16)), **knobs):
+                                 prefill_form=g['prefill_form'],
+                                 block_size=g['block_size'], **knobs):
       text.append(stream.feed(block[0]))
       out.write(text[-1])
       out.flush()

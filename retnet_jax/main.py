@@ -6,6 +6,10 @@ r"""Entry point: flags in, `train.train_and_evaluate(config, workdir)` out.
   python -m retnet_jax.main --config=configs/retnet_tiny.py --workdir=/tmp/retnet_tiny \
       --mode=generate --prompt=$'def fib(n):\n' [--prompt=... | --prompt_file=prompts.jsonl] \
       [--max_new_tokens=200 --temperature=0.7 --top_k=0 --top_p=0.9 --seed=0]
+  ... --step=N  (train: resume from step N; eval, generate: use step N; default the latest)
+
+Exit status: 0 the run finished, 75 a signal stopped it after saving (rerun to resume), 1 an error
+(one line on stderr: `error: ...`).
   python -m retnet_jax.main --config=configs/retnet_paper.py:1.3b --workdir=/tmp/aot \
       --mode=compile --topology=v5p-32        (or --mode=compile_generate [--decode_batch=64,256])
 """
@@ -18,7 +22,10 @@ from absl import logging
 from ml_collections import config_flags
 
 from retnet_jax import aot
+from retnet_jax import config_lib
 from retnet_jax import generate
+from retnet_jax import platform
+from retnet_jax import preemption
 from retnet_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path.py[:arg]).',
@@ -38,6 +45,35 @@ _TEMPERATURE = flags.DEFINE_float('temperature', None, 'Sampling temperature; 0 
 _TOP_K = flags.DEFINE_integer('top_k', None, 'Sample among the k most likely tokens; 0: all.')
 _TOP_P = flags.DEFINE_float('top_p', None, 'Nucleus sampling mass; 1: off.')
 _SEED = flags.DEFINE_integer('seed', None, 'Sampling seed.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to resume, evaluate or generate from '
+                             '(default: the latest).')
+
+
+def check_config_overrides(argv) -> str | None:
+  """The error for the first `--config.a.b=...` key the config file lacks, or None. Runs before
+  absl parses the flags, whose config parser would print a traceback instead."""
+  path = None
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+  if path is None:
+    return None
+  try:
+    config = config_lib.load(path)
+  except Exception as e:  # pylint: disable=broad-except  (the flag parser reports it again)
+    return f'cannot load config {path!r}: {e}'
+  for arg in argv[1:]:
+    if not arg.startswith('--config.'):
+      continue
+    key = arg[len('--config.'):].split('=', 1)[0]
+    node, parts = config, key.split('.')
+    for i, part in enumerate(parts):
+      if not hasattr(node, 'keys') or part not in node:
+        where = 'config' + ''.join(f'.{p}' for p in parts[:i])
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return f'unknown config key {key!r}: {where} has no {part!r} (its keys: {", ".join(known)}).'
+      node = node[part]
+  return None
 
 
 def main(argv):
@@ -47,10 +83,14 @@ def main(argv):
   logging.get_absl_handler().python_handler.stream = (
       sys.stderr if _MODE.value == 'generate' else sys.stdout)
   try:
+    if not _MODE.value.startswith('compile'):  # A compile sets up its own (deviceless) backend.
+      platform.start(_CONFIG.value.mesh)
     if _MODE.value.startswith('compile') and not _TOPOLOGY.value:
       raise ValueError('--mode=compile needs --topology (e.g. v5p-32, v5e-16, v4-32, v6e-8).')
     if _MODE.value == 'train':
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
+      if result['stopped']:
+        sys.exit(preemption.EXIT_PREEMPTED)
     elif _MODE.value == 'compile':
       aot.compile_train(_CONFIG.value, _WORKDIR.value, _TOPOLOGY.value)
     elif _MODE.value == 'compile_generate':
@@ -61,15 +101,20 @@ def main(argv):
       generate.generate_text(
           _CONFIG.value, _WORKDIR.value, generate.read_prompts(_PROMPT.value, _PROMPT_FILE.value),
           max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-          top_p=_TOP_P.value, seed=_SEED.value)
+          top_p=_TOP_P.value, seed=_SEED.value, step=_STEP.value)
     else:
-      train.evaluate(_CONFIG.value, _WORKDIR.value)
+      train.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
   except ValueError as e:  # Bad configs, data, workdirs or checkpoints: one clear line.
     logging.error('%s', e)
+    logging.debug('The traceback:', exc_info=True)  # Shown with --verbosity=1.
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(preemption.EXIT_ERROR)
 
 
 if __name__ == '__main__':
+  problem = check_config_overrides(sys.argv)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    sys.exit(preemption.EXIT_ERROR)
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -10,21 +10,17 @@ Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import os
-import signal
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retnet_jax import checkpoint
@@ -32,49 +28,13 @@ from retnet_jax import config_lib
 from retnet_jax import data as data_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
+from retnet_jax import optim
+from retnet_jax import platform
+from retnet_jax import preemption
 from retnet_jax import sharding
 from retnet_jax import tokenizer as tokenizer_lib
 
-LN2 = math.log(2.0)
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
-
-
-# ------------------------------------------------------------------------------------------------
-# Optimiser.
-
-
-def learning_rate_schedule(optim, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then cosine or linear decay to end_lr_fraction of it."""
-  peak, warmup = optim.learning_rate, min(optim.warmup_steps, total_steps)
-  end = peak * optim.get('end_lr_fraction', 0.1)
-  decay_steps = max(total_steps - warmup, 1)
-  if optim.schedule == 'cosine':
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
-  elif optim.schedule == 'linear':
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  elif optim.schedule == 'constant':
-    decay = optax.constant_schedule(peak)
-  else:
-    raise ValueError(f"optim.schedule must be 'cosine', 'linear' or 'constant'; got {optim.schedule!r}.")
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def _decay_mask(params):
-  """Weight decay on matrices only: not on norm scales or the learnable decay rates."""
-  def keep(path, _):
-    name = getattr(path[-1], 'key', '')
-    return name not in ('scale', 'decay_log_rate')
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping (the paper: β = (0.9, 0.98), weight decay 0.05, clip 2.0)."""
-  schedule = learning_rate_schedule(optim, total_steps)
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                  weight_decay=optim.weight_decay, mask=_decay_mask))
-  return tx, schedule
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,31 +48,10 @@ def build_setup(config, tok=None) -> model_lib.Setup:
                               token_bytes=getattr(tok, 'token_bytes', None))
 
 
-def batch_statistics(setup: model_lib.Setup, logits, batch) -> dict:
-  """Sums over the scored targets: loss (nats), tokens, correct predictions, UTF-8 bytes."""
-  mask = batch['loss_mask'].astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
-  correct = (jnp.argmax(logits, axis=-1) == batch['targets']).astype(jnp.float32)
-  nbytes = jnp.asarray(setup.token_bytes)[batch['targets']].astype(jnp.float32)
-  return {'loss_sum': jnp.sum(loss * mask), 'tokens': jnp.sum(mask),
-          'correct': jnp.sum(correct * mask), 'bytes': jnp.sum(nbytes * mask)}
-
-
-def summarize(sums: dict) -> dict:
-  """Per-token loss (nats), bits per byte, perplexity and accuracy from summed statistics."""
-  tokens = max(float(sums['tokens']), 1.0)
-  loss = float(sums['loss_sum']) / tokens
-  out = {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
-         'accuracy': float(sums['correct']) / tokens}
-  if float(sums['bytes']) > 0:
-    out['bits_per_byte'] = float(sums['loss_sum']) / LN2 / float(sums['bytes'])
-  return out
-
-
 def loss_fn(params, setup: model_lib.Setup, batch, rng):
   segments = batch['segment_ids'] if setup.use_segments else None
   logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
-  stats = batch_statistics(setup, logits, batch)
+  stats = metrics_lib.batch_statistics(setup, logits, batch)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
 
@@ -140,15 +79,33 @@ def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_step
     grads = jax.tree.map(lambda g: g / jnp.maximum(stats['tokens'], 1.0), grads)
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  stats = {**stats, 'grad_norm': optax.tree.norm(grads),
-           'learning_rate': schedule(state['step'])}
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient norm leaves parameters and moments as they were, so no state the
+  # loop holds (or saves) is ever non-finite; the loop stops or skips on `nonfinite`.
+  finite = jnp.isfinite(stats['loss_sum']) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  params = keep(params, state['params'])
+  opt_state = keep(opt_state, state['opt_state'])
+  step1 = (state['step'] + 1).astype(jnp.float32)
+  stats = {**stats, 'grad_norm': grad_norm, 'learning_rate': schedule(state['step']),
+           'nonfinite': 1.0 - finite.astype(jnp.float32),
+           'first_nonfinite': jnp.where(finite, jnp.inf, step1)}
   return {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, stats
+
+
+def accumulate(sums, stats):
+  """Window sums of step statistics (the first non-finite step is a minimum, not a sum)."""
+  if sums is None:
+    return stats
+  out = jax.tree.map(jnp.add, sums, stats)
+  out['first_nonfinite'] = jnp.minimum(sums['first_nonfinite'], stats['first_nonfinite'])
+  return out
 
 
 def eval_step(params, batch, *, setup: model_lib.Setup):
   segments = batch['segment_ids'] if setup.use_segments else None
   logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments)
-  return batch_statistics(setup, logits, batch)
+  return metrics_lib.batch_statistics(setup, logits, batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,88 +152,6 @@ def to_global(batch: dict, sh) -> dict:
 # Run set-up shared by train and eval.
 
 
-# Before a backend starts: YNNPACK (XLA:CPU's library for dots, reductions and elementwise fusions
-# in jax 0.10) for dots only. Its reductions were the slow part of long single sequences: the norm
-# weights' gradients, [1, 16384, 256] -> [256], took 100 ms each against 2.5 ms at batch 32 × 512.
-# A/B on 2 cores: chunkwise step at T = 16384 +15–25%, the Transformer +6%, T = 512 and the parallel
-# form unchanged within noise.
-_XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=individual_dot',)
-
-
-def tune_xla_cpu_flags() -> bool:
-  """Adds `_XLA_CPU_FLAGS` to XLA_FLAGS unless set there already. Returns whether it did.
-
-  Only a backend started afterwards sees them, so entrypoints call this first; a no-op once JAX
-  has started (a notebook that already ran JAX keeps the defaults). GPU/TPU ignore the flags.
-  """
-  from jax._src import xla_bridge  # backends_are_initialized has no public spelling.
-  if xla_bridge.backends_are_initialized():
-    return False
-  current = os.environ.get('XLA_FLAGS', '')
-  todo = [f for f in _XLA_CPU_FLAGS if f.split('=')[0] not in current]
-  if todo:
-    os.environ['XLA_FLAGS'] = ' '.join([current, *todo]).strip()
-  return bool(todo)
-
-
-# XLA:CPU options that leave YNNPACK out of one executable, so that Eigen runs its dots.
-EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
-
-
-def step_compiler_options(model_cfg) -> dict | None:
-  """XLA options for jitting the train and eval steps of `model_cfg` on this backend, or None.
-
-  On CPU the chunkwise form compiles without YNNPACK, so its dots run in Eigen. Its batched
-  products are small blocks ([B, H, N] × 64 × 64 × 128), which Eigen runs up to
-  1.7× faster. A/B in one process on 2 cores: the chunkwise step is 6–13% faster at T = 512 …
-  16384. The Transformer's and the parallel form's [T, T] products keep YNNPACK's dots: with
-  Eigen the Transformer step was 12% slower at T = 2048.
-  """
-  if jax.default_backend() != 'cpu' or model_cfg.kind != 'retnet' or model_cfg.form != 'chunkwise':
-    return None
-  return dict(EIGEN_DOTS)
-
-
-def tune_host_allocator() -> bool:
-  """On CPU, keep freed buffers in the process for reuse (glibc mallopt). Returns whether it did.
-
-  XLA:CPU allocates every step's activations afresh; glibc serves large blocks with mmap and gives
-  them back on free, so each step pays a page fault per 4 KiB touched. On the tiny config that was
-  ~15k faults per large matmul and made them 1.7× slower. Raising the mmap and trim thresholds keeps
-  freed memory in the heap; the process's resident size stays near its peak instead of shrinking.
-  """
-  if jax.default_backend() != 'cpu':
-    return False
-  try:
-    import ctypes
-    libc = ctypes.CDLL('libc.so.6')
-  except OSError:  # Not glibc (macOS, musl): nothing to tune.
-    return False
-  m_trim_threshold, m_top_pad, m_mmap_threshold, m_arena_max = -1, -2, -3, -8
-  # One arena: XLA's worker threads would otherwise allocate from per-thread arenas, whose heaps
-  # cannot hold blocks over 64 MiB and are trimmed on their own.
-  return all(libc.mallopt(option, value) for option, value in (
-      (m_arena_max, 1), (m_mmap_threshold, 1 << 30), (m_trim_threshold, 2**31 - 1),
-      (m_top_pad, 64 << 20)))
-
-
-_distributed = {'initialized': False}
-
-
-def init_distributed(mesh_config) -> None:
-  """jax.distributed from config.mesh, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID in the environment; nothing for a single process."""
-  address = mesh_config.get('coordinator_address') or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if not address or _distributed['initialized']:
-    return
-  num = mesh_config.get('num_processes') or int(os.environ.get('JAX_NUM_PROCESSES', '0')) or None
-  pid = mesh_config.get('process_id')
-  if pid is None and 'JAX_PROCESS_ID' in os.environ:
-    pid = int(os.environ['JAX_PROCESS_ID'])
-  jax.distributed.initialize(address, num_processes=num, process_id=pid)
-  _distributed['initialized'] = True
-
-
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -286,21 +161,6 @@ def check_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise ValueError(f'workdir {workdir!r} cannot be written: {e.strerror or e}.') from e
-
-
-def rules_of(config) -> dict:
-  rules = config.mesh.rules
-  rules = rules.to_dict() if hasattr(rules, 'to_dict') else dict(rules)
-  unknown = sorted(set(rules) - set(sharding.LOGICAL_AXES))
-  if unknown:
-    raise ValueError(f'unknown logical axes in config.mesh.rules: {unknown}; '
-                     f'known: {sharding.LOGICAL_AXES}.')
-  for name, axes in rules.items():
-    bad = [a for a in sharding._as_tuple(axes) if a not in sharding.AXES]
-    if bad:
-      raise ValueError(f'config.mesh.rules.{name} names unknown mesh axes {bad}; '
-                       f'mesh axes are {sharding.AXES}.')
-  return {a: rules.get(a) for a in sharding.LOGICAL_AXES}
 
 
 class Run:
@@ -314,11 +174,8 @@ class Run:
   def __init__(self, config, workdir: str | None, *, for_training: bool = True, devices=None,
                read_data: bool = True):
     config_lib.validate(config)
-    tune_xla_cpu_flags()
-    init_distributed(config.mesh)
-    tune_host_allocator()
     self.config, self.workdir = config, workdir
-    self.rules = rules_of(config)
+    self.rules = config_lib.mesh_rules(config)
     self.for_training, self.read_data = for_training, read_data
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
     if read_data or data_lib.resolve_config(config.data)['tokenizer'] == 'byte':
@@ -342,7 +199,7 @@ class Run:
           config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
           global_batch_size=config.batch_size, seed=config.seed)
       check_workdir(workdir)
-    self.tx, self.schedule = make_optimizer(config.optim, config.total_steps)
+    self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
     self.params_axes = model_lib.param_logical_axes(cfg)
     key = jax.random.key(config.seed)
 
@@ -360,7 +217,8 @@ class Run:
     if read_data:
       self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
                                      max_to_keep=config.checkpoint.max_to_keep)
-    self.compiler_options = step_compiler_options(self.setup.model_config)
+    self.compiler_options = platform.step_compiler_options(
+        cfg, self.mesh.devices.flat[0].platform)
     self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
                            in_shardings=(self.state_sh['params'], self.batch_sh),
                            compiler_options=self.compiler_options)
@@ -379,9 +237,27 @@ class Run:
               'loss_mask': jnp.float32}
     return {k: jax.ShapeDtypeStruct(shape, dtypes[k], sharding=self.batch_sh) for k in BATCH_KEYS}
 
-  def initial_state(self):
-    """The latest checkpoint's state, or a fresh one; a restore also moves the data iterator."""
-    step = self.ckpt.latest_step()
+  def checkpoint_step(self, step: int | None = None) -> int | None:
+    """The step to restore (`step`, else the latest; the newest intact one when the latest is
+    damaged and config.checkpoint.fallback_to_intact), checked against this run's model before
+    anything is restored. None without checkpoints."""
+    if self.ckpt is None:
+      return None
+    step = checkpoint.choose_step(
+        self.ckpt, step, fallback=bool(self.config.checkpoint.get('fallback_to_intact', False)))
+    if step is None:
+      return None
+    saved = checkpoint.model_config_from_dict(checkpoint.read_meta(self.ckpt, step)['model_config'])
+    differences = checkpoint.model_differences(saved, self.setup.model_config)
+    if differences:
+      raise ValueError(f'the checkpoint in {self.ckpt.directory} (step {step}) is of a different '
+                       f"model: {'; '.join(differences)}. Use another workdir or the same model.")
+    return step
+
+  def initial_state(self, step: int | None = None):
+    """The state of checkpoint `step` (default the latest), or a fresh one; a restore also moves
+    the data iterator."""
+    step = self.checkpoint_step(step)
     if step is None:
       with sharding.use_rules(self.mesh, self.rules):
         return self._init(self._key)
@@ -389,11 +265,7 @@ class Run:
         self.ckpt, step,
         abstract_params=self.abstract(self.abstract_state['params'], self.state_sh['params']),
         abstract_opt_state=self.abstract(self.abstract_state['opt_state'], self.state_sh['opt_state']),
-        data_iterator=self.train_iter)
-    saved = checkpoint.model_config_from_dict(restored['meta']['model_config'])
-    if saved != self.setup.model_config:
-      raise ValueError(f'the checkpoint in {self.ckpt.directory} was trained with a different model '
-                       f'config ({saved}) than this run ({self.setup.model_config}).')
+        data_iterator=self.train_iter, check=False)
     return {'step': jax.device_put(jnp.asarray(restored['meta']['step'], jnp.int32),
                                    self.state_sh['step']),
             'params': restored['params'], 'opt_state': restored['opt_state']}
@@ -406,10 +278,13 @@ class Run:
         totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
     if totals is None:
       raise ValueError('the evaluation split produced no batches.')
-    return summarize(jax.device_get(totals))
+    return metrics_lib.summarize(jax.device_get(totals))
 
   def save(self, state):
-    checkpoint.save(self.ckpt, int(state['step']), params=state['params'],
+    step = int(state['step'])
+    if step in self.ckpt.all_steps():  # Resumed from an earlier --step: this run replaces it.
+      self.ckpt.delete(step)
+    checkpoint.save(self.ckpt, step, params=state['params'],
                     opt_state=state['opt_state'], data_iterator=self.train_iter,
                     model_config=self.setup.model_config)
 
@@ -433,117 +308,117 @@ def make_train_step(run: Run, **overrides) -> Callable:
 # Logging.
 
 
-class _Stop:
-  """Turns SIGTERM / SIGINT into a request to checkpoint and stop (a second SIGINT aborts)."""
-
-  def __init__(self, enabled: bool = True):
-    self.requested, self._previous, self.enabled = None, {}, enabled
-
-  def __enter__(self):
-    if self.enabled and threading_is_main():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.requested = signal.Signals(signum).name
-    logging.warning('%s received: saving a checkpoint and stopping.', self.requested)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
-
-
-def threading_is_main() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry points.
 
 
-def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the last metrics.
+class NonFinite(ValueError):
+  """The loss or gradient norm turned NaN or Inf (config.checkpoint.on_nonfinite='stop')."""
+
+
+def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
+                       step: int | None = None) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint (or checkpoint `step`).
+  Returns the last metrics, 'step', and 'stopped' (the signal's name when one stopped it, else '').
 
   max_steps: stop (with a checkpoint) after this many steps of this call, e.g. to train in pieces
-  from a notebook; the learning-rate schedule still follows config.total_steps.
+  from a notebook; the learning-rate schedule still follows config.total_steps. Non-finite updates
+  are never applied; config.checkpoint.on_nonfinite 'stop' raises NonFinite naming the step where
+  they began, 'skip' goes on without them.
   """
   metrics_lib.quiet_library_logs()
   run = Run(config, workdir)
-  setup, mesh = run.setup, run.mesh
-  sharding.log_summary(mesh, run.params_axes, run.abstract_state['params'], run.rules)
-  state = run.initial_state()
+  sharding.log_summary(run.mesh, run.params_axes, run.abstract_state['params'], run.rules)
+  state = run.initial_state(step)
   start = int(state['step'])
+  saved = start if start else None  # The step already on disk.
   if start:
     logging.info('Resumed from the checkpoint at step %d.', start)
   total = config.total_steps
   stop_at = total if max_steps is None else min(total, start + max_steps)
+  skip_nonfinite = config.checkpoint.get('on_nonfinite', 'stop') == 'skip'
   step_fn = make_train_step(run)
   writer = metrics_lib.MetricWriter(workdir)
-  last = {}
+  last, skipped = {}, 0
   tokens_per_step = config.batch_size * config.seq_len
   sums, t_window, steps_in_window = None, time.perf_counter(), 0
   t_start = time.perf_counter()
   step = start
-  with _Stop(config.checkpoint.get('save_on_sigterm', True)) as stop, \
-       sharding.use_rules(mesh, run.rules):
+
+  def check_finite():
+    nonlocal skipped
+    bad, first = (float(x) for x in jax.device_get((sums['nonfinite'], sums['first_nonfinite'])))
+    if bad and not skip_nonfinite:
+      raise NonFinite(f'the loss or gradient norm became NaN/Inf at step {int(first)} '
+                      f'({int(bad)} of the last {steps_in_window} steps); stopped without saving '
+                      f"it (last checkpoint: {'none' if saved is None else f'step {saved}'}). "
+                      'Lower optim.learning_rate, or set '
+                      "config.checkpoint.on_nonfinite='skip'.")
+    if bad:
+      skipped += int(bad)
+      logging.warning('Skipped %d non-finite updates, the first at step %d (%d in this run).',
+                      int(bad), int(first), skipped)
+      sums['nonfinite'], sums['first_nonfinite'] = jnp.zeros(()), jnp.full((), jnp.inf)
+
+  with preemption.StopOnSignal(config.checkpoint.get('save_on_sigterm', True)) as stop, \
+       sharding.use_rules(run.mesh, run.rules):
     while step < stop_at and not stop.requested:
       batch = to_global(next(run.train_iter), run.batch_sh)
       state, stats = step_fn(state, batch)
       step += 1
       steps_in_window += 1
-      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+      sums = accumulate(sums, stats)
       if step % config.log_every == 0 or step == total:
+        check_finite()
         sums = jax.device_get(sums)
         elapsed = time.perf_counter() - t_window
-        metrics = summarize(sums)
+        metrics = metrics_lib.summarize(sums)
         metrics['learning_rate'] = float(stats['learning_rate'])
         metrics['grad_norm'] = float(sums['grad_norm']) / steps_in_window
         metrics['tokens_per_second'] = tokens_per_step * steps_in_window / elapsed
         metrics['steps_per_second'] = steps_in_window / elapsed
+        if skip_nonfinite:
+          metrics['skipped_updates'] = skipped
         eta = (total - step) / metrics['steps_per_second']
-        logging.info('step %d/%d | loss %.4f%s | lr %.2e | %.0f tok/s | ETA %s', step, total,
-                     metrics['loss'],
-                     f" | {metrics['bits_per_byte']:.3f} bits/byte" if 'bits_per_byte' in metrics else '',
-                     metrics['learning_rate'], metrics['tokens_per_second'], metrics_lib.duration(eta))
+        logging.info('%s', metrics_lib.train_line(step, total, metrics, eta))
         writer.write(step, 'train', metrics)
         last['train'] = metrics
         sums, t_window, steps_in_window = None, time.perf_counter(), 0
       if step % config.eval_every == 0 or step == total:
         t_eval = time.perf_counter()
         metrics = run.evaluate(state['params'])
-        logging.info('eval at step %d | loss %.4f | %s perplexity %.3f | accuracy %.4f (%.1fs)', step,
-                     metrics['loss'],
-                     f"{metrics['bits_per_byte']:.3f} bits/byte |" if 'bits_per_byte' in metrics else '',
-                     metrics['perplexity'], metrics['accuracy'], time.perf_counter() - t_eval)
+        logging.info('%s', metrics_lib.eval_line(step, metrics, time.perf_counter() - t_eval))
         writer.write(step, 'eval', metrics)
         last['eval'] = metrics
         t_window += time.perf_counter() - t_eval
       if step % config.checkpoint_every == 0 or step in (total, stop_at):
+        if sums is not None:
+          check_finite()
         run.save(state)
+        saved = step
     if stop.requested and step < stop_at:
-      run.save(state)
+      if step != saved:  # A signal during the step just saved (its eval or save) saves nothing.
+        if sums is not None:
+          check_finite()
+        run.save(state)
       logging.warning('Stopped by %s at step %d; rerun the same command to resume.',
                       stop.requested, step)
   writer.close()
   run.ckpt.close()
   logging.info('Done: %d steps in %s.', step - start, metrics_lib.duration(time.perf_counter() - t_start))
-  return {'step': step, **last, 'stopped': bool(stop.requested and step < total)}
+  return {'step': step, **last, 'stopped': stop.requested if stop.requested and step < total else ''}
 
 
-def evaluate(config, workdir: str) -> dict:
-  """Restores the latest checkpoint of `workdir` and evaluates it on the held-out split."""
+def evaluate(config, workdir: str, *, step: int | None = None) -> dict:
+  """Restores checkpoint `step` (default the latest) of `workdir` and evaluates it on the held-out
+  split."""
   metrics_lib.quiet_library_logs()
   run = Run(config, workdir, for_training=False)
-  step = run.ckpt.latest_step()
+  step = run.checkpoint_step(step)
   if step is None:
     raise ValueError(f'no checkpoint to evaluate in {os.path.join(workdir, "checkpoints")}.')
   restored = checkpoint.restore(
-      run.ckpt, step,
+      run.ckpt, step, check=False,
       abstract_params=run.abstract(run.abstract_state['params'], run.state_sh['params']))
   metrics = run.evaluate(restored['params'])
   logging.info('eval of step %d: %s', step, json.dumps(metrics))

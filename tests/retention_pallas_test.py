@@ -18,12 +18,11 @@ from retnet_jax import retention_ops
 from retnet_jax import retention_pallas
 from retnet_jax import sharding
 from tests import reference
-from tests import retention_test
-from tests.retention_test import gammas
-from tests.util import rel_err
+from tests import util
+from tests.util import gammas, rel_err
 
 K_DIM, V_DIM, CHUNK = 16, 32, 16  # K ≠ V; the smallest sizes the Triton lowering takes.
-inputs = functools.partial(retention_test.inputs, K=K_DIM, V=V_DIM)
+inputs = functools.partial(util.retention_inputs, K=K_DIM, V=V_DIM)
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,29 +11,11 @@ from retnet_jax import decay
 from retnet_jax import retention
 from retnet_jax import retention_ops
 from tests import reference
-from tests.util import rel_err
+from tests import util
+from tests.util import SCHEDULE_ARGS, gammas, rel_err
 
 K_DIM, V_DIM = 5, 6  # K ≠ V on purpose.
-SCHEDULE_ARGS = {
-    'retnet': {}, 'lm': {}, 'uniform': {}, 'none': {}, 'learnable': {'init': 'lm'},
-    'custom': {'values': (0.5, 0.97, 1.0, 0.9, 0.999, 0.8, 0.99, 0.6)},
-}
-
-
-def gammas(schedule, num_heads):
-  args = dict(SCHEDULE_ARGS[schedule])
-  if schedule == 'custom':
-    args['values'] = args['values'][:num_heads]
-  return decay.gammas(schedule, num_heads, **args)
-
-
-def inputs(seed, B, T, H, K=K_DIM, V=V_DIM, dtype=jnp.float32, with_state=True):
-  rng = np.random.default_rng(seed)
-  q, k = rng.standard_normal((2, B, T, H, K))
-  v = rng.standard_normal((B, T, H, V))
-  state = rng.standard_normal((B, H, K, V)) if with_state else None
-  cast = lambda x: jnp.asarray(x, dtype)
-  return cast(q), cast(k), cast(v), (None if state is None else jnp.asarray(state, jnp.float32))
+inputs = functools.partial(util.retention_inputs, K=K_DIM, V=V_DIM)
 
 
 @functools.lru_cache(maxsize=None)

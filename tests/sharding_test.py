@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from retnet_jax import config_lib
 from retnet_jax import sharding
 from retnet_jax import train
 from tests import util
@@ -126,7 +127,7 @@ def test_bad_mesh_configs():
   with pytest.raises(ValueError, match='at most one'):
     sharding.make_mesh({'data': -1, 'fsdp': -1})
   with pytest.raises(ValueError, match='unknown mesh axes'):
-    train.rules_of(cfg(mesh__rules__heads='model'))
+    config_lib.mesh_rules(cfg(mesh__rules__heads='model'))
   with pytest.raises(ValueError, match='not divisible by the data-parallel'):
     train.Run(cfg((8, 1, 1), batch_size=4), '/tmp/unused')
 

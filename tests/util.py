@@ -2,9 +2,11 @@
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 
 from retnet_jax import config_lib
+from retnet_jax import decay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +39,27 @@ def model_config(name='retnet_tiny', arg=None, **overrides):
 def rel_err(x, ref):
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
   return float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
+
+
+# Retention inputs shared by the reference-form and kernel tests.
+SCHEDULE_ARGS = {
+    'retnet': {}, 'lm': {}, 'uniform': {}, 'none': {}, 'learnable': {'init': 'lm'},
+    'custom': {'values': (0.5, 0.97, 1.0, 0.9, 0.999, 0.8, 0.99, 0.6)},
+}
+
+
+def gammas(schedule, num_heads):
+  args = dict(SCHEDULE_ARGS[schedule])
+  if schedule == 'custom':
+    args['values'] = args['values'][:num_heads]
+  return decay.gammas(schedule, num_heads, **args)
+
+
+def retention_inputs(seed, B, T, H, K, V, dtype=jnp.float32, with_state=True):
+  """Random q, k [B,T,H,K], v [B,T,H,V] in `dtype` and a float32 state [B,H,K,V] (or None)."""
+  rng = np.random.default_rng(seed)
+  q, k = rng.standard_normal((2, B, T, H, K))
+  v = rng.standard_normal((B, T, H, V))
+  state = rng.standard_normal((B, H, K, V)) if with_state else None
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(q), cast(k), cast(v), (None if state is None else jnp.asarray(state, jnp.float32))
