@@ -420,7 +420,6 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
                    f'FLOPs reach {dense_best:.1%} of peak at best')
   if vs_torchscale:
     cmp_cfg = variant(config, 'chunkwise')
-    cmp_cfg.model.vocab_size = 256
     batch = max(1, tokens_per_step // compare_len)
     tps = lambda seconds: batch * compare_len / seconds
     theirs_all = time_torchscale(cmp_cfg, batch, compare_len, steps)

@@ -18,10 +18,6 @@ from retnet_jax import aot
 from retnet_jax import config_lib
 from tests import util
 
-# The kernel built for TPU from this host and the platform-aware dispatcher come with issue 15.
-needs_dispatcher = pytest.mark.skipif(
-    __import__('importlib').util.find_spec('retnet_jax.retention_ops') is None,
-    reason='needs retention_ops (the dispatcher that picks the kernel from the mesh platform)')
 needs_libtpu = pytest.mark.skipif(
     __import__('importlib').util.find_spec('libtpu') is None,
     reason="the TPU compiler (libtpu) is not installed: pip install -e '.[tpu]'")
@@ -121,7 +117,6 @@ def _kernel_grad(cases, sh):
   return jax.jit(jax.grad(loss)).lower(args, resets).compile()
 
 
-@needs_dispatcher
 @needs_libtpu
 @pytest.mark.slow
 @pytest.mark.parametrize('cases', [
@@ -139,7 +134,6 @@ def test_kernels_compile_for_tpu(cases):
                      'retention_dkv_chunk': calls}, kernels
 
 
-@needs_dispatcher
 @needs_libtpu
 @pytest.mark.parametrize('H, K, V, chunk, dtype, words', [
     (2, 64, 128, 64, jnp.bfloat16, 'multiples of 128'),
@@ -181,7 +175,6 @@ def _tiny(**overrides):
                      model__dtype='bfloat16', seq_len=128, batch_size=8, **overrides)
 
 
-@needs_dispatcher
 @needs_libtpu
 @pytest.mark.slow
 @pytest.mark.parametrize('mesh', [dict(data=2, fsdp=2, tensor=1), dict(data=2, fsdp=1, tensor=2)],
@@ -192,7 +185,7 @@ def test_sharded_train_step_compiles_with_the_kernel(mesh, tmp_path):
   with open(tmp_path / 'compile.json') as f:
     assert json.load(f) == json.loads(json.dumps(report))
   assert (tmp_path / 'compile_summary.txt').read_text().startswith('retnet_tiny train step')
-  assert report['mesh'] == {**mesh} and report['num_devices'] == 4
+  assert report['mesh'] == {**mesh, 'sequence': 1} and report['num_devices'] == 4
   assert report['device_kind'] == 'TPU v5 lite' and report['libtpu_topology'] == 'v5e:2x2'
   impl = report['retention_impl_in_step']
   assert impl['impl'] == 'pallas' and 'retention_pallas.chunkwise' in impl['kernel']
@@ -215,7 +208,6 @@ def test_sharded_train_step_compiles_with_the_kernel(mesh, tmp_path):
   assert report['compile_seconds'] > 0
 
 
-@needs_dispatcher
 @needs_libtpu
 @pytest.mark.slow
 def test_decoding_compiles_and_its_state_is_per_chip(tmp_path):
@@ -252,7 +244,6 @@ def test_cli_unknown_topology_is_one_line(tmp_path):
 # every jax start try CUDA; see the README for installing it beside the environment).
 
 
-@needs_dispatcher
 @pytest.mark.slow
 def test_train_step_compiles_for_h100_with_the_triton_kernel(tmp_path):
   pytest.importorskip('jax_plugins.xla_cuda12', reason='the CUDA plugin is not on the path')

@@ -221,6 +221,7 @@ def test_scorer_buckets_and_carries_the_state(retnet):
   rng = np.random.default_rng(1)
   seqs = [rng.integers(0, 256, n).tolist() for n in (5, 17, 3 * SEQ_LEN + 4, 12, 2, 9)]
   assert scorer.bucket(4) == (16, 16) and scorer.bucket(3 * SEQ_LEN + 3) == (4 * SEQ_LEN, SEQ_LEN)
+  scoring.score.clear_cache()  # Other tests in this process may have traced the same buckets.
   scoring.TRACES.clear()
   out = scorer.token_logprobs(seqs, batch_size=2)
   for s, (logp, greedy), (expected, logits) in zip(seqs, out, Hand(workdir).logprobs(seqs)):
