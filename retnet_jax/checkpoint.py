@@ -31,6 +31,18 @@ import orbax.checkpoint as ocp
 from retnet_jax import model as model_lib
 
 
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that it can be written: a one-line ValueError if not."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f'workdir {workdir!r} cannot be written: {e.strerror or e}.') from e
+
+
 def manager(directory: str, max_to_keep: int | None = 3, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,

@@ -151,6 +151,42 @@ def per_shard(f, in_axes: Sequence[Sequence[str | None]], out_axes: Sequence[Seq
   return wrapped
 
 
+def state_shardings(abstract_state, params_axes, mesh, rules):
+  """Shardings of the train state: parameters by their logical axes; optimiser moments like the
+  parameter they belong to (matched by the trailing dict keys of their path); the rest replicated."""
+  param_sh = tree_shardings(params_axes, abstract_state['params'], mesh, rules)
+  by_path = {tuple(k.key for k in path): s for path, s in
+             jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def for_opt(path, leaf):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    s = by_path.get(tuple(keys))
+    return s if s is not None and s.shard_shape(leaf.shape) is not None and len(
+        s.spec) <= len(leaf.shape) else replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(for_opt, abstract_state['opt_state'])
+  return {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+
+
+def batch_sharding(mesh, rules):
+  return NamedSharding(mesh, logical_to_spec(('batch', 'length'), rules))
+
+
+def to_global(batch: dict, sh, keys: Sequence[str]) -> dict:
+  """Per-host numpy batch[keys] -> global jax arrays laid out by `sh` (dim 0 split across hosts)."""
+  out = {}
+  for k in keys:
+    local = np.asarray(batch[k])
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sh, local, global_shape)
+  return out
+
+
 def make_mesh(shape: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
   """A mesh with axes ('data', 'fsdp', 'sequence', 'tensor'); one size may be −1 (all remaining
   devices).

@@ -19,9 +19,7 @@ from typing import Callable
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
@@ -109,58 +107,7 @@ def eval_step(params, batch, *, setup: model_lib.Setup):
 
 
 # ------------------------------------------------------------------------------------------------
-# Sharded state.
-
-
-def state_shardings(abstract_state, params_axes, mesh, rules):
-  """Shardings of the train state: parameters by their logical axes; optimiser moments like the
-  parameter they belong to (matched by the trailing dict keys of their path); the rest replicated."""
-  param_sh = sharding.tree_shardings(params_axes, abstract_state['params'], mesh, rules)
-  by_path = {tuple(k.key for k in path): s for path, s in
-             jax.tree_util.tree_flatten_with_path(param_sh)[0]}
-  replicated = NamedSharding(mesh, P())
-
-  def for_opt(path, leaf):
-    keys = []
-    for k in reversed(path):
-      if not isinstance(k, jax.tree_util.DictKey):
-        break
-      keys.insert(0, k.key)
-    s = by_path.get(tuple(keys))
-    return s if s is not None and s.shard_shape(leaf.shape) is not None and len(
-        s.spec) <= len(leaf.shape) else replicated
-
-  opt_sh = jax.tree_util.tree_map_with_path(for_opt, abstract_state['opt_state'])
-  return {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
-
-
-def batch_sharding(mesh, rules):
-  return NamedSharding(mesh, sharding.logical_to_spec(('batch', 'length'), rules))
-
-
-def to_global(batch: dict, sh) -> dict:
-  """Per-host numpy batch -> global jax arrays laid out by `sh`."""
-  out = {}
-  for k in BATCH_KEYS:
-    local = np.asarray(batch[k])
-    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-    out[k] = jax.make_array_from_process_local_data(sh, local, global_shape)
-  return out
-
-
-# ------------------------------------------------------------------------------------------------
 # Run set-up shared by train and eval.
-
-
-def check_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise ValueError(f'workdir {workdir!r} cannot be written: {e.strerror or e}.') from e
 
 
 class Run:
@@ -198,7 +145,7 @@ class Run:
       self.train_iter, self.eval_batches = data_lib.create_datasets(
           config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
           global_batch_size=config.batch_size, seed=config.seed)
-      check_workdir(workdir)
+      checkpoint.check_workdir(workdir)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
     self.params_axes = model_lib.param_logical_axes(cfg)
     key = jax.random.key(config.seed)
@@ -209,8 +156,8 @@ class Run:
       return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': opt_state}
 
     self.abstract_state = jax.eval_shape(init_state, key)
-    self.state_sh = state_shardings(self.abstract_state, self.params_axes, self.mesh, self.rules)
-    self.batch_sh = batch_sharding(self.mesh, self.rules)
+    self.state_sh = sharding.state_shardings(self.abstract_state, self.params_axes, self.mesh, self.rules)
+    self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     self._init = jax.jit(init_state, out_shardings=self.state_sh)
     self._key = key
     self.ckpt = None
@@ -274,7 +221,7 @@ class Run:
     totals = None
     with sharding.use_rules(self.mesh, self.rules):
       for batch in self.eval_batches():
-        stats = self.eval_fn(params, to_global(batch, self.batch_sh))
+        stats = self.eval_fn(params, sharding.to_global(batch, self.batch_sh, BATCH_KEYS))
         totals = stats if totals is None else jax.tree.map(jnp.add, totals, stats)
     if totals is None:
       raise ValueError('the evaluation split produced no batches.')
@@ -363,7 +310,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
   with preemption.StopOnSignal(config.checkpoint.get('save_on_sigterm', True)) as stop, \
        sharding.use_rules(run.mesh, run.rules):
     while step < stop_at and not stop.requested:
-      batch = to_global(next(run.train_iter), run.batch_sh)
+      batch = sharding.to_global(next(run.train_iter), run.batch_sh, BATCH_KEYS)
       state, stats = step_fn(state, batch)
       step += 1
       steps_in_window += 1

@@ -1,11 +1,19 @@
 """Every test process sees 8 virtual CPU devices (sharding tests build meshes over them; the others
 use a one-device mesh, see tests/util.py), and runs on the CPU: with the TPU library installed jax
 would otherwise try to open a TPU first (noise, and libtpu's one-process lock, which makes another
-process's TPU compile fail). Set JAX_PLATFORMS to test on an accelerator."""
+process's TPU compile fail). Set JAX_PLATFORMS to test on an accelerator.
+
+The test processes (xdist workers and the command-line runs they start) share one persistent
+compilation cache: most tests compile the same shrunk configs, and compiling is most of their time.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'retnet_jax_tests_compilation_cache'))

@@ -17,6 +17,7 @@ import pytest
 from retnet_jax import config_lib
 from retnet_jax import model as model_lib
 from retnet_jax import platform
+from retnet_jax import sharding
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from tests import util
@@ -255,7 +256,7 @@ def test_abstract_run_compiles_the_loops_step_without_data(tmp_path):
   abstract_text = train.make_train_step(run).lower(run.abstract_train_state(), batch).as_text()
   real = train.Run(config, str(tmp_path / 'real'), devices=devices)
   state = real.initial_state()
-  real_batch = train.to_global(next(real.train_iter), real.batch_sh)
+  real_batch = sharding.to_global(next(real.train_iter), real.batch_sh, train.BATCH_KEYS)
   assert {k: (v.shape, v.dtype) for k, v in real_batch.items()} == {
       k: (v.shape, v.dtype) for k, v in batch.items()}
   assert train.make_train_step(real).lower(state, real_batch).as_text() == abstract_text
