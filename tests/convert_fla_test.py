@@ -187,13 +187,15 @@ def hf_tokenizer_meta(vocab_size):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('tied', [False, True])
-def test_fla_export_loads_in_fla_and_generates(fla, tied, tmp_path):
+def test_fla_export_loads_in_fla_and_generates(fla, tied, tmp_path, capsys):
   """Ours -> --to=fla -> from_pretrained: fla's logits, its tokenizer, its generate; and back."""
   cfg = fla_variant(model__tie_embeddings=tied, model__num_heads=4, model__value_dim=96)
   params = numpy_params(cfg, seed=2)
   checkpoint.save_params(str(tmp_path / 'ours'), params, cfg, extra_meta=hf_tokenizer_meta(cfg.vocab_size))
   out = tmp_path / 'hf'
-  assert convert.main(['--to=fla', f'--input={tmp_path / "ours"}', f'--output={out}']) == 0
+  assert convert.main(['--to=fla', f'--input={tmp_path / "ours"}', f'--output={out}', '--step=3']) == 1
+  assert 'error: no checkpoint step 3' in capsys.readouterr().err and not out.exists()
+  assert convert.main(['--to=fla', f'--input={tmp_path / "ours"}', f'--output={out}', '--step=0']) == 0
   assert {'config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'} <= set(
       os.listdir(out))
   models, device = fla

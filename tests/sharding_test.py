@@ -3,6 +3,7 @@ shardings as the rules say, checkpoints that move between meshes, and the comman
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,16 +29,11 @@ def cfg(mesh=(1, 1, 1), **overrides):
   return util.config(**{**base, **overrides})
 
 
-def losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
-
-
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('one_device'))
   train.train_and_evaluate(cfg(), workdir)
-  return losses(workdir)
+  return util.train_losses(workdir)
 
 
 def test_eight_devices_are_visible():
@@ -47,7 +43,7 @@ def test_eight_devices_are_visible():
 @pytest.mark.parametrize('mesh', MESHES)
 def test_losses_match_one_device(mesh, one_device, tmp_path):
   train.train_and_evaluate(cfg(mesh), str(tmp_path))
-  sharded = losses(str(tmp_path))
+  sharded = util.train_losses(str(tmp_path))
   assert len(sharded) == len(one_device) == 4
   np.testing.assert_allclose(sharded, one_device, rtol=1e-5)
 
@@ -57,7 +53,7 @@ def test_transformer_losses_match_one_device(tmp_path):
   overrides = dict(model__kind='transformer', model__value_dim=None)
   train.train_and_evaluate(cfg(**overrides), str(tmp_path / 'one'))
   train.train_and_evaluate(cfg((2, 2, 2), **overrides), str(tmp_path / 'mesh'))
-  np.testing.assert_allclose(losses(str(tmp_path / 'mesh')), losses(str(tmp_path / 'one')),
+  np.testing.assert_allclose(util.train_losses(str(tmp_path / 'mesh')), util.train_losses(str(tmp_path / 'one')),
                              rtol=1e-5)
 
 
@@ -81,7 +77,7 @@ def test_pallas_kernel_runs_per_shard(monkeypatch, tmp_path):
   # Batch 8 over data × fsdp = 4, 4 heads over tensor = 2 (the global shape is only traced, by
   # `per_shard`'s eval_shape of the outputs).
   assert set(shard_shapes) == {(2, 37, 2, 12), (8, 37, 4, 12)}, shard_shapes
-  np.testing.assert_allclose(losses(str(tmp_path / 'mesh')), losses(str(tmp_path / 'one')),
+  np.testing.assert_allclose(util.train_losses(str(tmp_path / 'mesh')), util.train_losses(str(tmp_path / 'one')),
                              rtol=1e-5)
 
 
@@ -137,24 +133,12 @@ def test_checkpoint_moves_between_meshes(one_device, tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(cfg((2, 2, 2)), workdir, max_steps=3)
   train.train_and_evaluate(cfg((1, 8, 1)), workdir)
-  np.testing.assert_allclose(losses(workdir), one_device, rtol=1e-5)
+  np.testing.assert_allclose(util.train_losses(workdir), one_device, rtol=1e-5)
   out = train.evaluate(cfg((8, 1, 1)), workdir)
   assert out['step'] == 4 and np.isfinite(out['eval']['loss'])
 
 
-def test_command_line_with_a_2x2x2_mesh(tmp_path):
-  overrides = {**util.SHRINK, 'model.num_heads': 4, 'model.value_dim': 64, 'batch_size': 8,
-               'total_steps': 2, 'log_every': 1, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
-  cmd = [sys.executable, '-m', 'retnet_jax.main',
-         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
-         f'--workdir={tmp_path}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=util.ROOT, env=env, timeout=600)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out[-3000:]
-  assert "Mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'tensor': 2} over 8 devices" in out
-  assert 'blocks/retention/wq' in out and "P(None, 'fsdp', 'tensor', None)" in out
-  assert len(losses(str(tmp_path))) == 2
+  assert len(util.train_losses(str(tmp_path))) == 2
 
 
 def _two_processes(workdir, total_steps):
@@ -184,14 +168,23 @@ def _two_processes(workdir, total_steps):
 
 
 def test_two_processes_checkpoint_and_resume_exactly(tmp_path):
-  """Multi-host: each process reads its own data shard and saves its own iterator position, so a
-  two-process run stopped at step 2 and resumed gives the losses of one that never stopped."""
-  out = _two_processes(tmp_path / 'straight', 4)
-  assert '8 devices (2 processes)' in out
-  _two_processes(tmp_path / 'resumed', 2)
-  data = os.path.join(tmp_path, 'resumed', 'checkpoints', '2', 'data')
-  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(os.listdir(data))
-  _two_processes(tmp_path / 'resumed', 4)
-  straight = losses(str(tmp_path / 'straight'))
+  """The command line on a (2, 2, 2) mesh over two processes: each reads its own data shard and
+  saves its own iterator position, so a run resumed at step 2 gives the losses of one that never
+  stopped."""
+  workdir = str(tmp_path)
+  out = _two_processes(workdir, 4)
+  assert "Mesh {'data': 2, 'fsdp': 2, 'sequence': 1, 'tensor': 2} over 8 devices (2 processes)" in out
+  assert 'blocks/retention/wq' in out and "P(None, 'fsdp', 'tensor', None)" in out
+  straight = util.train_losses(workdir)
   assert len(straight) == 4 and np.all(np.isfinite(straight))
-  assert losses(str(tmp_path / 'resumed')) == straight
+  data = os.path.join(workdir, 'checkpoints', '2', 'data')
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(os.listdir(data))
+  # Back to step 2, as if stopped there (one launch fewer than stopping a run at 2).
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '4'))
+  path = os.path.join(workdir, 'metrics.jsonl')
+  with open(path) as f:
+    kept = [line for line in f if json.loads(line)['step'] <= 2]
+  with open(path, 'w') as f:
+    f.writelines(kept)
+  _two_processes(workdir, 4)
+  assert util.train_losses(workdir) == straight

@@ -1,5 +1,6 @@
 """Shared test helpers: every test builds from a shrunk real config."""
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -30,6 +31,12 @@ def config(name='retnet_tiny', arg=None, **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def train_losses(workdir):
+  """The training losses a run wrote to <workdir>/metrics.jsonl, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
 
 
 def model_config(name='retnet_tiny', arg=None, **overrides):

@@ -52,11 +52,12 @@ def import_checkpoint(source: str, input_path: str, output: str, config_json: st
   return params, cfg, meta
 
 
-def export_checkpoint(target: str, input_dir: str, output: str) -> str:
-  """Writes the orbax checkpoint `input_dir` in `target`'s format at `output`; says what it wrote."""
+def export_checkpoint(target: str, input_dir: str, output: str, step: int | None = None) -> str:
+  """Writes the orbax checkpoint `input_dir` (a workdir or a checkpoints directory) at `step`
+  (default the latest) in `target`'s format at `output`; says what it wrote."""
   if target not in TARGETS:
     raise ConversionError(f'unknown target {target!r}; expected one of {sorted(TARGETS)}.')
-  params, cfg, meta = checkpoint.load_params(input_dir)
+  params, cfg, meta = checkpoint.load_params(input_dir, step=step)
   params = jax.tree.map(np.asarray, params)
   return TARGETS[target].export_weights(params, cfg, output, meta)
 
@@ -73,19 +74,23 @@ def main(argv=None) -> int:
   parser.add_argument('--output', required=True, help='import: new orbax directory; export: torchscale .pt file, fla directory')
   parser.add_argument('--config_json', default=None,
                       help='torchscale: JSON of RetNetConfig fields; fla: its config.json')
+  parser.add_argument('--step', type=int, default=None,
+                      help='export: the checkpoint step to write (default the latest)')
   parser.add_argument('--param_dtype', default='float32', choices=sorted(NP_DTYPES))
   parser.add_argument('--trust_pickle', action='store_true',
                       help='let torch unpickle arbitrary objects (fairseq args); trusted files only')
   a = parser.parse_args(argv)
   if (a.source is None) == (a.target is None):
     parser.error('give exactly one of --from and --to.')
+  if a.source and a.step is not None:
+    parser.error('--step selects the checkpoint to export; an import writes step 0.')
   try:
     if a.source:
       _, cfg, meta = import_checkpoint(a.source, a.input, a.output, a.config_json, a.param_dtype,
                                        a.trust_pickle)
       print(f'wrote {a.output}: {cfg}' + (' with tokenizer' if 'tokenizer' in meta else ''))
     else:
-      print(f'wrote {export_checkpoint(a.target, a.input, a.output)}')
+      print(f'wrote {export_checkpoint(a.target, a.input, a.output, a.step)}')
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
