@@ -15,6 +15,10 @@ import jax
 # reductions are slow on long single sequences.
 _XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=individual_dot',)
 
+# Virtual CPU devices share the host's cores: on a busy machine one can reach a collective minutes
+# after the others, and XLA's default wait ends the process (seen on the 2-core CI machine).
+COLLECTIVE_WAIT_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=600',)
+
 # XLA:CPU options that leave YNNPACK out of one executable, so that Eigen runs its dots.
 EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
@@ -28,7 +32,8 @@ def start(mesh_config=None) -> None:
 
 
 def tune_xla_cpu_flags() -> bool:
-  """Adds `_XLA_CPU_FLAGS` to XLA_FLAGS unless set there already. Returns whether it did.
+  """Adds `_XLA_CPU_FLAGS` and `COLLECTIVE_WAIT_FLAGS` to XLA_FLAGS unless set there already.
+  Returns whether it did.
 
   Only a backend started afterwards sees them, so entrypoints call this first; a no-op once JAX
   has started (a notebook that already ran JAX keeps the defaults). GPU/TPU ignore the flags.
@@ -37,7 +42,7 @@ def tune_xla_cpu_flags() -> bool:
   if xla_bridge.backends_are_initialized():
     return False
   current = os.environ.get('XLA_FLAGS', '')
-  todo = [f for f in _XLA_CPU_FLAGS if f.split('=')[0] not in current]
+  todo = [f for f in (*_XLA_CPU_FLAGS, *COLLECTIVE_WAIT_FLAGS) if f.split('=')[0] not in current]
   if todo:
     os.environ['XLA_FLAGS'] = ' '.join([current, *todo]).strip()
   return bool(todo)

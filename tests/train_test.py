@@ -210,12 +210,14 @@ print(first, again, late, repr(flags_after))
                        text=True, check=True).stdout.split(None, 3)
   assert out[:3] == ['True', 'False', 'False']  # Added once; never after JAX has started.
   assert out[3].strip() == repr('--xla_force_host_platform_device_count=1 '
-                                '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
+                                '--xla_cpu_experimental_ynn_fusion_type=individual_dot '
+                                '--xla_cpu_collective_call_terminate_timeout_seconds=600')
   # A user's own setting of the flag is kept as it is.
   env['XLA_FLAGS'] = '--xla_cpu_experimental_ynn_fusion_type='
   out = subprocess.run([sys.executable, '-c', script], cwd=util.ROOT, env=env, capture_output=True,
                        text=True, check=True).stdout.split(None, 3)
-  assert out[0] == 'False' and 'individual_dot' not in out[3] and out[3].count('ynn') == 1
+  assert 'individual_dot' not in out[3] and out[3].count('ynn') == 1
+  assert 'collective_call_terminate_timeout' in out[3]  # The flags it did not set are added.
 
 
 def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
