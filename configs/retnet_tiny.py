@@ -54,6 +54,7 @@ def get_config(arg=None):
       form='chunkwise',  # retention form used for training
       chunk_size=64,
       retention_impl='auto',  # Pallas kernel on GPU/TPU, XLA on CPU
+      sequence_exchange='scan',  # or 'all_gather'; used when mesh.sequence > 1
       rotary='interleaved',
       rotary_freqs='torchscale',
       rotary_base=10000.0,

@@ -1,6 +1,7 @@
 r"""Sequence parallelism on 8 virtual CPU devices: per-device peak memory and tokens/s of the tiny
-model's train step against sequence length, for sequence axes 1, 2, 4 and 8; and the time of the
-state exchange (all-gather of each layer's [B, H, K, V] state and decay, then the local fold) alone.
+model's train step against sequence length, for sequence axes 1, 2, 4 and 8; and the state exchange
+alone (each layer's [B, H, K, V] state and decay: one all-gather and a local fold, or the log-depth
+ppermute scan), its time and per-device peak.
 
   python -m experiments.sequence_parallel --out=DIR [--quick]
 
@@ -30,6 +31,7 @@ import numpy as np
 
 from experiments import common
 from retnet_jax import config_lib
+from retnet_jax import retention_ops
 from retnet_jax import sharding
 from retnet_jax import train
 
@@ -74,37 +76,37 @@ def measure(seq_len: int, sequence: int, *, timed_steps: int, overrides=()) -> d
   return row
 
 
-def exchange_seconds(sequence: int, *, B=1, H=4, K=64, V=128, layers=4, repeats=20) -> dict:
-  """The exchange alone, forward and backward, for `layers` layers of [B, H, K, V] states: an
-  all-gather of (U, γ^L) over the axis and the fold, as in `retention_ops`."""
+def exchange_seconds(sequence: int, exchange: str, *, B=1, H=4, K=64, V=128, layers=4,
+                     repeats=20) -> dict:
+  """The exchange alone (`retention_ops.EXCHANGE_FNS[exchange]`), forward and backward, for
+  `layers` layers of [B, H, K, V] states; its time and its compiled per-device peak."""
   mesh = sharding.make_mesh({'data': 1, 'sequence': sequence})
   P = jax.sharding.PartitionSpec
+  scan = retention_ops.EXCHANGE_FNS[exchange]
 
-  def fold(u_BHKV, a_BH):
-    u_N = jax.lax.all_gather(u_BHKV, 'sequence')
-    a_N = jax.lax.all_gather(a_BH, 'sequence')
-    s, before = jnp.zeros_like(u_BHKV), []
-    for i in range(sequence):
-      before.append(s)
-      s = a_N[i][..., None, None] * s + u_N[i]
-    return jnp.stack(before)[jax.lax.axis_index('sequence')] + s
+  def per_block(u_BHKV, a_BH, s0_BHKV):
+    entering, final = scan(a_BH, u_BHKV, s0_BHKV, 'sequence', sequence)
+    return entering + final
 
-  per_device = jax.shard_map(fold, mesh=mesh, in_specs=(P('sequence'), P('sequence')),
+  per_device = jax.shard_map(per_block, mesh=mesh, in_specs=(P('sequence'), P('sequence'), P()),
                              out_specs=P('sequence'), check_vma=False)
 
-  def loss(u, a):
-    return sum(jnp.sum(per_device(u[l], a[l])) for l in range(layers))
+  def loss(u, a, s0):
+    return sum(jnp.sum(per_device(u[l], a[l], s0[l])) for l in range(layers))
 
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  u = jnp.ones((layers, sequence * B, H, K, V), jnp.float32)
-  a = jnp.full((layers, sequence * B, H), 0.9, jnp.float32)
-  jax.block_until_ready(fn(u, a))
+  rng = np.random.default_rng(0)
+  u = jnp.asarray(rng.standard_normal((layers, sequence * B, H, K, V)), jnp.float32)
+  a = jnp.asarray(rng.uniform(0.5, 1.0, (layers, sequence * B, H)), jnp.float32)
+  s0 = jnp.asarray(rng.standard_normal((layers, B, H, K, V)), jnp.float32)
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(u, a, s0).compile()
+  jax.block_until_ready(fn(u, a, s0))
   t = time.perf_counter()
   for _ in range(repeats):
-    out = fn(u, a)
+    out = fn(u, a, s0)
   jax.block_until_ready(out)
-  return {'sequence': sequence, 'exchange_ms_fwd_bwd': 1e3 * (time.perf_counter() - t) / repeats,
-          'state_bytes_per_layer': B * H * K * V * 4}
+  return {'sequence': sequence, 'exchange': exchange,
+          'exchange_ms_fwd_bwd': 1e3 * (time.perf_counter() - t) / repeats,
+          'peak_bytes_per_device': common.peak_bytes(fn), 'state_bytes_per_layer': B * H * K * V * 4}
 
 
 def sweep(lengths, axes, *, time_up_to, timed_steps, overrides=(), log=print) -> dict:
@@ -115,8 +117,8 @@ def sweep(lengths, axes, *, time_up_to, timed_steps, overrides=(), log=print) ->
       rows.append(row)
       log(json.dumps(row))
   for n in axes:
-    if n > 1:
-      exchange.append(exchange_seconds(n))
+    for how in ('all_gather', 'scan') if n > 1 else ():
+      exchange.append(exchange_seconds(n, how))
       log(json.dumps(exchange[-1]))
   return {'steps': rows, 'exchange': exchange}
 
@@ -130,8 +132,10 @@ def markdown(result) -> str:
     ratio = r['peak_bytes_per_device'] / base[r['seq_len']] if r['seq_len'] in base else float('nan')
     tps = f"{r['tokens_per_second']:,.0f}" if 'tokens_per_second' in r else '—'
     lines.append(f"| {r['seq_len']:,} | {r['sequence']} | {mib:,.1f} | {ratio:.2f} | {tps} |")
-  lines += ['', '| sequence axis | exchange ms (4 layers, fwd + bwd) |', '|---:|---:|']
-  lines += [f"| {e['sequence']} | {e['exchange_ms_fwd_bwd']:.2f} |" for e in result['exchange']]
+  lines += ['', '| sequence axis | exchange | ms (4 layers, fwd + bwd) | peak KiB / device |',
+            '|---:|---|---:|---:|']
+  lines += [f"| {e['sequence']} | {e['exchange']} | {e['exchange_ms_fwd_bwd']:.2f} | "
+            f"{e['peak_bytes_per_device'] / 2**10:,.0f} |" for e in result['exchange']]
   return '\n'.join(lines)
 
 

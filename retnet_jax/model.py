@@ -66,6 +66,9 @@ class ModelConfig:
   # applies, else XLA), 'xla', 'pallas' (interpreted on CPU: slow, for tests), or 'skip'
   # (benchmarks only: o = v, the step without the retention operator).
   retention_impl: str = 'auto'
+  # How the blocks of one sequence pass retention states under a 'sequence' mesh axis
+  # (retention_ops): 'scan' (a log-depth ppermute scan) or 'all_gather' (one all-gather and a fold).
+  sequence_exchange: str = 'scan'
   # Rotary angles on q and k: 'interleaved' pairs (torchscale), 'half'-split (fla), or 'none';
   # frequencies 'torchscale' (θ_i = base^−linspace(0, 1, K/2)) or 'standard' (θ_i = base^(−2i/K)).
   rotary: str = 'interleaved'
@@ -110,6 +113,9 @@ class ModelConfig:
     need(self.form in retention.FORMS, f'form must be one of {sorted(retention.FORMS)}.')
     need(self.retention_impl in retention_ops.IMPLS,
          f'retention_impl must be one of {retention_ops.IMPLS}; got {self.retention_impl!r}.')
+    need(self.sequence_exchange in retention_ops.EXCHANGE_FNS,
+         f'sequence_exchange must be one of {sorted(retention_ops.EXCHANGE_FNS)}; '
+         f'got {self.sequence_exchange!r}.')
     need(self.remat in REMAT_POLICIES, f'remat must be one of {sorted(REMAT_POLICIES)}.')
     need(self.dtype in DTYPES and self.param_dtype in DTYPES, f'dtypes must be among {DTYPES}.')
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1); got {self.dropout}.')
@@ -275,7 +281,7 @@ class MultiScaleRetention(nnx.Module):
     impl = cfg.retention_impl if form == 'chunkwise' or cfg.retention_impl == 'skip' else 'auto'
     o_BTHV, state_BHKV = retention_ops.retention(
         q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state, reset=reset_BT, form=form,
-        chunk_size=cfg.chunk_size, impl=impl)
+        chunk_size=cfg.chunk_size, impl=impl, exchange=cfg.sequence_exchange)
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
       n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0

@@ -15,10 +15,13 @@ through (zero without one), so that a cost benchmark times everything else in th
 Sequence parallelism: where the rules map 'length' to a mesh axis of size n > 1 ('sequence'),
 device j of that axis holds tokens [jL, (j+1)L). It runs the chunkwise form (XLA or the kernel) on
 its block from a zero state, giving o_loc and U_j; with a_j = γ^L (0 if the block holds a reset),
-the state entering block j is S_j = a_{j−1} S_{j−1} + U_{j−1}, S_0 = the initial state. One
-all-gather of (U, a) over the axis and a local fold give every device its S_j (and S_n, the final
-state); the device then adds the cross term γ^{t+1} q_t S_j (zero from its block's first reset on).
-Gradients flow through the all-gather (its transpose is a reduce-scatter).
+the state entering block j is S_j = a_{j−1} S_{j−1} + U_{j−1}, S_0 = the initial state. The
+default exchange='scan' composes the maps S -> a_j S + U_j by a log-depth (Hillis–Steele) prefix
+scan over `ppermute`: ⌈log2 n⌉ + 1 sends of one state per device; exchange='all_gather' gathers
+every (U, a) (n − 1 states received per device) and folds them locally (the README has both
+measured). The device then adds the cross term γ^{t+1} q_t S_j (zero from its block's first reset
+on). Gradients flow through the collectives (a ppermute transposes to the reverse ppermute, an
+all-gather to a reduce-scatter).
 """
 
 from __future__ import annotations
@@ -79,12 +82,16 @@ def choose(q_shape, v_shape, dtype, *, form='chunkwise', chunk_size=64, impl='au
 
 
 def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', chunk_size=64,
-              impl='auto'):
+              impl='auto', exchange='scan'):
   """Retention in `form` by the implementation `choose` picks; (o [B, T, H, V], state [B, H, K, V]).
 
   Shapes as in `retention`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H]; state f32 or None
-  (zero); reset [B, T] bool or None.
+  (zero); reset [B, T] bool or None. exchange: how blocks pass states under a sequence axis,
+  'scan' or 'all_gather' (see above).
   """
+  if exchange not in EXCHANGE_FNS:
+    raise ValueError(f'Unknown sequence exchange {exchange!r}; expected one of '
+                     f'{sorted(EXCHANGE_FNS)}.')
   B, T, H, K, V = ref.check_shapes(q, k, v, log_gamma, state, reset)
   choice = choose(q.shape, v.shape, v.dtype, form=form, chunk_size=chunk_size, impl=impl)
   if choice.impl == 'skip':
@@ -97,7 +104,8 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
     if T % (n * chunk_size):
       raise ValueError(f'sequence length {T} is not divisible by the sequence axis ({n}) times '
                        f'chunk_size ({chunk_size}).')
-    return _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_size)
+    return _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_size,
+                              exchange)
   if choice.impl == 'xla':
     options = {'chunk_size': chunk_size} if form == 'chunkwise' else {}
     return ref.FORMS[form](q, k, v, log_gamma, state, reset=reset, **options)
@@ -122,7 +130,46 @@ def _local(choice, chunk_size):
       interpret=choice.interpret)
 
 
-def _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_size):
+def gather_and_fold(a_BH, u_BHKV, s0_BHKV, axis, n):
+  """(S_j entering this device's block, S_n): all-gather every block's (a, U), fold locally.
+
+  Inside a shard_map over `axis` (n devices); a [B, H], u and s0 [B, H, K, V] float32: this block's
+  decay over its length (0 after a reset), its final state from zero, and the initial state.
+  """
+  u_NBHKV = jax.lax.all_gather(u_BHKV, axis)
+  a_NBH = jax.lax.all_gather(a_BH, axis)
+  s_BHKV, before = s0_BHKV, []
+  for i in range(n):
+    before.append(s_BHKV)
+    s_BHKV = a_NBH[i][..., None, None] * s_BHKV + u_NBHKV[i]
+  return jnp.stack(before)[jax.lax.axis_index(axis)], s_BHKV
+
+
+def prefix_scan(a_BH, u_BHKV, s0_BHKV, axis, n):
+  """(S_j entering this device's block, S_n) by a Hillis–Steele scan of the maps S -> a S + U.
+
+  After round r device j holds the composition of blocks max(0, j − 2^r + 1)..j; one shift by a
+  device then turns the inclusive prefixes into the exclusive ones.
+  """
+  j = jax.lax.axis_index(axis)
+  d = 1
+  while d < n:
+    shift = [(i, i + d) for i in range(n - d)]  # Devices below d receive zeros: U += a·0.
+    a_prev, u_prev = jax.lax.ppermute((a_BH, u_BHKV), axis, shift)
+    u_BHKV = a_BH[..., None, None] * u_prev + u_BHKV  # First the earlier blocks, then this one.
+    a_BH = jnp.where(j >= d, a_BH * a_prev, a_BH)
+    d *= 2
+  s_BHKV = a_BH[..., None, None] * s0_BHKV + u_BHKV  # The state leaving this device's block.
+  entering = jax.lax.ppermute(s_BHKV, axis, [(i, i + 1) for i in range(n - 1)])
+  entering = jnp.where(j == 0, s0_BHKV, entering)
+  final = jax.lax.psum(jnp.where(j == n - 1, s_BHKV, 0.0), axis)  # Dropped when unused.
+  return entering, final
+
+
+EXCHANGE_FNS = {'all_gather': gather_and_fold, 'scan': prefix_scan}
+
+
+def _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_size, exchange):
   """Chunkwise retention with the length split over mesh axis `axis` (n devices): see above."""
   B, T, H, K, V = ref.check_shapes(q, k, v, log_gamma, state, reset)
   L = T // n
@@ -144,15 +191,9 @@ def _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_
       open_BL = ref.segments(reset_BL) == 0  # Tokens before the block's first reset.
       carry_BH = carry_BH * open_BL[:, -1:]
       q_weight_BLH = q_weight_BLH * open_BL[..., None]
-    # Exclusive scan across the axis: every device folds all blocks' (a, U) from the initial state.
-    u_NBHKV = jax.lax.all_gather(u_BHKV, axis)
-    carry_NBH = jax.lax.all_gather(carry_BH, axis)
-    s_BHKV = zero if s_in_BHKV is None else s_in_BHKV.astype(jnp.float32)
-    before = []
-    for i in range(n):
-      before.append(s_BHKV)
-      s_BHKV = carry_NBH[i][..., None, None] * s_BHKV + u_NBHKV[i]
-    entering_BHKV = jnp.stack(before)[jax.lax.axis_index(axis)]
+    s0_BHKV = zero if s_in_BHKV is None else s_in_BHKV.astype(jnp.float32)
+    scan = EXCHANGE_FNS[exchange]
+    entering_BHKV, s_BHKV = scan(carry_BH, u_BHKV.astype(jnp.float32), s0_BHKV, axis, n)
     q_BLHK32 = q_BLHK.astype(jnp.float32) * q_weight_BLH[..., None]
     cross_BLHV = jnp.einsum('blhk,bhkv->blhv', q_BLHK32, entering_BHKV)
     o_BLHV = (o_BLHV.astype(jnp.float32) + cross_BLHV).astype(o_BLHV.dtype)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retnet_jax import generate
+from retnet_jax import model as model_lib
 from retnet_jax import retention
 from retnet_jax import retention_ops
 from retnet_jax import sharding
@@ -48,17 +50,34 @@ def _loss_and_grads(fn, q, k, v, lg, state, reset):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, lg, state)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'pallas'])
+@pytest.mark.parametrize('impl,exchange', [('xla', 'all_gather'), ('pallas', 'all_gather'),
+                                           ('xla', 'scan')])
 @pytest.mark.parametrize('mesh', sorted(MESHES))
-def test_retention_over_the_sequence_axis_equals_one_device(mesh, impl):
+def test_retention_over_the_sequence_axis_equals_one_device(mesh, impl, exchange):
   args = _inputs()
   ref = _loss_and_grads(functools.partial(retention.chunkwise, chunk_size=8), *args)
-  fn = functools.partial(retention_ops.retention, form='chunkwise', chunk_size=8, impl=impl)
+  fn = functools.partial(retention_ops.retention, form='chunkwise', chunk_size=8, impl=impl,
+                         exchange=exchange)
   with sharding.use_rules(sharding.make_mesh(MESHES[mesh]), RULES):
     got = _loss_and_grads(fn, *args)
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
   for name, x, r in zip('q k v log_gamma state'.split(), got[1], ref[1]):
-    assert util.rel_err(x, r) <= 1e-5, (mesh, impl, name, util.rel_err(x, r))
+    assert util.rel_err(x, r) <= 1e-5, (mesh, impl, exchange, name, util.rel_err(x, r))
+
+
+@pytest.mark.parametrize('n', [3, 5, 6])
+def test_prefix_scan_on_axes_that_are_not_powers_of_two(n):
+  """The ppermute scan's rounds stop at ⌈log2 n⌉; resets fall on and inside blocks."""
+  q, k, v, lg, state, reset = _inputs(T=8 * n * 2, seed=n)
+  reset = reset.at[3, 16].set(True)  # Block 1's first token (blocks of 16).
+  args = q, k, v, lg, state, reset
+  ref = _loss_and_grads(functools.partial(retention.chunkwise, chunk_size=8), *args)
+  fn = functools.partial(retention_ops.retention, form='chunkwise', chunk_size=8, exchange='scan')
+  with sharding.use_rules(sharding.make_mesh({'sequence': n}), RULES):
+    got = _loss_and_grads(fn, *args)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for name, x, r in zip('q k v log_gamma state'.split(), got[1], ref[1]):
+    assert util.rel_err(x, r) <= 1e-5, (n, name, util.rel_err(x, r))
 
 
 def test_bad_inputs_under_the_sequence_axis():
@@ -68,6 +87,34 @@ def test_bad_inputs_under_the_sequence_axis():
       retention_ops.retention(q, k, v, lg, state, chunk_size=8)
     with pytest.raises(ValueError, match='needs form="chunkwise"'):
       retention_ops.retention(q, k, v, lg, state, form='parallel')
+    with pytest.raises(ValueError, match='Unknown sequence exchange'):
+      retention_ops.retention(q, k, v, lg, state, chunk_size=8, exchange='ring')
+
+
+@pytest.mark.parametrize('exchange', ['all_gather', 'scan'])
+def test_prefill_over_the_sequence_axis_then_decoding(exchange):
+  """A long prompt's prefill split over the sequence axis gives one device's last logits and
+  state (the left padding's reset inside the first block); decoding then continues on one device."""
+  mcfg = util.model_config(model__num_heads=4, model__value_dim=64, model__chunk_size=8,
+                           model__sequence_exchange=exchange)
+  setup, params = generate.make_setup(mcfg), model_lib.init_params(mcfg, jax.random.key(1))
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 256, 64).tolist(), rng.integers(0, 256, 45).tolist()]
+  tokens, segments = generate.pad_prompts(prompts, mcfg.vocab_size, 0, min_bucket=64)
+  run = lambda: generate.prefill(setup.graphdef, params, jnp.asarray(tokens), jnp.asarray(segments))
+  logits_one, state_one = run()
+  traces = generate.TRACES['prefill']
+  with sharding.use_rules(sharding.make_mesh({'sequence': 4}), RULES):
+    logits, state = run()
+  assert generate.TRACES['prefill'] == traces + 1  # Traced again, under the mesh.
+  assert util.rel_err(logits, logits_one) <= 1e-5
+  for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(state_one)):
+    assert util.rel_err(got, ref) <= 1e-5
+  knobs = generate._knobs(0.0, 0, 1.0, 0, (), 0)  # pylint: disable=protected-access
+  done = jnp.zeros((2,), bool)
+  step = lambda s, l: generate.decode(setup.graphdef, params, s, l, done, jnp.asarray(0),
+                                      jnp.asarray(8), knobs, out_len=8)[0]
+  np.testing.assert_array_equal(step(state, logits), step(state_one, logits_one))
 
 
 def cfg(mesh=None, **overrides):
@@ -86,9 +133,11 @@ def one_device(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mesh', ['seq8', 'fsdp2_seq2_tensor2'])
-def test_training_losses_match_one_device(mesh, one_device, tmp_path):
-  train.train_and_evaluate(cfg(MESHES[mesh]), str(tmp_path))
+@pytest.mark.parametrize('mesh,exchange', [('seq8', 'all_gather'),
+                                           ('fsdp2_seq2_tensor2', 'all_gather'),
+                                           ('data2_seq4', 'scan')])
+def test_training_losses_match_one_device(mesh, exchange, one_device, tmp_path):
+  train.train_and_evaluate(cfg(MESHES[mesh], model__sequence_exchange=exchange), str(tmp_path))
   got = util.train_losses(str(tmp_path))
   assert len(got) == len(one_device) == 4
   np.testing.assert_allclose(got, one_device, rtol=1e-5)
@@ -137,4 +186,6 @@ def test_benchmark_quick_mode(tmp_path):
     result = json.load(f)
   peaks = {r['sequence']: r['peak_bytes_per_device'] for r in result['steps']}
   assert set(peaks) == {1, 2} and all(p > 0 for p in peaks.values())
-  assert result['exchange'][0]['exchange_ms_fwd_bwd'] > 0
+  assert {e['exchange'] for e in result['exchange']} == {'all_gather', 'scan'}
+  assert all(e['exchange_ms_fwd_bwd'] > 0 and e['peak_bytes_per_device'] > 0
+             for e in result['exchange'])
