@@ -76,37 +76,43 @@ def measure(seq_len: int, sequence: int, *, timed_steps: int, overrides=()) -> d
   return row
 
 
-def exchange_seconds(sequence: int, exchange: str, *, B=1, H=4, K=64, V=128, layers=4,
-                     repeats=20) -> dict:
-  """The exchange alone (`retention_ops.EXCHANGE_FNS[exchange]`), forward and backward, for
-  `layers` layers of [B, H, K, V] states; its time and its compiled per-device peak."""
+def exchange_costs(sequence: int, *, B=1, H=4, K=64, V=128, layers=4, repeats=10,
+                   rounds=7) -> list[dict]:
+  """Each exchange of `retention_ops.EXCHANGE_FNS` alone, forward and backward, for `layers`
+  layers of [B, H, K, V] states: its compiled per-device peak and its time, the median of
+  `rounds` rounds of `repeats` calls that alternate between the exchanges (a noisy shared host)."""
   mesh = sharding.make_mesh({'data': 1, 'sequence': sequence})
   P = jax.sharding.PartitionSpec
-  scan = retention_ops.EXCHANGE_FNS[exchange]
-
-  def per_block(u_BHKV, a_BH, s0_BHKV):
-    entering, final = scan(a_BH, u_BHKV, s0_BHKV, 'sequence', sequence)
-    return entering + final
-
-  per_device = jax.shard_map(per_block, mesh=mesh, in_specs=(P('sequence'), P('sequence'), P()),
-                             out_specs=P('sequence'), check_vma=False)
-
-  def loss(u, a, s0):
-    return sum(jnp.sum(per_device(u[l], a[l], s0[l])) for l in range(layers))
-
   rng = np.random.default_rng(0)
   u = jnp.asarray(rng.standard_normal((layers, sequence * B, H, K, V)), jnp.float32)
   a = jnp.asarray(rng.uniform(0.5, 1.0, (layers, sequence * B, H)), jnp.float32)
   s0 = jnp.asarray(rng.standard_normal((layers, B, H, K, V)), jnp.float32)
-  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(u, a, s0).compile()
-  jax.block_until_ready(fn(u, a, s0))
-  t = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(u, a, s0)
-  jax.block_until_ready(out)
-  return {'sequence': sequence, 'exchange': exchange,
-          'exchange_ms_fwd_bwd': 1e3 * (time.perf_counter() - t) / repeats,
-          'peak_bytes_per_device': common.peak_bytes(fn), 'state_bytes_per_layer': B * H * K * V * 4}
+
+  def build(scan):
+    def per_block(u_BHKV, a_BH, s0_BHKV):
+      entering, final = scan(a_BH, u_BHKV, s0_BHKV, 'sequence', sequence)
+      return entering + final
+
+    per_device = jax.shard_map(per_block, mesh=mesh, in_specs=(P('sequence'), P('sequence'), P()),
+                               out_specs=P('sequence'), check_vma=False)
+    loss = lambda u, a, s0: sum(jnp.sum(per_device(u[l], a[l], s0[l])) for l in range(layers))
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(u, a, s0).compile()
+    jax.block_until_ready(fn(u, a, s0))
+    return fn
+
+  fns = {name: build(scan) for name, scan in sorted(retention_ops.EXCHANGE_FNS.items())}
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      for _ in range(repeats):
+        out = fn(u, a, s0)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t) / repeats)
+  return [{'sequence': sequence, 'exchange': name,
+           'exchange_ms_fwd_bwd': 1e3 * statistics.median(times[name]),
+           'peak_bytes_per_device': common.peak_bytes(fn),
+           'state_bytes_per_layer': B * H * K * V * 4} for name, fn in fns.items()]
 
 
 def sweep(lengths, axes, *, time_up_to, timed_steps, overrides=(), log=print) -> dict:
@@ -117,9 +123,9 @@ def sweep(lengths, axes, *, time_up_to, timed_steps, overrides=(), log=print) ->
       rows.append(row)
       log(json.dumps(row))
   for n in axes:
-    for how in ('all_gather', 'scan') if n > 1 else ():
-      exchange.append(exchange_seconds(n, how))
-      log(json.dumps(exchange[-1]))
+    for row in exchange_costs(n) if n > 1 else ():
+      exchange.append(row)
+      log(json.dumps(row))
   return {'steps': rows, 'exchange': exchange}
 
 
