@@ -21,6 +21,7 @@ number counts TensorCores, two per chip; for v5e and v6e it counts chips) or as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -169,15 +170,22 @@ def require_cuda_plugin() -> None:
                      'CUDA).')
 
 
+@functools.cache
+def _describe(**kwargs):
+  """One description per slice and process: another's devices are new objects with the same ids,
+  which jit's caches mix with the first's ("incompatible devices" on a second compile)."""
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(**kwargs)
+
+
 def topology_devices(topology: Topology) -> list:
   """The devices of the slice, from libtpu's (or the CUDA plugin's) description of it; no TPU or
   GPU needed."""
-  from jax.experimental import topologies
   if topology.chip.platform == 'gpu':
     require_cuda_plugin()
     host_backend_only()
     try:
-      desc = topologies.get_topology_desc(
+      desc = _describe(
           topology_name='', platform='cuda', topology='x'.join(map(str, topology.shape)),
           target_config=GPU_TARGETS[topology.chip.generation])
     except Exception as e:
@@ -191,8 +199,7 @@ def topology_devices(topology: Topology) -> list:
   if topology.num_chips < 4:
     kwargs['chips_per_host_bounds'] = tuple(topology.shape) + (1,) * (3 - len(topology.shape))
   try:
-    desc = topologies.get_topology_desc(topology_name=topology.libtpu_name, platform='tpu',
-                                        **kwargs)
+    desc = _describe(topology_name=topology.libtpu_name, platform='tpu', **kwargs)
   except Exception as e:  # JaxRuntimeError from libtpu: a shape it does not know.
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f'libtpu cannot describe topology {topology.name!r} '

@@ -223,6 +223,11 @@ def test_decoding_compiles_and_its_state_is_per_chip(tmp_path):
   assert run['decode']['fits'] and run['prefill']['fits']
   assert run['prefill_retention_kernels'].get('retention_forward_chunk') == 1
   assert os.path.exists(tmp_path / 'generate_compile.json')
+  # Again in the same process: jit's caches hold the first call's devices, so the slice is
+  # described once and its devices reused.
+  again = aot.compile_generate(_tiny(mesh__data=4, mesh__fsdp=1), str(tmp_path / 'again'), 'v5e-4',
+                               batch_sizes=(8,), prompt_len=100, max_new_tokens=20)
+  assert again['runs'][0]['decode_state_bytes_per_device'] == run['decode_state_bytes_per_device']
 
 
 # ------------------------------------------------------------------------------------------------
