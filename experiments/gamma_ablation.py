@@ -94,20 +94,12 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
                 if 'learnable' in results else None)  # (steps, γ [steps, layers, heads])
   gammas = {name: trajectory[1][-1] if name == 'learnable' else
             config_lib.model_config(c).gammas()[None, :] for name, c in configs.items()}
-  note = (f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, width '
-          f'{base.model.embed_dim}, {base.model.num_heads} heads, {base.total_steps} steps of '
-          f'{base.batch_size}×{base.seq_len} tokens; loss on the held-out split ('
-          f'{base.data.num_eval_batches} batches at most).')
   text = common.write_table(output_dir, rows, COLUMNS, title='Decay (γ) schedule ablation',
-                            notes=[note], extra_markdown=gamma_table(gammas))
+                            notes=[_setup_note(config, quick, base)],
+                            extra_markdown=gamma_table(gammas))
   common.plot_curves({n: common.read_metrics(os.path.join(runs, n)) for n in results},
                      os.path.join(output_dir, 'loss_curves.png'), title='Loss per γ schedule')
-  plot_decay_per_head(gammas, base.seq_len, os.path.join(output_dir, 'decay_per_head.png'))
-  if trajectory is not None:
-    plot_learnable(*trajectory, os.path.join(output_dir, 'learnable_gamma.png'))
-  logging.info('\n%s', text)
-  common.check_finite(results)
-  return rows
+  return _finish(output_dir, rows, results, gammas, trajectory, base, text)
 
 
 def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, config) -> list[dict]:
@@ -131,10 +123,7 @@ def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, co
       gammas[name] = trajectory[1][-1]
     else:
       gammas[name] = config_lib.model_config(c).gammas()[None, :]
-  note = (f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, width '
-          f'{base.model.embed_dim}, {base.model.num_heads} heads, {base.total_steps} steps of '
-          f'{base.batch_size}×{base.seq_len} tokens; loss on the held-out split ('
-          f'{base.data.num_eval_batches} batches at most). Mean ± sample std over seeds '
+  note = (f'{_setup_note(config, quick, base)} Mean ± sample std over seeds '
           f'{",".join(map(str, seeds))}; Δ: the mean and std of the per-seed differences to retnet '
           '(same seed: same initialisation draw and data order). learnable γ: the lowest seed.')
   text = common.write_table(output_dir, rows, SEED_COLUMNS,
@@ -146,6 +135,18 @@ def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, co
                           title='Loss per γ schedule (mean ± std over seeds)')
   common.plot_seed_bars(loss, os.path.join(output_dir, 'loss_by_schedule.png'),
                         ylabel='final eval loss (nats)')
+  return _finish(output_dir, rows, results, gammas, trajectory, base, text)
+
+
+def _setup_note(config, quick, base) -> str:
+  return (f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, width '
+          f'{base.model.embed_dim}, {base.model.num_heads} heads, {base.total_steps} steps of '
+          f'{base.batch_size}×{base.seq_len} tokens; loss on the held-out split ('
+          f'{base.data.num_eval_batches} batches at most).')
+
+
+def _finish(output_dir, rows, results, gammas, trajectory, base, text) -> list[dict]:
+  """The plots both tables share, the table logged; raises if a run's loss is not finite."""
   plot_decay_per_head(gammas, base.seq_len, os.path.join(output_dir, 'decay_per_head.png'))
   if trajectory is not None:
     plot_learnable(*trajectory, os.path.join(output_dir, 'learnable_gamma.png'))

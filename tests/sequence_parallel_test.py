@@ -127,9 +127,7 @@ def cfg(mesh=None, **overrides):
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('one_device'))
-  train.train_and_evaluate(cfg(), workdir)
-  return util.train_losses(workdir)
+  return util.trained_losses(cfg(), tmp_path_factory.mktemp('one_device'))
 
 
 @pytest.mark.slow

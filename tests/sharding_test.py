@@ -31,9 +31,7 @@ def cfg(mesh=(1, 1, 1), **overrides):
 
 @pytest.fixture(scope='module')
 def one_device(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('one_device'))
-  train.train_and_evaluate(cfg(), workdir)
-  return util.train_losses(workdir)
+  return util.trained_losses(cfg(), tmp_path_factory.mktemp('one_device'))
 
 
 def test_eight_devices_are_visible():

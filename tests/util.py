@@ -8,6 +8,7 @@ import numpy as np
 
 from retnet_jax import config_lib
 from retnet_jax import decay
+from retnet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +38,12 @@ def train_losses(workdir):
   """The training losses a run wrote to <workdir>/metrics.jsonl, in order."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [r['loss'] for r in map(json.loads, f) if r['split'] == 'train']
+
+
+def trained_losses(config, workdir):
+  """Trains `config` into `workdir`; its training losses."""
+  train.train_and_evaluate(config, str(workdir))
+  return train_losses(str(workdir))
 
 
 def model_config(name='retnet_tiny', arg=None, **overrides):
