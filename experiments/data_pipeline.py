@@ -37,7 +37,6 @@ from absl import flags
 
 from retnet_jax import data
 from retnet_jax import preprocess
-from retnet_jax import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_PIPELINE_RATIO = 10.0
@@ -95,7 +94,7 @@ def run_preprocess(corpus: str, output: str, workers: int) -> dict:
 
 def pipeline_rate(path: str, batches: int, seq_len: int = 256, batch_size: int = 16) -> dict:
   config = {'source': 'arrayrecord', 'path': path}
-  tok = tokenizer_lib.get_tokenizer(config)
+  tok = data.get_tokenizer(config)
   it, _ = data.create_datasets(config, tokenizer=tok, seq_len=seq_len, global_batch_size=batch_size,
                                seed=0, process_index=0, process_count=1)
   for _ in range(20):

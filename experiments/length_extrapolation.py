@@ -40,7 +40,6 @@ from retnet_jax import checkpoint
 from retnet_jax import data as data_lib
 from retnet_jax import model as model_lib
 from retnet_jax import scoring
-from retnet_jax import tokenizer as tokenizer_lib
 
 MODELS = {'retnet': 'configs/retnet_tiny.py', 'transformer': 'configs/transformer_tiny.py'}
 FORMS = {'retnet': ('chunkwise', 'parallel'), 'transformer': ('parallel',)}
@@ -64,7 +63,7 @@ def variants(seeds, overrides: Sequence[str] = ()) -> list[common.Variant]:
 def long_documents(config, num_docs: int, length: int) -> list[list[int]]:
   """The first `num_docs` held-out documents with at least `length` tokens, as [eos] + their
   first `length` tokens."""
-  tok = tokenizer_lib.get_tokenizer(config.data)
+  tok = data_lib.get_tokenizer(config.data)
   docs = []
   for text in data_lib.load_texts(config.data, 'validation'):
     ids = tok.encode(text)
@@ -96,7 +95,7 @@ def evaluate(run_dir: str, model: str, config, docs, train_len: int) -> dict[str
       cached = json.load(f)
     if cached.get('key') != key:
       cached = {}
-  tok = tokenizer_lib.get_tokenizer(config.data)
+  tok = data_lib.get_tokenizer(config.data)
   for form in FORMS[model]:
     if form in cached.get('forms', {}):
       continue

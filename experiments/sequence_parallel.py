@@ -13,7 +13,6 @@ shows overheads, not a speed-up; timed steps run only up to --time_up_to tokens.
 from __future__ import annotations
 
 import os
-import sys
 
 if __name__ == '__main__':  # The devices must exist before jax starts.
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +

@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import os
 import re
 import time

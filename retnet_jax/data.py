@@ -1,7 +1,13 @@
 """Input pipeline: packed text (the Python stdlib, or local files) or synthetic MQAR, served by grain.
 
+    tok = get_tokenizer(config.data, workdir)
     train_iter, eval_batches_fn = create_datasets(config.data, tokenizer=tok, seq_len=256,
                                                   global_batch_size=16, seed=0)
+
+`get_tokenizer(data_config, workdir)` picks the tokenizer (tokenizer.py) from the data config:
+`data_config.tokenizer` is a spec, or 'sentencepiece' (trained on the source's train split, saved to
+<workdir>/tokenizer.model); for source='arrayrecord' it is the tokenizer recorded in
+`<data.path>/metadata.json`.
 
 Every batch is a dict of numpy arrays [global_batch_size // process_count, seq_len]:
   inputs       int32    token ids
@@ -504,7 +510,7 @@ def _arrayrecord_datasets(cfg, tokenizer, seq_len, global_batch_size, batch_size
   if tokenizer.vocab_size != meta['vocab_size'] or tokenizer.eos_id != meta['special_ids']['eos']:
     raise ValueError(f"the tokenizer given ({tokenizer!r}) is not the one in {cfg['path']!r} "
                      f"(vocab {meta['vocab_size']}, eos {meta['special_ids']['eos']}); use "
-                     'tokenizer.get_tokenizer(data_config).')
+                     'data.get_tokenizer(data_config).')
   decode = _Decode(meta['dtype'])
   pack = functools.partial(_PackIterDataset, seq_len=seq_len, pad_id=tokenizer.pad_id,
                            eos_id=tokenizer.eos_id)
@@ -636,3 +642,34 @@ def create_datasets(data_config, *, tokenizer, seq_len: int, global_batch_size: 
     return eval_ds
 
   return iter(train), eval_batches_fn
+
+
+def get_tokenizer(data_config, workdir: str | None = None):
+  """The tokenizer the data config names (see the module docstring).
+
+  'sentencepiece' alone is trained once on the train split of `data_config` (vocab `sp_vocab_size`)
+  and saved to <workdir>/tokenizer.model; a model already there is loaded instead. Without a workdir
+  it is trained every call and not saved. With several hosts, train it before the run starts: each
+  host would otherwise train its own copy (identical in our checks, as SentencePiece training is
+  deterministic for the same data, but wasted work, and hosts race to write the file).
+  """
+  cfg = resolve_config(data_config)
+  if cfg['source'] == 'arrayrecord':
+    return metadata_tokenizer(cfg['path'])
+  kind, path = tokenizer_lib.parse_spec(cfg['tokenizer'])
+  if kind == 'byte':
+    return tokenizer_lib.ByteTokenizer()
+  if cfg['source'] == 'mqar':
+    raise ValueError(f"tokenizer={cfg['tokenizer']!r} needs a text source; MQAR's token ids are the "
+                     "data (use tokenizer='byte', which MQAR ignores).")
+  if path is not None:
+    return tokenizer_lib.from_spec(cfg['tokenizer'])
+  if workdir is not None:
+    model_path = os.path.join(workdir, 'tokenizer.model')
+    if os.path.exists(model_path):
+      return tokenizer_lib.SentencePieceTokenizer.load(model_path)
+  else:
+    import tempfile  # pylint: disable=g-import-not-at-top
+    model_path = os.path.join(tempfile.mkdtemp(), 'tokenizer.model')
+  texts = load_texts(data_config, 'train')
+  return tokenizer_lib.SentencePieceTokenizer.train(texts, cfg['sp_vocab_size'], model_path)

@@ -48,6 +48,7 @@ from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
+from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
 
 F32 = jnp.float32
@@ -346,7 +347,7 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   if fallback is None:
     fallback = bool(config.checkpoint.get('fallback_to_intact', False))
   params, cfg, meta = checkpoint.load_params(workdir, step=step, fallback=fallback)
-  tok = tokenizer_lib.get_tokenizer(config.data, workdir)
+  tok = data_lib.get_tokenizer(config.data, workdir)
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} ids but the checkpoint\'s model only '
                      f'{cfg.vocab_size}.')

@@ -19,7 +19,7 @@ Model arguments:
   step        a checkpoint step (default the latest)
 
 The tokenizer, in this order: `tokenizer=`; the one a converted checkpoint records in its meta
-(`convert` captures tokenizer.json); the config's (`tokenizer.get_tokenizer`, so a SentencePiece
+(`convert` captures tokenizer.json); the config's (`data.get_tokenizer`, so a SentencePiece
 model saved in the workdir); <workdir>/tokenizer.model; else UTF-8 bytes (ByteTokenizer).
 
 How requests run:
@@ -58,6 +58,7 @@ from retnet_jax import config_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import scoring
+from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
 
 from lm_eval.api import model as lm_model  # pylint: disable=g-bad-import-order
@@ -97,7 +98,7 @@ def load_tokenizer(workdir: str, meta: dict, config=None, spec: str | None = Non
         setattr(tok, attr, int(info[key]))
     return tok
   if config is not None:
-    return tokenizer_lib.get_tokenizer(config.data, workdir)
+    return data_lib.get_tokenizer(config.data, workdir)
   sp_model = os.path.join(workdir, 'tokenizer.model')
   if os.path.isfile(sp_model):
     return tokenizer_lib.SentencePieceTokenizer.load(sp_model)

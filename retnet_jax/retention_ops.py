@@ -30,7 +30,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from retnet_jax import retention as ref
 from retnet_jax import retention_pallas

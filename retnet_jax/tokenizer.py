@@ -20,9 +20,8 @@ A relative path is resolved against `base_dir` (preprocess metadata stores paths
 directory). `train_sentencepiece` / `train_bpe` learn a new one from an iterable of texts (a bounded
 sample: see preprocess.py).
 
-`get_tokenizer(data_config, workdir)` picks one from the data config: `data_config.tokenizer` is a
-spec, or 'sentencepiece' (trained on the source's train split, saved to <workdir>/tokenizer.model);
-for source='arrayrecord' it is the tokenizer recorded in `<data.path>/metadata.json`.
+`data.get_tokenizer(data_config, workdir)` picks one from a data config (a spec, a SentencePiece
+model trained on the source, or the one an ArrayRecord corpus records).
 """
 
 from __future__ import annotations
@@ -303,35 +302,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
 
 TRAINERS = {'sentencepiece': train_sentencepiece, 'bpe': train_bpe}
 MODEL_FILES = {'sentencepiece': 'tokenizer.model', 'hf': 'tokenizer.json'}
-
-
-def get_tokenizer(data_config, workdir: str | None = None):
-  """The tokenizer the data config names (see the module docstring).
-
-  'sentencepiece' alone is trained once on the train split of `data_config` (vocab `sp_vocab_size`)
-  and saved to <workdir>/tokenizer.model; a model already there is loaded instead. Without a workdir
-  it is trained every call and not saved. With several hosts, train it before the run starts: each
-  host would otherwise train its own copy (identical in our checks, as SentencePiece training is
-  deterministic for the same data, but wasted work, and hosts race to write the file).
-  """
-  from retnet_jax import data  # pylint: disable=g-import-not-at-top  (data imports us lazily too)
-  cfg = data.resolve_config(data_config)
-  if cfg['source'] == 'arrayrecord':
-    return data.metadata_tokenizer(cfg['path'])
-  kind, path = parse_spec(cfg['tokenizer'])
-  if kind == 'byte':
-    return ByteTokenizer()
-  if cfg['source'] == 'mqar':
-    raise ValueError(f"tokenizer={cfg['tokenizer']!r} needs a text source; MQAR's token ids are the "
-                     "data (use tokenizer='byte', which MQAR ignores).")
-  if path is not None:
-    return from_spec(cfg['tokenizer'])
-  if workdir is not None:
-    model_path = os.path.join(workdir, 'tokenizer.model')
-    if os.path.exists(model_path):
-      return SentencePieceTokenizer.load(model_path)
-  else:
-    import tempfile  # pylint: disable=g-import-not-at-top
-    model_path = os.path.join(tempfile.mkdtemp(), 'tokenizer.model')
-  texts = data.load_texts(data_config, 'train')
-  return SentencePieceTokenizer.train(texts, cfg['sp_vocab_size'], model_path)

@@ -30,7 +30,6 @@ from retnet_jax import optim
 from retnet_jax import platform
 from retnet_jax import preemption
 from retnet_jax import sharding
-from retnet_jax import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
 
@@ -126,7 +125,7 @@ class Run:
     self.for_training, self.read_data = for_training, read_data
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
     if read_data or data_lib.resolve_config(config.data)['tokenizer'] == 'byte':
-      self.tokenizer = tokenizer_lib.get_tokenizer(config.data, workdir)
+      self.tokenizer = data_lib.get_tokenizer(config.data, workdir)
     else:
       self.tokenizer = None  # A SentencePiece model would be trained on the data.
     self.setup = build_setup(config, self.tokenizer)

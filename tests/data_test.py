@@ -473,5 +473,5 @@ def test_arrayrecord_errors(shards, tmp_path):
   with pytest.raises(ValueError, match=r'is not the one in .*\(vocab 259, eos 258\)'):
     data.create_datasets(config, tokenizer=other, seq_len=16, global_batch_size=4, seed=0,
                          process_index=0, process_count=1)
-  assert isinstance(tokenizer_lib.get_tokenizer({**config, 'tokenizer': 'hf:/ignored.json'}),
+  assert isinstance(data.get_tokenizer({**config, 'tokenizer': 'hf:/ignored.json'}),
                     tokenizer_lib.ByteTokenizer)  # The metadata's tokenizer wins.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retnet_jax import preprocess
+from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
 from tests import util
 
@@ -292,7 +293,7 @@ def test_train_from_preprocessed_shards_and_resume(tmp_path):
   second = train.train_and_evaluate(config, str(workdir))
   assert (first['step'], second['step']) == (2, 4) and np.isfinite(second['eval']['loss'])
   assert 0 < second['eval']['bits_per_byte'] < 10
-  tok = tokenizer_lib.get_tokenizer(config.data)
+  tok = data_lib.get_tokenizer(config.data)
   it, _ = data.create_datasets(config.data, tokenizer=tok, seq_len=config.seq_len,
                                global_batch_size=config.batch_size, seed=config.seed)
   for step in (2, 4):
@@ -315,10 +316,10 @@ def test_paper_configs_read_preprocessed_shards(tmp_path):
   assert c.data.source == 'arrayrecord'
   data.resolve_config(c.data)  # Valid without data (ahead-of-time compiles read none) ...
   with pytest.raises(ValueError, match='needs data_config.path'):
-    tokenizer_lib.get_tokenizer(c.data)  # ... but a run must name it.
+    data_lib.get_tokenizer(c.data)  # ... but a run must name it.
   preprocess.run(args(write(tmp_path / 'in', 'jsonl', make_docs(50)), tmp_path / 'out'))
   c.data.path = str(tmp_path / 'out')
-  assert data.vocab_size(c.data, tokenizer_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
+  assert data.vocab_size(c.data, data_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
 
 
 @pytest.mark.parametrize('fmt', ['txt', 'jsonl.zst', 'parquet'])

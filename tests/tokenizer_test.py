@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from retnet_jax import data
 from retnet_jax import tokenizer as tokenizer_lib
 
 UNICODE_TEXT = 'def f(x):\n\treturn x  # héllo, 日本語, emoji 🙂, ß → ∑\r\n'
@@ -38,15 +39,15 @@ def test_byte_tokenizer_decode_skips_specials_and_replaces_invalid_utf8():
 
 
 def test_get_tokenizer_byte_and_bad_names():
-  assert isinstance(tokenizer_lib.get_tokenizer({}), tokenizer_lib.ByteTokenizer)
-  assert isinstance(tokenizer_lib.get_tokenizer({'tokenizer': 'byte'}),
+  assert isinstance(data.get_tokenizer({}), tokenizer_lib.ByteTokenizer)
+  assert isinstance(data.get_tokenizer({'tokenizer': 'byte'}),
                     tokenizer_lib.ByteTokenizer)
   with pytest.raises(ValueError, match=r"Unknown tokenizer 'gpt2'.*'byte', 'sentencepiece'"):
-    tokenizer_lib.get_tokenizer({'tokenizer': 'gpt2'})
+    data.get_tokenizer({'tokenizer': 'gpt2'})
   with pytest.raises(ValueError, match=r"Unknown data config keys \['tokeniser'\]"):
-    tokenizer_lib.get_tokenizer({'tokeniser': 'byte'})
+    data.get_tokenizer({'tokeniser': 'byte'})
   with pytest.raises(ValueError, match='needs a text source'):
-    tokenizer_lib.get_tokenizer({'source': 'mqar', 'tokenizer': 'sentencepiece'})
+    data.get_tokenizer({'source': 'mqar', 'tokenizer': 'sentencepiece'})
 
 
 def _training_texts():
@@ -90,14 +91,14 @@ def test_get_tokenizer_sentencepiece_trains_once_then_reloads(tmp_path, monkeypa
   config = {'source': 'files', 'files_glob': str(tmp_path / '*.txt'),
             'tokenizer': 'sentencepiece', 'sp_vocab_size': 300}
   workdir = tmp_path / 'workdir'
-  tok = tokenizer_lib.get_tokenizer(config, str(workdir))
+  tok = data.get_tokenizer(config, str(workdir))
   assert (workdir / 'tokenizer.model').exists() and tok.vocab_size == 300
 
   def fail(*args, **kwargs):
     raise AssertionError('trained again instead of loading <workdir>/tokenizer.model')
 
   monkeypatch.setattr(tokenizer_lib.SentencePieceTokenizer, 'train', fail)
-  again = tokenizer_lib.get_tokenizer(config, str(workdir))
+  again = data.get_tokenizer(config, str(workdir))
   assert again.model_proto == tok.model_proto
 
 
@@ -133,7 +134,7 @@ def test_bpe_spec_round_trips_and_counts_bytes(tmp_path):
   assert tok.token_bytes[ids].sum() == len(UNICODE_TEXT.encode('utf-8'))  # Byte-level pieces.
   text = _training_texts()[0]
   assert len(tok.encode(text)) < 0.75 * len(text.encode('utf-8'))
-  assert tokenizer_lib.get_tokenizer({'source': 'files', 'files_glob': path,
+  assert data.get_tokenizer({'source': 'files', 'files_glob': path,
                                       'tokenizer': f'hf:{path}'}).encode(text) == tok.encode(text)
 
 
@@ -161,7 +162,7 @@ def test_sentencepiece_spec_loads_an_existing_model(tmp_path):
   for spec in (f'sentencepiece:{path}', 'sentencepiece:m.model'):
     tok = tokenizer_lib.from_spec(spec, base_dir=str(tmp_path))
     assert tok.model_bytes == trained.model_bytes and tok.eos_id == 2
-  tok = tokenizer_lib.get_tokenizer({'source': 'files', 'files_glob': path,
+  tok = data.get_tokenizer({'source': 'files', 'files_glob': path,
                                      'tokenizer': f'sentencepiece:{path}'})
   assert tok.encode(UNICODE_TEXT) == trained.encode(UNICODE_TEXT)
   with pytest.raises(ValueError, match=r"Tokenizer file '.*nope.model' does not exist"):
