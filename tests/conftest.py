@@ -11,12 +11,11 @@ import os
 import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'retnet_jax_tests_compilation_cache'))
 
-from retnet_jax import platform  # After JAX_PLATFORMS: importing jax reads it.
+from retnet_jax import platform  # After the JAX_ variables: importing jax reads them.
 
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_force_host_platform_device_count=8',
                                     *platform.COLLECTIVE_WAIT_FLAGS]).strip()
-
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'retnet_jax_tests_compilation_cache'))
