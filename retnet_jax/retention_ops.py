@@ -145,7 +145,8 @@ def gather_and_fold(a_BH, u_BHKV, s0_BHKV, axis, n):
 
 
 def prefix_scan(a_BH, u_BHKV, s0_BHKV, axis, n):
-  """(S_j entering this device's block, S_n) by a Hillis–Steele scan of the maps S -> a S + U.
+  """(S_j entering this device's block, S_n) by a Hillis–Steele scan of the maps S -> a S + U;
+  the arguments of `gather_and_fold`.
 
   After round r device j holds the composition of blocks max(0, j − 2^r + 1)..j; one shift by a
   device then turns the inclusive prefixes into the exclusive ones.
