@@ -15,8 +15,8 @@ import jax
 # reductions are slow on long single sequences.
 _XLA_CPU_FLAGS = ('--xla_cpu_experimental_ynn_fusion_type=individual_dot',)
 
-# Virtual CPU devices share the host's cores: on a busy machine one can reach a collective minutes
-# after the others, and XLA's default wait ends the process (seen on the 2-core CI machine).
+# Virtual CPU devices share the host's cores: on a busy machine one can reach a collective long
+# after the others, and XLA's default wait then ends the process.
 COLLECTIVE_WAIT_FLAGS = ('--xla_cpu_collective_call_terminate_timeout_seconds=600',)
 
 # XLA:CPU options that leave YNNPACK out of one executable, so that Eigen runs its dots.
