@@ -281,7 +281,6 @@ def test_command_line_with_workers_and_one_line_errors(tmp_path):
 def test_train_from_preprocessed_shards_and_resume(tmp_path):
   """Two pieces of a 4-step run; the data state checkpointed at each piece's end is the state of a
   fresh iterator after as many batches (so resume reads on where the run stopped)."""
-  from retnet_jax import data
   from retnet_jax import train
   docs = make_docs(400, seed=4)
   out = tmp_path / 'data'
@@ -294,7 +293,7 @@ def test_train_from_preprocessed_shards_and_resume(tmp_path):
   assert (first['step'], second['step']) == (2, 4) and np.isfinite(second['eval']['loss'])
   assert 0 < second['eval']['bits_per_byte'] < 10
   tok = data_lib.get_tokenizer(config.data)
-  it, _ = data.create_datasets(config.data, tokenizer=tok, seq_len=config.seq_len,
+  it, _ = data_lib.create_datasets(config.data, tokenizer=tok, seq_len=config.seq_len,
                                global_batch_size=config.batch_size, seed=config.seed)
   for step in (2, 4):
     next(it), next(it)
@@ -307,19 +306,18 @@ def test_train_from_preprocessed_shards_and_resume(tmp_path):
 
 def test_paper_configs_read_preprocessed_shards(tmp_path):
   from retnet_jax import config_lib
-  from retnet_jax import data
   path = os.path.join(util.ROOT, 'configs', 'retnet_paper.py')
   with open(path) as f:
     text = f.read()
   assert 'python -m retnet_jax.preprocess --input=' in text and '--config.data.path=' in text
   c = config_lib.load(path + ':1.3b')
   assert c.data.source == 'arrayrecord'
-  data.resolve_config(c.data)  # Valid without data (ahead-of-time compiles read none) ...
+  data_lib.resolve_config(c.data)  # Valid without data (ahead-of-time compiles read none) ...
   with pytest.raises(ValueError, match='needs data_config.path'):
     data_lib.get_tokenizer(c.data)  # ... but a run must name it.
   preprocess.run(args(write(tmp_path / 'in', 'jsonl', make_docs(50)), tmp_path / 'out'))
   c.data.path = str(tmp_path / 'out')
-  assert data.vocab_size(c.data, data_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
+  assert data_lib.vocab_size(c.data, data_lib.get_tokenizer(c.data)) == 259 <= c.model.vocab_size
 
 
 @pytest.mark.parametrize('fmt', ['txt', 'jsonl.zst', 'parquet'])

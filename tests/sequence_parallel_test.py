@@ -50,6 +50,13 @@ def _loss_and_grads(fn, q, k, v, lg, state, reset):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, lg, state)
 
 
+def _assert_matches(got, ref, *context):
+  """The losses and all five gradients of `_loss_and_grads` agree to 1e-5."""
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
+  for name, x, r in zip('q k v log_gamma state'.split(), got[1], ref[1]):
+    assert util.rel_err(x, r) <= 1e-5, (*context, name, util.rel_err(x, r))
+
+
 @pytest.mark.parametrize('impl,exchange', [('xla', 'all_gather'), ('pallas', 'all_gather'),
                                            ('xla', 'scan')])
 @pytest.mark.parametrize('mesh', sorted(MESHES))
@@ -60,9 +67,7 @@ def test_retention_over_the_sequence_axis_equals_one_device(mesh, impl, exchange
                          exchange=exchange)
   with sharding.use_rules(sharding.make_mesh(MESHES[mesh]), RULES):
     got = _loss_and_grads(fn, *args)
-  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
-  for name, x, r in zip('q k v log_gamma state'.split(), got[1], ref[1]):
-    assert util.rel_err(x, r) <= 1e-5, (mesh, impl, exchange, name, util.rel_err(x, r))
+  _assert_matches(got, ref, mesh, impl, exchange)
 
 
 @pytest.mark.parametrize('n', [3, 5, 6])
@@ -75,9 +80,7 @@ def test_prefix_scan_on_axes_that_are_not_powers_of_two(n):
   fn = functools.partial(retention_ops.retention, form='chunkwise', chunk_size=8, exchange='scan')
   with sharding.use_rules(sharding.make_mesh({'sequence': n}), RULES):
     got = _loss_and_grads(fn, *args)
-  np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
-  for name, x, r in zip('q k v log_gamma state'.split(), got[1], ref[1]):
-    assert util.rel_err(x, r) <= 1e-5, (n, name, util.rel_err(x, r))
+  _assert_matches(got, ref, n)
 
 
 def test_bad_inputs_under_the_sequence_axis():

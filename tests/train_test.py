@@ -215,8 +215,9 @@ print(first, again, late, repr(flags_after))
   env['XLA_FLAGS'] = '--xla_cpu_experimental_ynn_fusion_type='
   out = subprocess.run([sys.executable, '-c', script], cwd=util.ROOT, env=env, capture_output=True,
                        text=True, check=True).stdout.split(None, 3)
+  assert out[0] == 'True'  # It added the flags the user did not set ...
   assert 'individual_dot' not in out[3] and out[3].count('ynn') == 1
-  assert 'collective_call_terminate_timeout' in out[3]  # The flags it did not set are added.
+  assert 'collective_call_terminate_timeout' in out[3]  # ... and only those.
 
 
 def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
