@@ -1,0 +1,261 @@
+"""Every `python -m retnet_jax...` / `python -m experiments...` command in a fenced code block of
+README.md or docs/*.md parses its flags against today's code.
+
+For each module one subprocess imports what the module imports, then forks once per command; each
+child runs the module's `__main__` code with `absl.app.run` and `argparse.ArgumentParser.parse_args`
+stopped right after parsing, so every command meets fresh flags: every `--flag` must be defined,
+`--config=FILE[:ARG]` must load and each `--config.a.b=value` must apply. Nothing is trained,
+converted or compiled.
+
+  python -m tests.docs_test retnet_jax.main < argv_lists.json   # the runner, one module
+"""
+
+import argparse
+import concurrent.futures
+import glob
+import json
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE_RE = re.compile(r'^(retnet_jax|experiments)(\.\w+)*$')
+_FENCE_RE = re.compile(r'^\s*(```|~~~)')
+_SEPARATORS = ('&&', '||', ';', '|')
+
+
+def doc_files(root=ROOT):
+  return [os.path.join(root, 'README.md')] + sorted(glob.glob(os.path.join(root, 'docs', '*.md')))
+
+
+def fenced_lines(text):
+  """(line number, line) of every line inside a fenced code block; a line ending in a backslash
+  is joined with the next, reported at its first line."""
+  out, inside, pending, start = [], False, '', 0
+  for number, line in enumerate(text.splitlines(), 1):
+    if _FENCE_RE.match(line):
+      inside, pending = not inside, ''
+      continue
+    if not inside:
+      continue
+    if not pending:
+      start = number
+    if line.rstrip().endswith('\\'):
+      pending += line.rstrip()[:-1] + ' '
+      continue
+    out.append((start, pending + line))
+    pending = ''
+  return out
+
+
+def split_commands(line):
+  """The `python -m MODULE ...` commands of one shell line, as (module, argv after the module).
+  Leading VAR=value assignments are dropped; $'...' strings are read as plain quotes."""
+  try:
+    lexer = shlex.shlex(line.replace("$'", "'"), posix=True, punctuation_chars=';&|')
+    lexer.whitespace_split, lexer.commenters = True, '#'
+    tokens = list(lexer)
+  except ValueError:
+    return []
+  commands, current = [], []
+  for token in tokens + ['&&']:
+    if token not in _SEPARATORS:
+      current.append(token)
+      continue
+    while current and re.match(r'^[A-Za-z_]\w*=', current[0]):
+      current.pop(0)
+    if (len(current) >= 3 and re.match(r'^python3?$', os.path.basename(current[0]))
+        and current[1] == '-m' and MODULE_RE.match(current[2])):
+      commands.append((current[2], current[3:]))
+    current = []
+  return commands
+
+
+def documented_commands(files=None):
+  """{module: [(where, argv)]} over the docs; `where` is 'FILE:LINE'."""
+  found = {}
+  for path in files or doc_files():
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    for number, line in fenced_lines(text):
+      for module, argv in split_commands(line):
+        found.setdefault(module, []).append((f'{os.path.relpath(path, ROOT)}:{number}', argv))
+  return found
+
+
+# ------------------------------------------------------------------------------------------------
+# The runner (in its own process, one per module).
+
+
+class _Parsed(BaseException):
+  """Raised where the module would start its work; BaseException so no `except Exception` eats it."""
+
+
+def _stop_after_parsing():
+  """Makes `absl.app.run` and `argparse.ArgumentParser.parse_args` parse, then raise _Parsed."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  original_parse_args = argparse.ArgumentParser.parse_args
+
+  def fake_app_run(main, argv=None, flags_parser=None, **unused_kw):
+    del main
+    app.define_help_flags()
+    rest = (flags_parser or flags.FLAGS)(argv or sys.argv)
+    for name in flags.FLAGS:
+      flags.FLAGS[name].value  # pylint: disable=pointless-statement  (loads lazy values)
+    if rest[1:]:
+      raise SystemExit(f'unexpected positional arguments {rest[1:]}')
+    raise _Parsed()
+
+  def fake_parse_args(self, args=None, namespace=None):
+    original_parse_args(self, args, namespace)
+    raise _Parsed()
+
+  app.run = fake_app_run
+  argparse.ArgumentParser.parse_args = fake_parse_args
+
+
+def _import_dependencies(module):
+  """Imports what MODULE's file imports at its top level (not MODULE itself, whose `__main__` code
+  each forked child runs once), so that the children start warm."""
+  import ast  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec(module)
+  path = spec.origin
+  if spec.submodule_search_locations:  # A package runs its __main__.py.
+    path = os.path.join(spec.submodule_search_locations[0], '__main__.py')
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read())
+  for node in tree.body:
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names = [node.module] + [f'{node.module}.{a.name}' for a in node.names]
+    for name in names:
+      try:
+        importlib.import_module(name)
+      except Exception:  # pylint: disable=broad-except  (not a module, or fails: the child reports)
+        pass
+
+
+def _check_in_child(module, argv):
+  """Runs MODULE as __main__ with argv in a forked child, up to its parsing; None or the error."""
+  read_end, write_end = os.pipe()
+  pid = os.fork()
+  if pid == 0:  # The child: parse, report on the pipe, exit without cleanup.
+    os.close(read_end)
+    import io  # pylint: disable=g-import-not-at-top
+    sys.stderr = sys.stdout = io.StringIO()
+    sys.argv = [module] + list(argv)
+    try:
+      runpy.run_module(module, run_name='__main__', alter_sys=True)
+      problem = 'the module ran to its end without parsing any arguments'
+    except _Parsed:
+      problem = None
+    except SystemExit as e:
+      lines = [l for l in sys.stderr.getvalue().splitlines() if l.strip()]
+      problem = (lines[-1].strip() if lines else '') + (f' ({e.code})' if e.code else '')
+    except BaseException as e:  # pylint: disable=broad-except
+      problem = f'{type(e).__name__}: {e}'.splitlines()[0]
+    os.write(write_end, json.dumps(problem).encode())
+    os._exit(0)  # pylint: disable=protected-access
+  os.close(write_end)
+  chunks = []
+  while chunk := os.read(read_end, 65536):
+    chunks.append(chunk)
+  os.close(read_end)
+  os.waitpid(pid, 0)
+  return json.loads(b''.join(chunks) or b'"the parsing process died"')
+
+
+def run_module_checks(module, argv_lists):
+  os.chdir(ROOT)
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  _stop_after_parsing()
+  _import_dependencies(module)
+  return [_check_in_child(module, argv) for argv in argv_lists]
+
+
+# ------------------------------------------------------------------------------------------------
+# The tests.
+
+# Commands that must fail, run beside the documented ones: the check is only as good as these.
+NEGATIVE = {
+    'retnet_jax.main': [
+        ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--max_new_token=5'],
+        ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--config.model.num_layer=2'],
+        ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--config.total_steps=many'],
+        ['--config=configs/no_such_config.py', '--workdir=DIR'],
+        ['--config=configs/retnet_tiny.py'],  # --workdir is required.
+    ],
+}
+
+
+def _run_checks(module, argv_lists):
+  proc = subprocess.run([sys.executable, '-m', 'tests.docs_test', module], cwd=ROOT,
+                        input=json.dumps(argv_lists), capture_output=True, text=True, timeout=300,
+                        env={**os.environ, 'PYTHONPATH': ROOT + os.pathsep +
+                             os.environ.get('PYTHONPATH', '')}, check=False)
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode or not lines:
+    return [f'the check of {module} failed to run: {proc.stderr.strip()[-2000:]}'] * len(argv_lists)
+  return json.loads(lines[-1])
+
+
+@pytest.fixture(scope='module')
+def results():
+  """{module: [(where, argv, problem)]} for every documented module, negative controls included."""
+  commands = documented_commands()
+  for module, argvs in NEGATIVE.items():
+    commands.setdefault(module, []).extend((f'<negative control {i}>', a) for i, a in enumerate(argvs))
+  with concurrent.futures.ThreadPoolExecutor(max_workers=len(commands)) as pool:
+    futures = {m: pool.submit(_run_checks, m, [a for _, a in c]) for m, c in commands.items()}
+  return {m: [(w, a, p) for (w, a), p in zip(commands[m], futures[m].result())]
+          for m in commands}
+
+
+def test_extractor_handles_continuations_variables_and_chains(tmp_path):
+  page = tmp_path / 'page.md'
+  page.write_text('text `python -m retnet_jax.main --not=checked`\n'
+                  '```bash\n'
+                  'pip install -e . && python -m retnet_jax.main --config=c.py \\\n'
+                  "    --workdir=$DIR --prompt=$'a\\n' # a comment\n"
+                  'XLA_FLAGS=--x=1 python -m experiments.scaling --quick; python -m pytest -q\n'
+                  '```\n')
+  found = documented_commands([str(page)])
+  assert [(w.split(':')[-1], a) for w, a in found['retnet_jax.main']] == [
+      ('3', ['--config=c.py', '--workdir=$DIR', '--prompt=a\\n'])]
+  assert [a for _, a in found['experiments.scaling']] == [['--quick']]
+  assert set(found) == {'retnet_jax.main', 'experiments.scaling'}
+
+
+def test_docs_show_commands():
+  commands = documented_commands()
+  assert 'retnet_jax.main' in commands, 'README.md and docs/ show no `python -m retnet_jax.main`'
+
+
+def test_negative_controls_fail(results):
+  outcomes = [(a, p) for w, a, p in results['retnet_jax.main'] if w.startswith('<negative')]
+  assert len(outcomes) == len(NEGATIVE['retnet_jax.main'])
+  for argv, problem in outcomes:
+    assert problem, f'{argv} parsed, but must not'
+  assert 'max_new_token' in outcomes[0][1]
+  assert 'num_layer' in outcomes[1][1]
+
+
+@pytest.mark.parametrize('module', sorted(documented_commands()))
+def test_documented_commands_parse(results, module):
+  bad = [f'{where}: python -m {module} {shlex.join(argv)}\n    {problem}'
+         for where, argv, problem in results[module] if problem and not where.startswith('<')]
+  assert not bad, 'documented commands that do not parse:\n' + '\n'.join(bad)
+
+
+if __name__ == '__main__':
+  print(json.dumps(run_module_checks(sys.argv[1], json.load(sys.stdin))))
