@@ -15,7 +15,7 @@ In one run, in a temporary directory deleted at the end (about 4 GB at the defau
   4. `python -m retnet_jax.main` on configs/retnet_tiny.py reading each of the small and large
      outputs for --train_steps steps (eval at the end): the train step's tokens/s from its last log
      window, and the process's peak resident memory (wait4's ru_maxrss).
-Targets (issue 18): pipeline tokens/s >= 10x the step's; peak RSS with the large corpus within
+What it checks: pipeline tokens/s >= 10x the step's; peak RSS with the large corpus within
 100 MB of the small one's.
 
 Outputs in --output_dir: results.json and table.md.
