@@ -1,11 +1,12 @@
-r"""The README's TPU planning table: the paper sizes compiled for the slices a user would rent.
+r"""The TPU planning table of docs/planning.md: the paper sizes compiled for the slices a user
+would rent.
 
   python -m experiments.tpu_plan --output_dir=/tmp/tpu_plan [--only=1.3b/v5e-32,...] [--kinds=retnet]
 
 Each row is one `--mode=compile` of configs/retnet_paper.py:<size>,slice=<slice>[,kind=transformer]
 (the settings in its SLICES) in a process of its own, one after another: a 1.3B-6.7B compile takes
 minutes on 2 CPU cores. A row whose compile.json exists is not compiled again. Writes table.md (the
-README's table) and table.json into --output_dir.
+table in docs/planning.md) and table.json into --output_dir.
 """
 
 from __future__ import annotations

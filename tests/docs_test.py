@@ -1,17 +1,16 @@
 """Every `python -m retnet_jax...` / `python -m experiments...` command in a fenced code block of
 README.md or docs/*.md parses its flags against today's code.
 
-For each module one subprocess imports what the module imports, then forks once per command; each
-child runs the module's `__main__` code with `absl.app.run` and `argparse.ArgumentParser.parse_args`
+One subprocess imports what the documented modules import, then forks once per command; each child
+runs the module's `__main__` code with `absl.app.run` and `argparse.ArgumentParser.parse_args`
 stopped right after parsing, so every command meets fresh flags: every `--flag` must be defined,
 `--config=FILE[:ARG]` must load and each `--config.a.b=value` must apply. Nothing is trained,
 converted or compiled.
 
-  python -m tests.docs_test retnet_jax.main < argv_lists.json   # the runner, one module
+  python -m tests.docs_test < commands.json   # the runner: {module: [argv]} -> {module: [error]}
 """
 
 import argparse
-import concurrent.futures
 import glob
 import json
 import os
@@ -175,12 +174,14 @@ def _check_in_child(module, argv):
   return json.loads(b''.join(chunks) or b'"the parsing process died"')
 
 
-def run_module_checks(module, argv_lists):
+def run_checks(commands):
+  """{module: [argv]} -> {module: [None or the error]}."""
   os.chdir(ROOT)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   _stop_after_parsing()
-  _import_dependencies(module)
-  return [_check_in_child(module, argv) for argv in argv_lists]
+  for module in commands:
+    _import_dependencies(module)
+  return {m: [_check_in_child(m, argv) for argv in argvs] for m, argvs in commands.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,27 +199,21 @@ NEGATIVE = {
 }
 
 
-def _run_checks(module, argv_lists):
-  proc = subprocess.run([sys.executable, '-m', 'tests.docs_test', module], cwd=ROOT,
-                        input=json.dumps(argv_lists), capture_output=True, text=True, timeout=300,
-                        env={**os.environ, 'PYTHONPATH': ROOT + os.pathsep +
-                             os.environ.get('PYTHONPATH', '')}, check=False)
-  lines = proc.stdout.strip().splitlines()
-  if proc.returncode or not lines:
-    return [f'the check of {module} failed to run: {proc.stderr.strip()[-2000:]}'] * len(argv_lists)
-  return json.loads(lines[-1])
-
-
 @pytest.fixture(scope='module')
 def results():
   """{module: [(where, argv, problem)]} for every documented module, negative controls included."""
   commands = documented_commands()
   for module, argvs in NEGATIVE.items():
     commands.setdefault(module, []).extend((f'<negative control {i}>', a) for i, a in enumerate(argvs))
-  with concurrent.futures.ThreadPoolExecutor(max_workers=len(commands)) as pool:
-    futures = {m: pool.submit(_run_checks, m, [a for _, a in c]) for m, c in commands.items()}
-  return {m: [(w, a, p) for (w, a), p in zip(commands[m], futures[m].result())]
-          for m in commands}
+  proc = subprocess.run([sys.executable, '-m', 'tests.docs_test'], cwd=ROOT, capture_output=True,
+                        input=json.dumps({m: [a for _, a in c] for m, c in commands.items()}),
+                        text=True, timeout=600, check=False,
+                        env={**os.environ, 'PYTHONPATH': ROOT + os.pathsep +
+                             os.environ.get('PYTHONPATH', '')})
+  lines = proc.stdout.strip().splitlines()
+  assert proc.returncode == 0 and lines, f'the flag check failed to run: {proc.stderr[-3000:]}'
+  problems = json.loads(lines[-1])
+  return {m: [(w, a, p) for (w, a), p in zip(c, problems[m])] for m, c in commands.items()}
 
 
 def test_extractor_handles_continuations_variables_and_chains(tmp_path):
@@ -258,4 +253,4 @@ def test_documented_commands_parse(results, module):
 
 
 if __name__ == '__main__':
-  print(json.dumps(run_module_checks(sys.argv[1], json.load(sys.stdin))))
+  print(json.dumps(run_checks(json.load(sys.stdin))))
