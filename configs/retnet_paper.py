@@ -15,7 +15,7 @@ required), tokenized once with a 32k SentencePiece model trained on a sample of 
 
 Options after the size (comma-separated key=value):
   --config=configs/retnet_paper.py:1.3b,slice=v5e-32       the settings that fit that TPU slice
-                                                           (SLICES; README "Planning a TPU run")
+                                                           (SLICES; docs/planning.md)
   --config=configs/retnet_paper.py:1.3b,kind=transformer   the Transformer of equal size (§3.4)
 Check a slice before renting it (compiles on any machine with the TPU library, no TPU needed):
   python -m retnet_jax.main --config=configs/retnet_paper.py:1.3b,slice=v5e-32 --mode=compile \
@@ -38,7 +38,7 @@ SIZES = {
 
 
 # Per (size, slice): what makes the paper's 4M-token step fit, from real compiles for that slice
-# (python -m retnet_jax.main ... --mode=compile; the README's planning table). The batch stays
+# (python -m retnet_jax.main ... --mode=compile; the table in docs/planning.md). The batch stays
 # 2048 × 2048; micro-batches of batch_size / grad_accum_steps sequences run one after another.
 SLICES = {
     ('1.3b', 'v5p-32'): {'optim.grad_accum_steps': 16},  # 8 sequences per chip at a time

@@ -561,7 +561,7 @@ def _with_workers(train, cfg):
   if cfg['num_workers'] == 0:
     return train
   # grain 0.2.18 reads an absl flag when it starts workers, which fails in a script that did not
-  # parse flags (not an absl app, pytest): grain issue #1355. The flags then keep their defaults.
+  # parse flags (not an absl app, pytest): google/grain#1355. The flags then keep their defaults.
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return train.mp_prefetch(grain.MultiprocessingOptions(

@@ -165,7 +165,7 @@ def dense(x, w, dtype, in_dims=1, out_dtype=None):
   """x [..., *w.shape[:in_dims]] · w [*in, *out] -> [..., *out], as one 2-D matmul over all tokens.
 
   XLA:CPU lays 3-D einsum operands out transposed in the backward pass, which makes the layer's
-  gradient slower than this form (README, Performance); accelerators run both alike.
+  gradient slower than this form (docs/performance.md); accelerators run both alike.
   """
   in_shape, out_shape = w.shape[:in_dims], w.shape[in_dims:]
   lead = x.shape[:x.ndim - in_dims]

@@ -1,7 +1,7 @@
 """Process set-up the entrypoints (main.py, the experiments) do before any training: XLA:CPU flags,
 multi-process start-up, the host allocator; and the XLA options of the train and eval steps.
 
-The reasons and the measurements behind each choice are in the README's performance section.
+The reasons and the measurements behind each choice are in docs/performance.md.
 """
 
 from __future__ import annotations

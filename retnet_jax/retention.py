@@ -140,7 +140,7 @@ def _full_chunks(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT, chun
   the cross term (Q_n ⊙ ξ) R_{n−1}, ξ_i = γ^{i+1}; and R_n = γ^C R_{n−1} + K_nᵀ (V_n ⊙ ζ),
   ζ_j = γ^{C−1−j}. Only the cheap state recurrence runs as a scan; all matrix products are batched
   over chunks. They run heads-major, [B, H, N, C, ·], so that every product's batch axes lead
-  (faster on CPU; README, Performance).
+  (faster on CPU; docs/performance.md).
   """
   B, T, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]

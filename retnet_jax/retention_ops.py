@@ -18,7 +18,7 @@ its block from a zero state, giving o_loc and U_j; with a_j = γ^L (0 if the blo
 the state entering block j is S_j = a_{j−1} S_{j−1} + U_{j−1}, S_0 = the initial state. The
 default exchange='scan' composes the maps S -> a_j S + U_j by a log-depth (Hillis–Steele) prefix
 scan over `ppermute`: ⌈log2 n⌉ + 1 sends of one state per device; exchange='all_gather' gathers
-every (U, a) (n − 1 states received per device) and folds them locally (the README has both
+every (U, a) (n − 1 states received per device) and folds them locally (docs/results.md has both
 measured). The device then adds the cross term γ^{t+1} q_t S_j (zero from its block's first reset
 on). Gradients flow through the collectives (a ppermute transposes to the reverse ppermute, an
 all-gather to a reduce-scatter).

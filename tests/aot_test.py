@@ -246,7 +246,7 @@ def test_cli_unknown_topology_is_one_line(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # GPU: jax's CUDA plugin compiles for an H100 without a GPU (not installed in CI: it would make
-# every jax start try CUDA; see the README for installing it beside the environment).
+# every jax start try CUDA; see docs/planning.md for installing it beside the environment).
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """What a run promises when a cluster interrupts it, its disk fills or its checkpoint is damaged:
-exit codes, checksums and fallback, the NaN guard, and one-line errors (README "What a run promises")."""
+exit codes, checksums and fallback, the NaN guard, and one-line errors (docs/training.md, "What a
+run promises")."""
 
 import errno
 import glob

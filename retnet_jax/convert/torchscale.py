@@ -22,7 +22,7 @@ parallel forms match torchscale's to float32 precision. Its parallel form also d
 max(1, |Σ_s R_ts|) (R̃, §2.2), which its recurrent form does not: where that clamp is active the two
 torchscale forms themselves differ through eps, and ours follow its recurrent form. Its chunkwise
 form (chunkwise_recurrent=True) divides rows by √(Σγ^i) over the position inside the chunk, so
-it too differs from its parallel form through eps (torchscale issue 77); ours do not.
+it too differs from its parallel form through eps (microsoft/torchscale#77); ours do not.
 
 What the state dict does not show comes from the checkpoint's args, else `--config_json` (a JSON
 object of RetNetConfig fields), else `<input without extension>.json` beside it, else
