@@ -9,7 +9,7 @@ Transformer baseline, all measured in one run.
 
 Every length runs the same number of tokens a step (`--tokens_per_step`, batch = tokens / length).
 Writes into --output_dir: results.jsonl (model, form, seq_len, batch, tokens_per_second, peak_bytes,
-mfu, ...), table.md (with the issue's targets checked) and training_cost.png.
+mfu, ...), table.md (with the performance targets below checked) and training_cost.png.
 
 Definitions. peak_bytes: XLA's buffer assignment for the compiled step (arguments + outputs +
 temporaries − donated aliases), the same on every machine. Model FLOPs per token: 6 × the matmul
@@ -73,7 +73,7 @@ DEFAULT_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_LENS = (512, 2048, 8192)
 
 
-# The targets, checked in table.md: name -> (what, comparison, bound).
+# Performance targets, checked in table.md: name -> (what, comparison, bound).
 TARGETS = {
     'length_ratio': ('chunkwise tokens/s at the longest T / at the shortest', '≥', 0.85),
     'dense_mfu': ("the dense part's matmul FLOPs / s / peak (retention removed)", '≥', 0.60),
