@@ -188,23 +188,27 @@ def run_checks(commands):
 # The tests.
 
 # Commands that must fail, run beside the documented ones: the check is only as good as these.
-NEGATIVE = {
-    'retnet_jax.main': [
-        ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--max_new_token=5'],
-        ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--config.model.num_layer=2'],
-        ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--config.total_steps=many'],
-        ['--config=configs/no_such_config.py', '--workdir=DIR'],
-        ['--config=configs/retnet_tiny.py'],  # --workdir is required.
-    ],
-}
+# (module, argv, a word the error must name)
+NEGATIVE = [
+    ('retnet_jax.main', ['--config=configs/retnet_tiny.py', '--workdir=DIR', '--max_new_token=5'],
+     'max_new_token'),
+    ('retnet_jax.main', ['--config=configs/retnet_tiny.py', '--workdir=DIR',
+                         '--config.model.num_layer=2'], 'num_layer'),
+    ('retnet_jax.main', ['--config=configs/retnet_tiny.py', '--workdir=DIR',
+                         '--config.total_steps=many'], 'many'),
+    ('retnet_jax.main', ['--config=configs/no_such_config.py', '--workdir=DIR'], 'no_such_config'),
+    ('retnet_jax.main', ['--config=configs/retnet_tiny.py'], 'workdir'),
+    ('retnet_jax.convert', ['--from=fla', '--input=a', '--output=b', '--bogus'], 'bogus'),
+    ('experiments.scaling', ['--quick', '--sizez=1'], 'sizez'),
+]
 
 
 @pytest.fixture(scope='module')
 def results():
   """{module: [(where, argv, problem)]} for every documented module, negative controls included."""
   commands = documented_commands()
-  for module, argvs in NEGATIVE.items():
-    commands.setdefault(module, []).extend((f'<negative control {i}>', a) for i, a in enumerate(argvs))
+  for i, (module, argv, _) in enumerate(NEGATIVE):
+    commands.setdefault(module, []).append((f'<negative control {i}>', argv))
   proc = subprocess.run([sys.executable, '-m', 'tests.docs_test'], cwd=ROOT, capture_output=True,
                         input=json.dumps({m: [a for _, a in c] for m, c in commands.items()}),
                         text=True, timeout=600, check=False,
@@ -237,12 +241,11 @@ def test_docs_show_commands():
 
 
 def test_negative_controls_fail(results):
-  outcomes = [(a, p) for w, a, p in results['retnet_jax.main'] if w.startswith('<negative')]
-  assert len(outcomes) == len(NEGATIVE['retnet_jax.main'])
-  for argv, problem in outcomes:
-    assert problem, f'{argv} parsed, but must not'
-  assert 'max_new_token' in outcomes[0][1]
-  assert 'num_layer' in outcomes[1][1]
+  problems = {w: p for m in results.values() for w, _, p in m if w.startswith('<negative')}
+  for i, (module, argv, word) in enumerate(NEGATIVE):
+    problem = problems[f'<negative control {i}>']
+    assert problem, f'python -m {module} {shlex.join(argv)} parsed, but must not'
+    assert word in problem, f'the error for {argv} does not name {word!r}: {problem}'
 
 
 @pytest.mark.parametrize('module', sorted(documented_commands()))
