@@ -5,7 +5,8 @@ One subprocess imports what the documented modules import, then forks once per c
 runs the module's `__main__` code with `absl.app.run` and `argparse.ArgumentParser.parse_args`
 stopped right after parsing, so every command meets fresh flags: every `--flag` must be defined,
 `--config=FILE[:ARG]` must load and each `--config.a.b=value` must apply. Nothing is trained,
-converted or compiled.
+converted or compiled. Also: every relative link reaches its file and heading, and the README
+links every docs page.
 
   python -m tests.docs_test < commands.json   # the runner: {module: [argv]} -> {module: [error]}
 """
@@ -253,6 +254,58 @@ def test_documented_commands_parse(results, module):
   bad = [f'{where}: python -m {module} {shlex.join(argv)}\n    {problem}'
          for where, argv, problem in results[module] if problem and not where.startswith('<')]
   assert not bad, 'documented commands that do not parse:\n' + '\n'.join(bad)
+
+
+def heading_anchors(text):
+  """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+  anchors, inside = set(), False
+  for line in text.splitlines():
+    if _FENCE_RE.match(line):
+      inside = not inside
+    elif not inside and (m := re.match(r'^#{1,6}\s+(.*?)\s*#*\s*$', line)):
+      slug = re.sub(r'[^\w\- ]', '', m.group(1).strip().lower()).replace(' ', '-')
+      anchor, n = slug, 0
+      while anchor in anchors:
+        n += 1
+        anchor = f'{slug}-{n}'
+      anchors.add(anchor)
+  return anchors
+
+
+# Pages the README's index names before they are written (listed under its marked comment).
+_PENDING_MARK = '<!-- Pages written separately'
+
+
+def test_links_resolve_and_every_page_is_indexed():
+  """Every relative link of README.md and docs/*.md reaches a file (and its heading, given one),
+  except the pages the README lists as written separately; the README links every docs page."""
+  bad, pending = [], set()
+  readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+  if _PENDING_MARK in readme:
+    pending = {os.path.join(ROOT, os.path.normpath(t))
+               for t in re.findall(r'\]\(([^)#]+)\)', readme.split(_PENDING_MARK, 1)[1])}
+  for path in doc_files():
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+    for number, line in enumerate(text.splitlines(), 1):
+      for target in re.findall(r'\]\(([^)\s]+)\)', line):
+        if re.match(r'^[a-z]+:', target):
+          continue
+        file_part, _, anchor = target.partition('#')
+        where = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        if not os.path.exists(where):
+          if where in pending:
+            continue
+          bad.append(f'{os.path.relpath(path, ROOT)}:{number}: {target} (no such file)')
+        elif anchor and where.endswith('.md'):
+          with open(where, encoding='utf-8') as f:
+            if anchor not in heading_anchors(f.read()):
+              bad.append(f'{os.path.relpath(path, ROOT)}:{number}: {target} (no such heading)')
+  linked = set(re.findall(r'\]\((docs/[^)#]+\.md)', readme))
+  for page in glob.glob(os.path.join(ROOT, 'docs', '*.md')):
+    if os.path.relpath(page, ROOT) not in linked:
+      bad.append(f'README.md does not link {os.path.relpath(page, ROOT)}')
+  assert not bad, 'broken links:\n' + '\n'.join(bad)
 
 
 if __name__ == '__main__':
