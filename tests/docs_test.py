@@ -55,41 +55,46 @@ def fenced_lines(text):
 
 def split_commands(line):
   """The `python -m MODULE ...` commands of one shell line, as (module, argv after the module).
-  Leading VAR=value assignments are dropped; $'...' strings are read as plain quotes."""
-  try:
-    lexer = shlex.shlex(line.replace("$'", "'"), posix=True, punctuation_chars=';&|')
-    lexer.whitespace_split, lexer.commenters = True, '#'
-    tokens = list(lexer)
-  except ValueError:
-    return []
+  Commands are split at &&, ||, ; and |; words before `python` (VAR=value, `timeout 60`) are
+  dropped; $'...' strings are read as plain quotes. Raises ValueError on unbalanced quotes."""
+  lexer = shlex.shlex(line.replace("$'", "'"), posix=True, punctuation_chars=';&|')
+  lexer.whitespace_split, lexer.commenters = True, '#'
   commands, current = [], []
-  for token in tokens + ['&&']:
+  for token in list(lexer) + ['&&']:
     if token not in _SEPARATORS:
       current.append(token)
       continue
-    while current and re.match(r'^[A-Za-z_]\w*=', current[0]):
-      current.pop(0)
-    if (len(current) >= 3 and re.match(r'^python3?$', os.path.basename(current[0]))
-        and current[1] == '-m' and MODULE_RE.match(current[2])):
-      commands.append((current[2], current[3:]))
+    for i in range(len(current) - 2):
+      if (re.match(r'^python3?(\.\d+)?$', os.path.basename(current[i])) and current[i + 1] == '-m'
+          and MODULE_RE.match(current[i + 2])):
+        commands.append((current[i + 2], current[i + 3:]))
+        break
     current = []
   return commands
 
 
-def documented_commands(files=None):
-  """{module: [(where, argv)]} over the docs; `where` is 'FILE:LINE'."""
+def documented_commands(files=None, errors=None):
+  """{module: [(where, argv)]} over the docs; `where` is 'FILE:LINE'. Lines that mention such a
+  command but do not split as shell words go to `errors` as 'FILE:LINE: why'."""
   found = {}
   for path in files or doc_files():
     with open(path, encoding='utf-8') as f:
       text = f.read()
     for number, line in fenced_lines(text):
-      for module, argv in split_commands(line):
-        found.setdefault(module, []).append((f'{os.path.relpath(path, ROOT)}:{number}', argv))
+      where = f'{os.path.relpath(path, ROOT)}:{number}'
+      try:
+        commands = split_commands(line)
+      except ValueError as e:
+        if errors is not None and re.search(r'-m\s+(retnet_jax|experiments)\b', line):
+          errors.append(f'{where}: {e}')
+        continue
+      for module, argv in commands:
+        found.setdefault(module, []).append((where, argv))
   return found
 
 
 # ------------------------------------------------------------------------------------------------
-# The runner (in its own process, one per module).
+# The runner (in a process of its own).
 
 
 class _Parsed(BaseException):
@@ -223,24 +228,32 @@ def results():
   return {m: [(w, a, p) for (w, a), p in zip(c, problems[m])] for m, c in commands.items()}
 
 
-def test_extractor_handles_continuations_variables_and_chains(tmp_path):
+def test_extractor_handles_continuations_variables_chains_and_bad_quotes(tmp_path):
   page = tmp_path / 'page.md'
   page.write_text('text `python -m retnet_jax.main --not=checked`\n'
                   '```bash\n'
                   'pip install -e . && python -m retnet_jax.main --config=c.py \\\n'
                   "    --workdir=$DIR --prompt=$'a\\n' # a comment\n"
                   'XLA_FLAGS=--x=1 python -m experiments.scaling --quick; python -m pytest -q\n'
+                  'timeout 9 python3 -m experiments.mqar --quick | tee log\n'
+                  "python -m experiments.table6 --prompt='unbalanced\n"
                   '```\n')
   found = documented_commands([str(page)])
   assert [(w.split(':')[-1], a) for w, a in found['retnet_jax.main']] == [
       ('3', ['--config=c.py', '--workdir=$DIR', '--prompt=a\\n'])]
   assert [a for _, a in found['experiments.scaling']] == [['--quick']]
-  assert set(found) == {'retnet_jax.main', 'experiments.scaling'}
+  assert [a for _, a in found['experiments.mqar']] == [['--quick']]
+  assert set(found) == {'retnet_jax.main', 'experiments.scaling', 'experiments.mqar'}
+  errors = []
+  documented_commands([str(page)], errors)
+  assert len(errors) == 1 and errors[0].endswith(':7: No closing quotation'), errors
 
 
-def test_docs_show_commands():
-  commands = documented_commands()
+def test_docs_show_commands_that_split():
+  errors = []
+  commands = documented_commands(errors=errors)
   assert 'retnet_jax.main' in commands, 'README.md and docs/ show no `python -m retnet_jax.main`'
+  assert not errors, 'commands that are not valid shell words:\n' + '\n'.join(errors)
 
 
 def test_negative_controls_fail(results):
