@@ -23,6 +23,29 @@ PRESETS = {
         'total_steps': 6, 'log_every': 2, 'eval_every': 3, 'checkpoint_every': 3,
         'data.num_eval_batches': 2, 'mesh.data': 1,
     },
+    # The GPU check (experiments/gpu_check*): the model-forms comparison, and the timed train step
+    # (about 361M parameters: 20 layers of width 1024, K = 128, V = 256, a 32k vocabulary); the
+    # `_dry` ones are the CPU dry run's, which checks the plumbing, not the numbers.
+    'gpu_model': {
+        'model.num_layers': 2, 'model.embed_dim': 256, 'model.num_heads': 2,
+        'model.value_dim': 512, 'model.ffn_dim': 512, 'model.chunk_size': 64,
+    },
+    'gpu_train': {
+        'model.num_layers': 20, 'model.embed_dim': 1024, 'model.num_heads': 8,
+        'model.value_dim': 2048, 'model.ffn_dim': 2048, 'model.vocab_size': 32768,
+        'model.chunk_size': 64, 'model.dtype': 'bfloat16', 'model.remat': 'dots_no_batch',
+        'reset_at_doc_boundaries': False,
+    },
+    'gpu_model_dry': {
+        'model.num_layers': 1, 'model.embed_dim': 64, 'model.num_heads': 2,
+        'model.value_dim': 128, 'model.ffn_dim': 128, 'model.chunk_size': 16,
+    },
+    'gpu_train_dry': {
+        'model.num_layers': 1, 'model.embed_dim': 64, 'model.num_heads': 2,
+        'model.value_dim': 128, 'model.ffn_dim': 128, 'model.chunk_size': 16,
+        'model.dtype': 'bfloat16', 'model.remat': 'dots_no_batch',
+        'reset_at_doc_boundaries': False,
+    },
 }
 
 

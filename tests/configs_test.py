@@ -73,7 +73,7 @@ def test_model_defaults_state_only_what_differs():
 
 
 @pytest.mark.parametrize('path', [TINY, TRANSFORMER], ids=os.path.basename)
-@pytest.mark.parametrize('preset', ['quick', 'test'])
+@pytest.mark.parametrize('preset', sorted(configs.PRESETS))
 def test_presets_set_their_values_and_nothing_else(path, preset):
   full, shrunk = plain(config_lib.load(path)), plain(config_lib.load(f'{path}:{preset}'))
   config_lib.validate(config_lib.load(f'{path}:{preset}'))
