@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import runpy
+import sys
 
 import ml_collections
 
@@ -66,6 +67,9 @@ def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_c
   path, _, arg = path_and_arg.partition(':')
   if not os.path.isfile(path):
     raise ValueError(f'config file {path!r} does not exist.')
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isfile(os.path.join(folder, '__init__.py')) and os.path.dirname(folder) not in sys.path:
+    sys.path.append(os.path.dirname(folder))  # Configs import their package (`from configs ...`).
   get_config = runpy.run_path(path)['get_config']  # Like --config=: the file, not a module name.
   config = get_config(arg) if arg else get_config()
   for item in overrides:
