@@ -12,6 +12,7 @@ from retnet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+
 def config(name='retnet_tiny', arg=None, **overrides):
   """configs/<name>.py:test (with its :arg), then `overrides` ('a__b' for 'a.b')."""
   path = os.path.join(ROOT, 'configs', f'{name}.py')
