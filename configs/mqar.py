@@ -6,27 +6,30 @@ lists N key-value pairs, then queries keys; accuracy is over the queried values 
   python -m retnet_jax.main --config=configs/mqar.py:kind=retnet,kv=16,width=128 --workdir=/tmp/mqar
   python -m experiments.mqar --output_dir=/tmp/mqar_sweep   # the sweep: kv pairs x width x model
 
-Argument keys (comma-separated key=value):
+Argument (comma-separated key=value and flags):
   kind=retnet|transformer   the sequence mixer (default retnet)
   kv=N                      number of key-value pairs per row (default 8; N <= (seq_len + 1) / 4)
   width=D                   model width, embed_dim (default 128)
   gamma=NAME                RetNet decay schedule (default retnet, see decay.SCHEDULES)
+  quick                     the few-minute sweep's runs (PRESETS): 300 steps of 64 × 64 tokens
 """
 
-import os
-
+import configs
+from configs import retnet_tiny
 from retnet_jax import config_lib
 
 KINDS = ('retnet', 'transformer')
+PRESETS = {'quick': {'seq_len': 64, 'batch_size': 64, 'total_steps': 300, 'eval_every': 150,
+                     'checkpoint_every': 300, 'log_every': 50}}
 
 
 def get_config(arg=None):
-  args = config_lib.parse_config_arg(arg, ('kind', 'kv', 'width', 'gamma'))
+  args = config_lib.parse_config_arg(arg, ('kind', 'kv', 'width', 'gamma'), tuple(PRESETS))
   kind = args.get('kind', 'retnet')
   if kind not in KINDS:
     raise ValueError(f'kind must be one of {KINDS}; got {kind!r}.')
   width = int(args.get('width', 128))
-  c = config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'retnet_tiny.py'))
+  c = retnet_tiny.get_config()
   c.name = f'mqar_{kind}'
   c.total_steps = 1500
   c.batch_size = 32
@@ -41,4 +44,4 @@ def get_config(arg=None):
                      mqar_vocab_size=128))
   c.optim.update(dict(learning_rate=3e-3, warmup_steps=100, weight_decay=0.1, grad_clip=1.0))
   c.checkpoint.max_to_keep = 1
-  return c
+  return configs.apply_preset(c, args, PRESETS)

@@ -4,11 +4,9 @@ r"""RetNet 6.7B as in the paper (§3.1); see configs/retnet_paper.py for the set
       --config.data.path=/data/tokenized   # the output of python -m retnet_jax.preprocess
 """
 
-import os
-
-from retnet_jax import config_lib
+from configs import retnet_paper
 
 
 def get_config(arg=None):
   del arg
-  return config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'retnet_paper.py:6.7b'))
+  return retnet_paper.get_config('6.7b')

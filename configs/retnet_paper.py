@@ -22,12 +22,9 @@ Check a slice before renting it (compiles on any machine with the TPU library, n
       --topology=v5e-32 --workdir=/tmp/aot_1_3b
 """
 
-import importlib.util
-import os
-
+from configs import retnet_tiny
+from configs import transformer_tiny
 from retnet_jax import config_lib
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 SIZES = {
     #        layers, hidden, ffn, heads, learning rate
@@ -68,19 +65,11 @@ def _parse(arg):
   return size, kind, slice_
 
 
-def _to_transformer(c):
-  spec = importlib.util.spec_from_file_location('transformer_tiny',
-                                                os.path.join(_HERE, 'transformer_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.to_transformer(c)
-
-
 def get_config(arg='1.3b'):
   size, kind, slice_ = _parse(arg)
   arg = size
   layers, hidden, ffn, heads, lr = SIZES[arg]
-  c = config_lib.load(os.path.join(_HERE, 'retnet_tiny.py'))
+  c = retnet_tiny.get_config()
   c.name = f'retnet_{arg}'
   c.total_steps = 25_000
   c.batch_size = 2048
@@ -100,7 +89,6 @@ def get_config(arg='1.3b'):
                       grad_accum_steps=16))
   c.mesh.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))
   if kind == 'transformer':
-    _to_transformer(c)  # Same layers, width and heads; the FFN widened to equal parameters.
-  for key, value in SLICES.get((size, slice_), {}).items():
-    config_lib.set_value(c, key, repr(value))
-  return c
+    # Same layers, width and heads; the FFN widened to equal parameters.
+    transformer_tiny.to_transformer(c)
+  return config_lib.update(c, SLICES.get((size, slice_), {}))

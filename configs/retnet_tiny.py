@@ -4,14 +4,17 @@ Data: the Python standard library's own source files (every Python has them; not
 
   python -m retnet_jax.main --config=configs/retnet_tiny.py --workdir=/tmp/retnet_tiny
 
-Variants through the argument (comma-separated key=value):
+Variants through the argument (comma-separated key=value and flags; docs/configs.md):
   --config=configs/retnet_tiny.py:gamma=lm           any decay schedule of decay.SCHEDULES
   --config=configs/retnet_tiny.py:form=parallel      retention form used for training
   --config=configs/retnet_tiny.py:ablation=no_gate   a Table 6 ablation (see ABLATIONS)
+  --config=configs/retnet_tiny.py:quick              a few-minute CPU run (configs.PRESETS)
+  --config=configs/retnet_tiny.py:gamma=lm,test      the unit tests' size
 """
 
 import ml_collections
 
+import configs
 from retnet_jax import config_lib
 
 # The paper's Table 6 ablations, as overrides of the model config.
@@ -24,9 +27,16 @@ ABLATIONS = {
     'small_head': {'num_heads': 8},  # head dimension 64 -> 32 (the paper: 256 -> 64)
 }
 
+KEYS = ('gamma', 'form', 'ablation')
+
 
 def get_config(arg=None):
-  args = config_lib.parse_config_arg(arg, ('gamma', 'form', 'ablation'))
+  args = config_lib.parse_config_arg(arg, KEYS, tuple(configs.PRESETS))
+  return configs.apply_preset(base_config(args), args)
+
+
+def base_config(args: dict):
+  """The config of the parsed argument `args`, before any preset."""
   c = ml_collections.ConfigDict()
   c.name = 'retnet_tiny'
   c.seed = 0
@@ -38,38 +48,9 @@ def get_config(arg=None):
   c.checkpoint_every = 200
   c.reset_at_doc_boundaries = True
 
-  c.model = ml_collections.ConfigDict(dict(
-      kind='retnet',  # or 'transformer' (configs/transformer_tiny.py)
-      vocab_size=384,  # 259 byte-level ids, padded to a multiple of 128
-      num_layers=4,
-      embed_dim=256,
-      num_heads=4,  # q-k head dim 64
-      value_dim=512,  # value head dim 128
-      ffn_dim=512,
-      ffn_activation='swish',
-      gamma='retnet',  # decay schedule: retnet_jax.decay.SCHEDULES
-      gamma_value=None,  # for 'uniform'
-      gamma_values=(),  # for 'custom'
-      gamma_init='retnet',  # for 'learnable'
-      form='chunkwise',  # retention form used for training
-      chunk_size=64,
-      retention_impl='auto',  # Pallas kernel on GPU/TPU, XLA on CPU
-      sequence_exchange='scan',  # or 'all_gather'; used when mesh.sequence > 1
-      rotary='interleaved',
-      rotary_freqs='torchscale',
-      rotary_base=10000.0,
-      swish_gate=True,
-      group_norm=True,
-      group_norm_affine=False,
-      decay_row_norm=False,
-      norm_eps=1e-6,
-      dropout=0.0,
-      tie_embeddings=False,
-      dtype='float32',  # compute; 'bfloat16' on accelerators
-      param_dtype='float32',
-      scan_layers=True,
-      remat='dots_no_batch',
-  ))
+  # ModelConfig's defaults (retnet_jax/model.py) but for the size: q-k head dim 64, value head dim 128.
+  c.model = config_lib.model_defaults(
+      num_layers=4, embed_dim=256, value_dim=512, ffn_dim=512, remat='dots_no_batch')
   if 'gamma' in args:
     c.model.gamma = args['gamma']
     if args['gamma'] == 'custom':

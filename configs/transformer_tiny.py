@@ -6,15 +6,13 @@ a wider FFN makes up for attention's fewer parameters (q, k, v, o: 4·D² agains
 is computed from retnet_tiny's config here, so it stays matched when retnet_tiny changes.
 
   python -m retnet_jax.main --config=configs/transformer_tiny.py --workdir=/tmp/transformer_tiny
+
+The argument is retnet_tiny's (`:quick`, `:test`, `:ablation=...`, ...).
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    'retnet_tiny', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'retnet_tiny.py'))
-retnet_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(retnet_tiny)
+import configs
+from configs import retnet_tiny
+from retnet_jax import config_lib
 
 
 def count_params(model_dict) -> int:
@@ -48,4 +46,6 @@ def to_transformer(c):
 
 
 def get_config(arg=None):
-  return to_transformer(retnet_tiny.get_config(arg))
+  """retnet_tiny's arguments; a preset (quick, test) shrinks the Transformer after matching."""
+  args = config_lib.parse_config_arg(arg, retnet_tiny.KEYS, tuple(configs.PRESETS))
+  return configs.apply_preset(to_transformer(retnet_tiny.base_config(args)), args)

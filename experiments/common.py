@@ -28,22 +28,14 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from configs import transformer_tiny
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
-from retnet_jax import decay
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import platform
 from retnet_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The retnet_tiny config shrunk for `--quick` (2 layers of width 128, 400 steps of 8×128 tokens):
-# about 1.5 minutes a run on 2 busy CPU cores, compile included.
-TINY_QUICK = (
-    'model.num_layers=2', 'model.embed_dim=128', 'model.value_dim=256', 'model.ffn_dim=256',
-    'model.remat=none', 'seq_len=128', 'batch_size=8', 'total_steps=400', 'log_every=50',
-    'eval_every=100', 'checkpoint_every=100', 'data.num_eval_batches=8', 'optim.warmup_steps=40')
-
 
 class Interrupted(RuntimeError):
   """A run stopped early (SIGTERM / Ctrl-C) with a checkpoint: rerun the same command to resume."""
@@ -56,6 +48,14 @@ class Variant:
   name: str
   config: str
   overrides: tuple[str, ...] = ()
+
+
+def config_with(config: str, *items: str | None) -> str:
+  """'path[:arg]' with `items` (None dropped) added to its argument: ('configs/x.py:a=1',
+  'quick') -> 'configs/x.py:a=1,quick'."""
+  path, _, arg = config.partition(':')
+  items = [i for i in (arg, *items) if i]
+  return f"{path}:{','.join(items)}" if items else path
 
 
 def build_config(variant: Variant, overrides: Sequence[str] = ()):
@@ -354,10 +354,6 @@ def learned_gamma_trajectory(run_dir: str) -> tuple[list[int], np.ndarray]:
   return [0] + steps, np.stack([initial] + gammas)
 
 
-def effective_memory(gamma) -> np.ndarray:
-  return decay.effective_memory(gamma)
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry points.
 
@@ -503,19 +499,6 @@ def seed_rows(runs: dict[str, dict[int | None, dict]], value: Callable[[dict], f
   return rows
 
 
-def seed_table(rows: Sequence[dict], *, label: str, metric: str, baseline: str | None,
-               fmt: str = '{:.4f}', labels: dict[str, str] | None = None) -> str:
-  """Markdown: variant, mean ± std of the metric, Δ to the baseline ± std, seeds."""
-  lines = [f'| {label} | {metric} (mean ± std) | Δ vs {baseline or "–"} (mean ± std) | seeds |',
-           '|---|---:|---:|---:|']
-  for r in rows:
-    delta = fmt_mean_std(r['delta_mean'], r['delta_std'], '{:+.4f}') if r['delta_mean'] is not None \
-        else '–'
-    lines.append(f"| {(labels or {}).get(r['name'], r['name'])} | {fmt_mean_std(r['mean'], r['std'], fmt)} "
-                 f"| {delta} | {r['n']} ({r['seeds']}) |")
-  return '\n'.join(lines) + '\n'
-
-
 def write_seed_csv(output_dir: str, rows: Sequence[dict], name: str = 'results_seeds.csv') -> str:
   """One line per (variant, seed): variant, seed, value; then the variant's mean, std, Δ."""
   os.makedirs(output_dir, exist_ok=True)
@@ -588,10 +571,5 @@ def matched_transformer_overrides(retnet_config) -> tuple[str, ...]:
   """Overrides that make configs/transformer_tiny.py (after the same overrides as `retnet_config`)
   the Transformer with retnet_config's parameter count: value_dim = embed_dim and the FFN width
   of transformer_tiny.matched_ffn_dim."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'transformer_tiny', os.path.join(ROOT, 'configs', 'transformer_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  ffn = module.matched_ffn_dim(retnet_config.model.to_dict())
+  ffn = transformer_tiny.matched_ffn_dim(retnet_config.model.to_dict())
   return ('model.value_dim=None', f'model.ffn_dim={ffn}')

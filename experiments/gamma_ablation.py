@@ -8,7 +8,7 @@ Each schedule is the variant `configs/retnet_tiny.py:gamma=<schedule>`, trained 
 interrupted run and skips finished ones (see experiments/common.py). `--only=lm,none` trains a
 subset (e.g. one schedule per process or machine, into the same workdir); the tables use every
 finished run.
-`--quick` shrinks the model and the run (common.TINY_QUICK); `--steps` sets total_steps.
+`--quick` adds the config argument `quick` (configs/retnet_tiny.py); `--steps` sets total_steps.
 `--seeds=0,1,2` trains every schedule once per seed (into `<workdir>/<schedule>_seed<s>`, resumable
 the same way); the table then gives the mean ± std over seeds of each schedule's final loss and its
 difference to `retnet` (paired by seed), results_seeds.csv every seed's value, and the plots the
@@ -53,13 +53,12 @@ def variants(schedules: Sequence[str], total_steps: int,
     own = ()
     if s == 'learnable':
       own = ('checkpoint.max_to_keep=None', f'checkpoint_every={max(1, total_steps // 8)}')
-    out.append(common.Variant(s, f'{config}:gamma={s}', own))
+    out.append(common.Variant(s, common.config_with(config, f'gamma={s}'), own))
   return out
 
 
-def shared_overrides(quick: bool, steps: int | None, overrides: Sequence[str] = ()) -> tuple:
-  return ((common.TINY_QUICK if quick else ()) + ((f'total_steps={steps}',) if steps else ())
-          + tuple(overrides))
+def shared_overrides(steps: int | None, overrides: Sequence[str] = ()) -> tuple:
+  return ((f'total_steps={steps}',) if steps else ()) + tuple(overrides)
 
 
 SEED_COLUMNS = (common.Column('schedule', 'schedule'),
@@ -77,13 +76,14 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
         overrides: Sequence[str] = (), schedules: Sequence[str] = SCHEDULES,
         config: str = CONFIG, seeds=None) -> list[dict]:
   """Trains the schedules (skipping finished runs), writes the table and plots; returns the rows."""
-  overrides = shared_overrides(quick, steps, overrides)
+  overrides = shared_overrides(steps, overrides)
+  config = common.config_with(config, 'quick' if quick else None)
   base = common.build_config(common.Variant('base', config), overrides)
   runs = common.runs_dir(output_dir, workdir)
   todo = variants(schedules, base.total_steps, config)
   seeds = common.parse_seeds(seeds)
   if seeds:
-    return run_seeds(output_dir, todo, runs, base, seeds, quick=quick, overrides=overrides,
+    return run_seeds(output_dir, todo, runs, base, seeds, overrides=overrides,
                      only=only, config=config)
   results = common.run_variants(todo, runs, overrides=overrides, only=only)
   rows = [{'schedule': name, 'final_eval_loss': r['eval']['loss'],
@@ -95,14 +95,14 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   gammas = {name: trajectory[1][-1] if name == 'learnable' else
             config_lib.model_config(c).gammas()[None, :] for name, c in configs.items()}
   text = common.write_table(output_dir, rows, COLUMNS, title='Decay (γ) schedule ablation',
-                            notes=[_setup_note(config, quick, base)],
+                            notes=[_setup_note(config, base)],
                             extra_markdown=gamma_table(gammas))
   common.plot_curves({n: common.read_metrics(os.path.join(runs, n)) for n in results},
                      os.path.join(output_dir, 'loss_curves.png'), title='Loss per γ schedule')
   return _finish(output_dir, rows, results, gammas, trajectory, base, text)
 
 
-def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, config) -> list[dict]:
+def run_seeds(output_dir, todo, runs, base, seeds, *, overrides, only, config) -> list[dict]:
   """`run` with --seeds: every schedule per seed; mean ± std tables and plots with the spread."""
   results = common.run_variants(common.with_seeds(todo, seeds), runs, overrides=overrides,
                                 only=common.seeded_names(only, [v.name for v in todo], seeds))
@@ -123,7 +123,7 @@ def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, co
       gammas[name] = trajectory[1][-1]
     else:
       gammas[name] = config_lib.model_config(c).gammas()[None, :]
-  note = (f'{_setup_note(config, quick, base)} Mean ± sample std over seeds '
+  note = (f'{_setup_note(config, base)} Mean ± sample std over seeds '
           f'{",".join(map(str, seeds))}; Δ: the mean and std of the per-seed differences to retnet '
           '(same seed: same initialisation draw and data order). learnable γ: the lowest seed.')
   text = common.write_table(output_dir, rows, SEED_COLUMNS,
@@ -138,8 +138,8 @@ def run_seeds(output_dir, todo, runs, base, seeds, *, quick, overrides, only, co
   return _finish(output_dir, rows, results, gammas, trajectory, base, text)
 
 
-def _setup_note(config, quick, base) -> str:
-  return (f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, width '
+def _setup_note(config, base) -> str:
+  return (f'`{config}`: {base.model.num_layers} layers, width '
           f'{base.model.embed_dim}, {base.model.num_heads} heads, {base.total_steps} steps of '
           f'{base.batch_size}×{base.seq_len} tokens; loss on the held-out split ('
           f'{base.data.num_eval_batches} batches at most).')

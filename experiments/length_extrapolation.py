@@ -45,18 +45,18 @@ MODELS = {'retnet': 'configs/retnet_tiny.py', 'transformer': 'configs/transforme
 FORMS = {'retnet': ('chunkwise', 'parallel'), 'transformer': ('parallel',)}
 MULTIPLES = (1, 2, 4, 8, 16)
 TRAIN_LEN = 256
-# --quick: retnet_tiny at 2 layers of width 128 (TINY_QUICK), still trained at 256, 300 steps.
-QUICK = common.TINY_QUICK + ('seq_len=256', 'total_steps=300', 'eval_every=300',
-                             'checkpoint_every=300')
+# --quick: the configs' `quick` argument (2 layers of width 128), still trained at 256, 300 steps.
+QUICK = ('seq_len=256', 'total_steps=300', 'eval_every=300', 'checkpoint_every=300')
 NUM_DOCS, QUICK_NUM_DOCS = 16, 4
 
 
-def variants(seeds, overrides: Sequence[str] = ()) -> list[common.Variant]:
+def variants(seeds, overrides: Sequence[str] = (), quick: bool = False) -> list[common.Variant]:
   """RetNet, and the Transformer matched to its parameter count after `overrides`."""
-  retnet = common.build_config(common.Variant('retnet', MODELS['retnet']), overrides)
+  models = {k: common.config_with(v, 'quick' if quick else None) for k, v in MODELS.items()}
+  retnet = common.build_config(common.Variant('retnet', models['retnet']), overrides)
   return common.with_seeds([
-      common.Variant('retnet', MODELS['retnet']),
-      common.Variant('transformer', MODELS['transformer'],
+      common.Variant('retnet', models['retnet']),
+      common.Variant('transformer', models['transformer'],
                      common.matched_transformer_overrides(retnet))], seeds)
 
 
@@ -136,7 +136,7 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
                + tuple(overrides))
   seeds = common.parse_seeds(seeds)
   runs = common.runs_dir(output_dir, workdir)
-  todo = variants(seeds, overrides)
+  todo = variants(seeds, overrides, quick)
   results = common.run_variants(todo, runs, overrides=overrides,
                                 only=common.seeded_names(only, list(MODELS), seeds))
   config = common.build_config(todo[0], overrides)

@@ -35,11 +35,9 @@ CONFIG = 'configs/mqar.py'
 KINDS = ('retnet', 'transformer')
 KV_PAIRS = (4, 8, 16, 32)
 WIDTHS = (64, 128)
-# --quick: 3 × 1 × 2 = 6 runs of 300 steps at seq_len 64 (kv ≤ 16).
+# --quick: 3 × 1 × 2 = 6 runs of the config's `quick` argument (300 steps at seq_len 64; kv ≤ 16).
 QUICK_KV_PAIRS = (4, 8, 16)
 QUICK_WIDTHS = (64,)
-QUICK = ('seq_len=64', 'batch_size=64', 'total_steps=300', 'eval_every=150',
-         'checkpoint_every=300', 'log_every=50')
 COLUMNS = (common.Column('model', 'model'), common.Column('width', 'width'),
            common.Column('kv_pairs', 'kv pairs'),
            common.Column('accuracy', 'accuracy', '{:.3f}'),
@@ -58,22 +56,22 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   """Trains every (kind, width, kv) point (skipping finished runs); writes table and plot."""
   kv_pairs = [int(k) for k in (kv_pairs or (QUICK_KV_PAIRS if quick else KV_PAIRS))]
   widths = [int(w) for w in (widths or (QUICK_WIDTHS if quick else WIDTHS))]
-  overrides = ((QUICK if quick else ()) + ((f'total_steps={steps}',) if steps else ())
-               + tuple(overrides))
+  overrides = ((f'total_steps={steps}',) if steps else ()) + tuple(overrides)
+  config = common.config_with(config, 'quick' if quick else None)
   runs = common.runs_dir(output_dir, workdir)
   points = {run_name(k, w, n): (k, w, n) for w in widths for n in kv_pairs for k in kinds}
-  variants = [common.Variant(name, f'{config}:kind={k},kv={n},width={w}')
+  variants = [common.Variant(name, common.config_with(config, f'kind={k},kv={n},width={w}'))
               for name, (k, w, n) in points.items()]
   seeds = common.parse_seeds(seeds)
   if seeds:
-    return run_seeds(output_dir, variants, points, runs, seeds, kv_pairs, quick=quick,
+    return run_seeds(output_dir, variants, points, runs, seeds, kv_pairs,
                      overrides=overrides, only=only, config=config)
   results = common.run_variants(variants, runs, overrides=overrides, only=only)
   rows = [{'model': points[name][0], 'width': points[name][1], 'kv_pairs': points[name][2],
            'accuracy': r['eval']['accuracy'], 'eval_loss': r['eval']['loss'], 'steps': r['steps']}
           for name, r in results.items()]
   base = common.build_config(variants[0], overrides)
-  notes = [f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, '
+  notes = [f'`{config}`: {base.model.num_layers} layers, '
            f'{base.model.num_heads} heads, seq_len {base.seq_len}, vocab '
            f'{base.data.mqar_vocab_size}, {base.total_steps} steps of batch {base.batch_size}; '
            f'accuracy over the queried values of {base.data.num_eval_batches * base.batch_size} '
@@ -95,7 +93,7 @@ SEED_COLUMNS = (common.Column('model', 'model'), common.Column('width', 'width')
                 common.Column('eval_loss', 'eval loss', '{:.4f}'), common.Column('seeds', 'seeds'))
 
 
-def run_seeds(output_dir, variants, points, runs, seeds, kv_pairs, *, quick, overrides, only,
+def run_seeds(output_dir, variants, points, runs, seeds, kv_pairs, *, overrides, only,
               config) -> list[dict]:
   """`run` with --seeds: mean ± std accuracy per point, RetNet − Transformer paired by seed."""
   names = [v.name for v in variants]
@@ -119,7 +117,7 @@ def run_seeds(output_dir, variants, points, runs, seeds, kv_pairs, *, quick, ove
         row['delta_vs_transformer'], row['delta_std'] = common.mean_std(paired)
     rows.append(row)
   base = common.build_config(variants[0], overrides)
-  notes = [f'{config}{" with --quick" if quick else ""}: {base.model.num_layers} layers, '
+  notes = [f'`{config}`: {base.model.num_layers} layers, '
            f'{base.model.num_heads} heads, seq_len {base.seq_len}, vocab '
            f'{base.data.mqar_vocab_size}, {base.total_steps} steps of batch {base.batch_size}; '
            f'accuracy over the queried values of {base.data.num_eval_batches * base.batch_size} '

@@ -34,9 +34,8 @@ CONFIGS = {'retnet': 'configs/retnet_tiny.py', 'transformer': 'configs/transform
 # size name -> (embed_dim D, num_layers L, num_heads H): about 1M, 4M and 12M RetNet parameters.
 SIZES = {'1m': (128, 4, 2), '4m': (256, 4, 4), '12m': (384, 6, 6)}
 QUICK_SIZES = {'q64': (64, 2, 1), 'q96': (96, 2, 1), 'q128': (128, 2, 2)}
-# --quick: 150 steps of 8 × 128 tokens per run (common.TINY_QUICK's data and schedule).
-QUICK = common.TINY_QUICK + ('total_steps=150', 'eval_every=150', 'checkpoint_every=150',
-                             'optim.warmup_steps=15')
+# --quick: the configs' `quick` argument (8 × 128 tokens a step), then 150 steps per run.
+QUICK = ('total_steps=150', 'eval_every=150', 'checkpoint_every=150', 'optim.warmup_steps=15')
 DEFAULT_SEEDS = (0, 1, 2)
 COLUMNS = (common.Column('size', 'size'), common.Column('model', 'model'),
            common.Column('params', 'parameters', '{:,}'),
@@ -61,14 +60,15 @@ def param_count(config) -> int:
   return model_lib.count_params(nnx.state(abstract, nnx.Param))
 
 
-def variants(sizes: dict, overrides: Sequence[str]) -> list[common.Variant]:
+def variants(sizes: dict, overrides: Sequence[str], quick: bool = False) -> list[common.Variant]:
   """Per size: the RetNet, and the Transformer matched to its parameter count."""
+  configs = {k: common.config_with(v, 'quick' if quick else None) for k, v in CONFIGS.items()}
   out = []
   for size, dims in sizes.items():
     own = size_overrides(dims)
-    retnet = common.Variant(f'retnet_{size}', CONFIGS['retnet'], own)
+    retnet = common.Variant(f'retnet_{size}', configs['retnet'], own)
     matched = common.matched_transformer_overrides(common.build_config(retnet, overrides))
-    out += [retnet, common.Variant(f'transformer_{size}', CONFIGS['transformer'], own + matched)]
+    out += [retnet, common.Variant(f'transformer_{size}', configs['transformer'], own + matched)]
   return out
 
 
@@ -85,7 +85,7 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
                + tuple(overrides))
   seeds = common.parse_seeds(seeds) or DEFAULT_SEEDS
   runs = common.runs_dir(output_dir, workdir)
-  todo = variants(chosen, overrides)
+  todo = variants(chosen, overrides, quick)
   names = [v.name for v in todo]
   results = common.run_variants(common.with_seeds(todo, seeds), runs, overrides=overrides,
                                 only=common.seeded_names(only, names, seeds))

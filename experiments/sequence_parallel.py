@@ -3,7 +3,7 @@ model's train step against sequence length, for sequence axes 1, 2, 4 and 8; and
 alone (each layer's [B, H, K, V] state and decay: one all-gather and a local fold, or the log-depth
 ppermute scan), its time and per-device peak.
 
-  python -m experiments.sequence_parallel --out=DIR [--quick]
+  python -m experiments.sequence_parallel --output_dir=DIR [--quick]
 
 Peak memory is XLA's buffer assignment of the compiled SPMD step (per device: arguments, outputs
 and temporaries less donated aliases). The 8 virtual devices share this host's cores, so tokens/s
@@ -155,17 +155,17 @@ def main(argv):
     lengths, axes = (4096, 16384, 32768, 131072), (1, 2, 4, 8)
     time_up_to, steps, overrides = f.time_up_to, 2, ()
   result = sweep(lengths, axes, time_up_to=time_up_to, timed_steps=steps, overrides=overrides)
-  os.makedirs(f.out, exist_ok=True)
-  with open(os.path.join(f.out, 'sequence_parallel.json'), 'w') as fh:
+  os.makedirs(f.output_dir, exist_ok=True)
+  with open(os.path.join(f.output_dir, 'sequence_parallel.json'), 'w') as fh:
     json.dump(result, fh, indent=1)
   table = markdown(result)
-  with open(os.path.join(f.out, 'sequence_parallel.md'), 'w') as fh:
+  with open(os.path.join(f.output_dir, 'sequence_parallel.md'), 'w') as fh:
     fh.write(table + '\n')
   print(table)
 
 
 if __name__ == '__main__':
-  flags.DEFINE_string('out', 'sequence_parallel_results', 'Where the JSON and Markdown go.')
+  flags.DEFINE_string('output_dir', None, 'Where the JSON and Markdown go.', required=True)
   flags.DEFINE_bool('quick', False, 'A seconds-long smoke run (CI).')
   flags.DEFINE_integer('time_up_to', 16384, 'Time train steps only up to this many tokens.')
   app.run(main)

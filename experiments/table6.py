@@ -60,20 +60,20 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   unknown = sorted(set(ablations) - set(PAPER))
   if unknown:
     raise ValueError(f'unknown ablations {unknown}; one of {ABLATIONS}.')
-  overrides = ((common.TINY_QUICK if quick else ()) + ((f'total_steps={steps}',) if steps else ())
-               + tuple(overrides))
+  overrides = ((f'total_steps={steps}',) if steps else ()) + tuple(overrides)
+  config = common.config_with(config, 'quick' if quick else None)
   runs = common.runs_dir(output_dir, workdir)
-  variants = [common.Variant(a, f'{config}:ablation={a}') for a in ablations]
+  variants = [common.Variant(a, common.config_with(config, f'ablation={a}')) for a in ablations]
   seeds = common.parse_seeds(seeds)
   if seeds:
-    return run_seeds(output_dir, variants, runs, seeds, quick=quick, overrides=overrides,
+    return run_seeds(output_dir, variants, runs, seeds, overrides=overrides,
                      only=only, config=config)
   results = common.run_variants(variants, runs, overrides=overrides, only=only)
   configs = {v.name: common.build_config(v, overrides) for v in variants}
   rows = table_rows(results, configs)
   base = configs[variants[0].name]
   rho = common.spearman([r['our_rank'] for r in rows], [r['paper_rank'] for r in rows])
-  notes = [f'Ours: {config}{" with --quick" if quick else ""} ({base.model.num_layers} layers, '
+  notes = [f'Ours: `{config}` ({base.model.num_layers} layers, '
            f'width {base.model.embed_dim}, {base.total_steps} steps of '
            f'{base.batch_size}×{base.seq_len} bytes), loss on the held-out split; Δ in nats per '
            'token. Paper: Table 6 (1.3B-scale, in-domain perplexity; the head dimension there '
@@ -99,7 +99,7 @@ SEED_COLUMNS = (common.Column('variant', 'variant'),
                 common.Column('seeds', 'seeds'))
 
 
-def run_seeds(output_dir, variants, runs, seeds, *, quick, overrides, only, config) -> list[dict]:
+def run_seeds(output_dir, variants, runs, seeds, *, overrides, only, config) -> list[dict]:
   """`run` with --seeds: mean ± std per variant, Δ to RetNet, rank correlation per seed."""
   names = [v.name for v in variants]
   results = common.run_variants(common.with_seeds(variants, seeds), runs, overrides=overrides,
@@ -117,7 +117,7 @@ def run_seeds(output_dir, variants, runs, seeds, *, quick, overrides, only, conf
   rho = per_seed_spearman(grouped, seeds)
   rho_mean, rho_std = common.mean_std(list(rho.values())) if rho else (float('nan'), None)
   base = configs[names[0]]
-  notes = [f'Ours: {config}{" with --quick" if quick else ""} ({base.model.num_layers} layers, '
+  notes = [f'Ours: `{config}` ({base.model.num_layers} layers, '
            f'width {base.model.embed_dim}, {base.total_steps} steps of '
            f'{base.batch_size}×{base.seq_len} bytes), loss on the held-out split, mean ± sample '
            f'std over seeds {",".join(map(str, seeds))}; Δ in nats per token, the mean and std of '

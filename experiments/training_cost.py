@@ -207,7 +207,7 @@ def variant(config, form: str):
 def _torchscale_stepper(config, batch, seq_len, chunk):
   """torchscale's RetNetDecoder (chunkwise, `chunk`) at `config`'s sizes: a callable that runs one
   full AdamW step (after a warm-up step) and returns its seconds."""
-  from experiments import timm_stub  # torchscale imports timm only for drop_path.
+  from tests import timm_stub  # torchscale imports timm only for drop_path.
   timm_stub.install()
   import torch
   from torchscale.architecture.config import RetNetConfig

@@ -1,16 +1,19 @@
-"""Loading and checking experiment configs (Python files in configs/ with `get_config(arg=None)`).
+"""Writing, loading and checking experiment configs (Python files in configs/ with
+`get_config(arg=None)`; docs/configs.md).
 
-`load('configs/retnet_tiny.py:gamma=lm', ['total_steps=100', 'model.num_layers=2'])` does what
-`--config=configs/retnet_tiny.py:gamma=lm --config.total_steps=100 ...` does on the command line.
+`load('configs/retnet_tiny.py:gamma=lm,quick', ['total_steps=100', 'model.num_layers=2'])` does
+what `--config=configs/retnet_tiny.py:gamma=lm,quick --config.total_steps=100 ...` does on the
+command line. `update` is the one walker of dotted keys ('model.num_layers') for both.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import math
 import os
+import runpy
+import sys
 
 import ml_collections
 
@@ -31,50 +34,87 @@ GENERATE = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, seed=0,
                 prefill_form='chunkwise', block_size=16)
 
 
-def parse_config_arg(arg: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
-  """A config file's argument 'a=1,b=x' -> {'a': '1', 'b': 'x'}; unknown keys are an error."""
+def parse_config_arg(arg: str | None, keys: tuple[str, ...] = (),
+                     flags: tuple[str, ...] = ()) -> dict[str, str | bool]:
+  """A config file's argument 'a=1,quick,b=x' -> {'a': '1', 'quick': True, 'b': 'x'}: `keys` take
+  a value, `flags` stand alone; anything else is an error naming it."""
   out = {}
-  for item in filter(None, (arg or '').split(',')):
+  for item in filter(None, (s.strip() for s in (arg or '').split(','))):
     key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'config argument {item!r} is not key=value.')
-    out[key.strip()] = value.strip()
-  unknown = sorted(set(out) - set(allowed))
-  if unknown:
-    raise ValueError(f'unknown config argument(s) {unknown}; use {", ".join(allowed)}.')
+    key = key.strip()
+    if key in flags and not sep:
+      out[key] = True
+    elif key in keys and sep:
+      out[key] = value.strip()
+    else:
+      expected = ', '.join([f'{k}=...' for k in keys] + list(flags)) or 'none'
+      raise ValueError(f'unknown config argument {item!r}; this config takes: {expected}.')
   return out
 
 
+def model_defaults(**changes) -> ml_collections.ConfigDict:
+  """config.model: every ModelConfig field at its default, then `changes` (each a known field)."""
+  values = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+            for f in dataclasses.fields(model_lib.ModelConfig)}
+  unknown = sorted(set(changes) - set(values))
+  if unknown:
+    raise ValueError(f'unknown model field(s) {unknown}; ModelConfig has {sorted(values)}.')
+  return ml_collections.ConfigDict({**values, **changes})
+
+
 def load(path_and_arg: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
-  """Imports a config file, calls get_config(arg) and applies 'a.b=value' overrides."""
+  """Runs a config file, calls get_config(arg) and applies 'a.b=value' overrides."""
   path, _, arg = path_and_arg.partition(':')
   if not os.path.isfile(path):
     raise ValueError(f'config file {path!r} does not exist.')
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg or None) if arg else module.get_config()
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isfile(os.path.join(folder, '__init__.py')) and os.path.dirname(folder) not in sys.path:
+    sys.path.append(os.path.dirname(folder))  # Configs import their package (`from configs ...`).
+  get_config = runpy.run_path(path)['get_config']  # Like --config=: the file, not a module name.
+  config = get_config(arg) if arg else get_config()
   for item in overrides:
     key, _, value = item.partition('=')
     set_value(config, key, value)
   return config
 
 
+def _node(config, dotted_key: str):
+  """(the ConfigDict holding config.<dotted_key>, its last key); ValueError naming the first
+  missing part and the keys that exist there."""
+  parts = dotted_key.split('.')
+  node = config
+  for i, part in enumerate(parts):
+    if not hasattr(node, 'keys') or part not in node:
+      where = 'config' + ''.join(f'.{p}' for p in parts[:i])
+      known = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none'
+      raise ValueError(f'unknown config key {dotted_key!r}: {where} has no {part!r} '
+                       f'(its keys: {known}).')
+    if i < len(parts) - 1:
+      node = node[part]
+  return node, parts[-1]
+
+
+def lookup(config, dotted_key: str):
+  """config.<dotted_key>; ValueError for a key the config lacks."""
+  node, leaf = _node(config, dotted_key)
+  return node[leaf]
+
+
+def update(config, values: dict):
+  """Sets config.<key> = value for each dotted key of `values` (each one the config has)."""
+  for key, value in values.items():
+    node, leaf = _node(config, key)
+    node[leaf] = value
+  return config
+
+
 def set_value(config, dotted_key: str, text: str):
   """Sets config.<dotted_key> from a command-line string (parsed as a Python literal if it is one)."""
-  *parents, leaf = dotted_key.split('.')
-  node = config
-  for p in parents:
-    if p not in node:
-      raise ValueError(f'unknown config key {dotted_key!r}.')
-    node = node[p]
-  if leaf not in node:
-    raise ValueError(f'unknown config key {dotted_key!r}.')
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  node[leaf] = value
+  update(config, {dotted_key: value})
 
 
 def generate_settings(config, **given) -> dict:

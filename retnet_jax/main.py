@@ -50,8 +50,8 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to resume, evaluate 
 
 
 def check_config_overrides(argv) -> str | None:
-  """The error for the first `--config.a.b=...` key the config file lacks, or None. Runs before
-  absl parses the flags, whose config parser would print a traceback instead."""
+  """The error for a `--config=` that does not load or the first `--config.a.b=...` key it lacks, or
+  None. Runs before absl parses the flags, whose config parser would print a traceback instead."""
   path = None
   for arg in argv[1:]:
     if arg.startswith('--config='):
@@ -63,16 +63,11 @@ def check_config_overrides(argv) -> str | None:
   except Exception as e:  # pylint: disable=broad-except  (the flag parser reports it again)
     return f'cannot load config {path!r}: {e}'
   for arg in argv[1:]:
-    if not arg.startswith('--config.'):
-      continue
-    key = arg[len('--config.'):].split('=', 1)[0]
-    node, parts = config, key.split('.')
-    for i, part in enumerate(parts):
-      if not hasattr(node, 'keys') or part not in node:
-        where = 'config' + ''.join(f'.{p}' for p in parts[:i])
-        known = sorted(node.keys()) if hasattr(node, 'keys') else []
-        return f'unknown config key {key!r}: {where} has no {part!r} (its keys: {", ".join(known)}).'
-      node = node[part]
+    if arg.startswith('--config.'):
+      try:
+        config_lib.lookup(config, arg[len('--config.'):].split('=', 1)[0])
+      except ValueError as e:
+        return str(e)
   return None
 
 

@@ -3,7 +3,7 @@ recurrent), fairseq checkpoints, round trips, errors.
 
 The torchscale tests need the `torch` extra and `pip install --no-deps torchscale==0.3.0
 fairscale==0.4.13` (they skip otherwise); torchscale imports timm only for drop_path, which
-experiments/timm_stub.py stands in for. The NumPy round trip and the error tests run without torch.
+tests/timm_stub.py stands in for. The NumPy round trip and the error tests run without torch.
 """
 
 import argparse
@@ -18,7 +18,7 @@ import pytest
 from retnet_jax import checkpoint
 from retnet_jax import convert
 from retnet_jax.convert import torchscale as torchscale_format
-from experiments import timm_stub
+from tests import timm_stub
 from tests import util
 from tests.convert_util import EXECUTION_DEFAULTS, numpy_params, our_logits, tokens, TOL
 

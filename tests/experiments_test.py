@@ -2,9 +2,12 @@
 interrupted ones resume, and a changed config is an error."""
 
 import csv
+import glob
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,9 +18,11 @@ from experiments import length_extrapolation
 from experiments import mqar
 from experiments import scaling
 from experiments import table6
+from retnet_jax import config_lib
 from retnet_jax import train
+from tests import util
 
-# Shrinks any runner's config further (after its --quick overrides): a few seconds a run.
+# Shrinks any runner's config further (after its `quick` config argument): a few seconds a run.
 TINY = ('model.num_layers=1', 'model.embed_dim=32', 'model.value_dim=64', 'model.ffn_dim=64',
         'seq_len=32', 'batch_size=4', 'data.num_eval_batches=1', 'log_every=1', 'mesh.data=1')
 
@@ -73,8 +78,8 @@ def test_changed_config_is_an_error(gamma_run):
 
 
 def test_interrupted_run_resumes(tmp_path):
-  variant = common.Variant('lm', 'configs/retnet_tiny.py:gamma=lm')
-  overrides = common.TINY_QUICK + ('total_steps=3',) + TINY
+  variant = common.Variant('lm', 'configs/retnet_tiny.py:gamma=lm,quick')
+  overrides = ('total_steps=3',) + TINY
   run_dir = str(tmp_path / 'lm')
   # A run stopped after 2 of its 3 steps: a checkpoint, no result.json.
   assert train.train_and_evaluate(common.build_config(variant, overrides), run_dir,
@@ -182,3 +187,33 @@ def test_scaling_and_length_extrapolation(tmp_path):
   assert os.path.exists(os.path.join(tmp_path, 'l', 'loss_vs_position.png'))
   with open(os.path.join(tmp_path, 'l', 'positions.csv')) as f:
     assert len(f.readlines()) == 1 + 3 * 2  # Two buckets of 256 per model and form.
+
+
+def test_config_with_adds_to_the_argument():
+  assert common.config_with('configs/x.py', None) == 'configs/x.py'
+  assert common.config_with('configs/x.py', 'quick') == 'configs/x.py:quick'
+  assert common.config_with('configs/x.py:a=1', 'b=2', None, 'quick') == 'configs/x.py:a=1,b=2,quick'
+
+
+def test_quick_is_the_config_argument(monkeypatch, tmp_path):
+  """A runner's --quick trains `<config>:quick` (plus its own overrides)."""
+  built = []
+  monkeypatch.setattr(common, 'run_variants', lambda variants, *a, **k: built.extend(variants) or {})
+  table6.run(str(tmp_path), quick=True, ablations=('none',))  # Nothing trained: an empty table.
+  assert built[0].config == 'configs/retnet_tiny.py:quick,ablation=none'
+  config = common.build_config(built[0])
+  quick = config_lib.load(os.path.join(util.ROOT, 'configs', 'retnet_tiny.py:quick'))
+  assert config.to_dict() == quick.to_dict()
+
+
+RUNNERS = sorted(os.path.splitext(os.path.basename(p))[0]
+                 for p in glob.glob(os.path.join(util.ROOT, 'experiments', '*.py'))
+                 if not os.path.basename(p).startswith(('_', 'common', 'gpu_check')))
+
+
+@pytest.mark.parametrize('name', RUNNERS)
+def test_every_runner_takes_absl_flags_and_output_dir(name):
+  proc = subprocess.run([sys.executable, '-m', f'experiments.{name}', '--helpfull'],
+                        capture_output=True, text=True, cwd=util.ROOT, timeout=300)
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]  # A required flag makes the status 1.
+  assert '  --output_dir:' in proc.stdout

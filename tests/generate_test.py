@@ -2,7 +2,6 @@
 tokens, shape buckets compile once, the matched Transformer config, and the CLI."""
 
 import functools
-import importlib.util
 import io
 import os
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import transformer_tiny
 from retnet_jax import config_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
@@ -175,10 +175,6 @@ def test_read_prompts(tmp_path):
 
 
 def test_transformer_tiny_matches_retnet_tiny_in_size():
-  spec = importlib.util.spec_from_file_location(
-      'transformer_tiny', os.path.join(util.ROOT, 'configs', 'transformer_tiny.py'))
-  transformer_tiny = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(transformer_tiny)
   retnet = config_lib.load(os.path.join(util.ROOT, 'configs', 'retnet_tiny.py'))
   trans = config_lib.load(os.path.join(util.ROOT, 'configs', 'transformer_tiny.py'))
   config_lib.validate(trans)

@@ -24,7 +24,7 @@ from retnet_jax import train
 from flax import nnx  # pylint: disable=g-bad-import-order
 from tests import util
 
-SEQ_LEN = 37  # util.SHRINK's: the training length (max_length), which no chunk size divides.
+SEQ_LEN = 37  # configs.PRESETS['test']'s: the training length (max_length), which no chunk size divides.
 MAX_GEN = 10
 WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho '
          'sigma tau upsilon phi chi psi omega').split()

@@ -238,14 +238,14 @@ def test_bad_values_are_refused_before_any_work():
 
 
 def main_command(workdir, mode='train', **flags):
-  overrides = {**util.SHRINK, **TINY, 'optim.warmup_steps': 1, 'eval_every': 1000}
+  overrides = {**TINY, 'optim.warmup_steps': 1, 'eval_every': 1000}
   config_flags = [f'--config.{k}={v}' for k, v in overrides.items() if k not in flags]
   config_flags += [f'--config.{k}={v}' for k, v in flags.items() if '.' in k or k in (
       'total_steps', 'checkpoint_every', 'log_every')]
   other = [f'--{k}={v}' for k, v in flags.items() if '.' not in k and k not in (
       'total_steps', 'checkpoint_every', 'log_every')]
   return [sys.executable, '-m', 'retnet_jax.main',
-          f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+          f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}:test',
           f'--workdir={workdir}', f'--mode={mode}', *config_flags, *other]
 
 

@@ -161,12 +161,12 @@ def test_pallas_and_transformer_under_the_sequence_axis(one_device, tmp_path):
 
 @pytest.mark.slow
 def test_command_line_with_data_2_sequence_4(one_device, tmp_path):
-  overrides = {**util.SHRINK, 'model.num_heads': 4, 'model.value_dim': 64, 'model.chunk_size': 8,
+  overrides = {'model.num_heads': 4, 'model.value_dim': 64, 'model.chunk_size': 8,
                'seq_len': 64, 'batch_size': 8, 'total_steps': 4, 'log_every': 1,
                'eval_every': 4, 'checkpoint_every': 100, 'reset_at_doc_boundaries': True,
                'mesh.data': 2, 'mesh.sequence': 4}
   cmd = [sys.executable, '-m', 'retnet_jax.main',
-         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}:test',
          f'--workdir={tmp_path}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=util.ROOT, env=env, timeout=900)
@@ -180,7 +180,7 @@ def test_command_line_with_data_2_sequence_4(one_device, tmp_path):
 def test_benchmark_quick_mode(tmp_path):
   """experiments/sequence_parallel.py --quick: one short length, sequence axes 1 and 2."""
   proc = subprocess.run([sys.executable, '-m', 'experiments.sequence_parallel', '--quick',
-                         f'--out={tmp_path}'], capture_output=True, text=True, cwd=util.ROOT,
+                         f'--output_dir={tmp_path}'], capture_output=True, text=True, cwd=util.ROOT,
                         timeout=900)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   with open(tmp_path / 'sequence_parallel.json') as f:

@@ -142,12 +142,12 @@ def _two_processes(workdir, total_steps):
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
-  overrides = {**util.SHRINK, 'model.num_heads': 4, 'model.value_dim': 64, 'batch_size': 8,
+  overrides = {'model.num_heads': 4, 'model.value_dim': 64, 'batch_size': 8,
                'total_steps': total_steps, 'log_every': 1, 'eval_every': 4, 'checkpoint_every': 2,
                'optim.schedule': 'constant', 'optim.warmup_steps': 0,
                'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2}
   cmd = [sys.executable, '-m', 'retnet_jax.main',
-         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+         f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}:test',
          f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
   procs = []
   for pid in range(2):

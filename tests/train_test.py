@@ -152,9 +152,9 @@ def test_corrupt_checkpoint(straight_run, tmp_path):
 
 
 def _main_command(workdir, **overrides):
-  flags = [f'--config.{k}={v}' for k, v in {**util.SHRINK, **overrides}.items()]
+  flags = [f'--config.{k}={v}' for k, v in overrides.items()]
   return [sys.executable, '-m', 'retnet_jax.main',
-          f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}',
+          f'--config={os.path.join(util.ROOT, "configs", "retnet_tiny.py")}:test',
           f'--workdir={workdir}', *flags]
 
 
