@@ -115,7 +115,8 @@ def test_prefill_over_the_sequence_axis_then_decoding(exchange):
     assert util.rel_err(got, ref) <= 1e-5
   knobs = generate._knobs(0.0, 0, 1.0, 0, (), 0)  # pylint: disable=protected-access
   done = jnp.zeros((2,), bool)
-  step = lambda s, l: generate.decode(setup.graphdef, params, s, l, done, jnp.asarray(0),
+  counts = generate.prompt_counts(jnp.asarray(tokens), jnp.asarray(segments), mcfg.vocab_size)
+  step = lambda s, l: generate.decode(setup.graphdef, params, s, l, done, counts, jnp.asarray(0),
                                       jnp.asarray(8), knobs, out_len=8)[0]
   np.testing.assert_array_equal(step(state, logits), step(state_one, logits_one))
 
