@@ -180,16 +180,16 @@ def metadata_tokenizer(path: str):
 # Documents.
 
 
-def _unit_hash(key: str) -> float:
-  """Stable hash of a string to [0, 1)."""
+def _path_hash(path: str) -> float:
+  """Stable hash of a document's path ('file' or 'file#index') to [0, 1)."""
   return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'little') / 2.0**64
 
 
 def _is_val(keys: list[str], val_fraction: float) -> np.ndarray:
-  """Which units are held out, by hash; both splits get at least one. [len(keys)] bool."""
+  """Which documents (by path) are held out; both splits get at least one. [len(keys)] bool."""
   if len(keys) < 2:
     raise ValueError(f'Need at least 2 documents to make a train/validation split; got {len(keys)}.')
-  h = np.array([_unit_hash(k) for k in keys])
+  h = np.array([_path_hash(k) for k in keys])
   is_val = h < val_fraction
   if not is_val.any():
     is_val[np.argmin(h)] = True

@@ -48,12 +48,12 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 
+from retnet_jax import metrics as metrics_lib
 from retnet_jax import tokenizer as tokenizer_lib
 
 METADATA = 'metadata.json'
@@ -75,8 +75,8 @@ def looks_binary(text: str) -> bool:
   return (text.count('\ufffd') + text.count('\x00')) > BINARY_FRACTION * len(text)
 
 
-def unit_hash(text: str) -> float:
-  """Stable hash of a document's text to [0, 1)."""
+def text_hash(text: str) -> float:
+  """Stable hash of a document's text to [0, 1): the train/validation split of its content."""
   digest = hashlib.blake2b(text.encode('utf-8', errors='surrogatepass'), digest_size=8).digest()
   return int.from_bytes(digest, 'little') / 2.0**64
 
@@ -221,7 +221,7 @@ def _tokenize_chunk(task):
         examples.append((reason, file_index, first + i))
       continue
     ids = np.concatenate([tok.encode_array(text).astype(dtype, copy=False), eos])
-    docs.append((unit_hash(text) < _worker['val_fraction'], ids.tobytes(), len(ids)))
+    docs.append((text_hash(text) < _worker['val_fraction'], ids.tobytes(), len(ids)))
   return docs, dict(skipped), examples
 
 
@@ -307,21 +307,12 @@ class _Progress:
       eta = (self.total - bytes_read) / rate if rate > 0 else float('inf')
       print(f'preprocess: {docs:,} documents ({(docs - self.docs0) / elapsed:,.0f}/s) | '
             f'{bytes_read / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({rate / 1e6:.2f} MB/s) | '
-            f'ETA {_duration(eta)}', file=self.stream, flush=True)
+            f'ETA {metrics_lib.duration(eta)}', file=self.stream, flush=True)
 
   def rates(self) -> dict:
     elapsed = max(time.perf_counter() - self.t0, 1e-9)
     return {'seconds': elapsed, 'documents_per_second': (self.docs - self.docs0) / elapsed,
             'mb_per_second': (self.bytes - self.bytes0) / elapsed / 1e6}
-
-
-def _duration(seconds: float) -> str:
-  if seconds == float('inf'):
-    return '?'
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def shards(tmp_path_factory):
                                  num_workers=0, val_fraction=0.2, shard_mb=0.01, progress_every=1e9))
   split = {'train': [], 'validation': []}
   for d in docs:
-    split['validation' if preprocess.unit_hash(d) < 0.2 else 'train'].append(d)
+    split['validation' if preprocess.text_hash(d) < 0.2 else 'train'].append(d)
   return dict(source='arrayrecord', path=str(root / 'out'), num_eval_batches=100), split
 
 
