@@ -76,7 +76,7 @@ GENERATE_BLOCK = 32
 
 
 def load_tokenizer(workdir: str, meta: dict, config=None, spec: str | None = None):
-  """The checkpoint's tokenizer (see the module docstring for the order).
+  """The checkpoint's tokenizer, a `tokenizer` module one (see the module docstring for the order).
 
   spec: a tokenizer spec ('byte', 'sentencepiece:PATH', 'hf:PATH'; tokenizer.from_spec) or a bare
   path to a tokenizer.json or SentencePiece .model.
