@@ -71,7 +71,7 @@ def tree_bytes(tree) -> int:
 
 def build(config, seed: int = 0):
   """(setup, random params) at the config's model size."""
-  setup = generate.make_setup(config_lib.model_config(config))
+  setup = model_lib.make_setup(config_lib.model_config(config))
   return setup, jax.jit(lambda k: model_lib.init_params(setup.model_config, k))(jax.random.key(seed))
 
 

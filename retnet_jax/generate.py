@@ -3,7 +3,7 @@ decode token by token with the recurrent form (RetNet: O(1) work and memory per 
 (Transformer), the decode loop running inside one jitted `lax.while_loop`.
 
   params, cfg, _ = checkpoint.load_params(workdir)
-  setup = generate.make_setup(cfg)
+  setup = model.make_setup(cfg)
   out = generate.generate(setup, params, [tok.encode('def '), tok.encode('import os\\n')],
                           max_new_tokens=64, temperature=0.7, top_p=0.9, stop_tokens=(tok.eos_id,))
 
@@ -61,9 +61,6 @@ F32 = jnp.float32
 MAX_STOP = 8  # Stop tokens are a traced [MAX_STOP] array (padded with -1): no recompiles.
 MIN_NEW_BUCKET = 16
 TRACES: collections.Counter = collections.Counter()  # Traces per jitted function, for tests.
-
-
-make_setup = model_lib.make_setup  # The Setup (graphdef + ModelConfig) of a model config.
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -414,7 +411,7 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} ids but the checkpoint\'s model only '
                      f'{cfg.vocab_size}.')
-  setup = make_setup(cfg)
+  setup = model_lib.make_setup(cfg)
   stop = (tok.eos_id,) if g['stop_at_eos'] else ()
   texts = []
   for i, prompt in enumerate(prompts):

@@ -100,7 +100,7 @@ def test_prefill_over_the_sequence_axis_then_decoding(exchange):
   state (the left padding's reset inside the first block); decoding then continues on one device."""
   mcfg = util.model_config(model__num_heads=4, model__value_dim=64, model__chunk_size=8,
                            model__sequence_exchange=exchange)
-  setup, params = generate.make_setup(mcfg), model_lib.init_params(mcfg, jax.random.key(1))
+  setup, params = model_lib.make_setup(mcfg), model_lib.init_params(mcfg, jax.random.key(1))
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, 64).tolist(), rng.integers(0, 256, 45).tolist()]
   tokens, segments = generate.pad_prompts(prompts, mcfg.vocab_size, 0, min_bucket=64)
