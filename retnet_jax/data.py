@@ -182,7 +182,7 @@ def metadata_tokenizer(path: str):
 
 def _path_hash(path: str) -> float:
   """Stable hash of a document's path ('file' or 'file#index') to [0, 1)."""
-  return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'little') / 2.0**64
+  return int.from_bytes(hashlib.sha256(path.encode('utf-8')).digest()[:8], 'little') / 2.0**64
 
 
 def _is_val(keys: list[str], val_fraction: float) -> np.ndarray:
@@ -337,16 +337,6 @@ def tokenize_documents(texts, tokenizer) -> np.ndarray:
   eos = np.array([tokenizer.eos_id], dtype)
   return np.concatenate([a for t in texts for a in (encode(t).astype(dtype, copy=False), eos)]
                         or [np.zeros(0, dtype)])
-
-
-def unigram_bits_per_byte(data_config, tokenizer, split: str = 'train') -> float:
-  """Cross-entropy of the split under its own token frequencies, in bits per UTF-8 byte: the loss of
-  a model that learned only the unigram distribution (eos included, as in training)."""
-  counts = np.bincount(tokenize_documents(load_texts(data_config, split), tokenizer),
-                       minlength=tokenizer.vocab_size).astype(np.float64)
-  seen = counts > 0
-  bits = -(counts[seen] * np.log2(counts[seen] / counts.sum())).sum()
-  return float(bits / (counts * tokenizer.token_bytes).sum())
 
 
 # ----------------------------------------------------------------------------------------------------

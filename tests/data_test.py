@@ -286,17 +286,6 @@ def test_stdlib_default_source():
     assert b['loss_mask'].all()
 
 
-def test_unigram_bits_per_byte(tmp_path):
-  (tmp_path / 'a.txt').write_text('aaab', encoding='utf-8')
-  (tmp_path / 'b.txt').write_text('ab', encoding='utf-8')
-  config = dict(source='files', files_glob=str(tmp_path / '*.txt'))
-  train = data.load_texts(config, 'train')
-  counts = np.bincount(data.tokenize_documents(train, TOK))
-  p = counts[counts > 0] / counts.sum()
-  expected = -(counts[counts > 0] * np.log2(p)).sum() / sum(len(t) for t in train)
-  assert data.unigram_bits_per_byte(config, TOK) == pytest.approx(expected)
-
-
 # ----------------------------------------------------------------------------------------------------
 # MQAR.
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from retnet_jax import config_lib
-from retnet_jax import data as data_lib
 from retnet_jax import model as model_lib
 from retnet_jax import platform
 from retnet_jax import sharding
@@ -223,7 +222,8 @@ print(first, again, late, repr(flags_after))
 
 def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
   config = small()
-  cfg = config_lib.model_config(config)
+  setup = model_lib.make_setup(config_lib.model_config(config))
+  cfg = setup.model_config
   assert cfg.form == 'chunkwise' and platform.step_compiler_options(cfg) == platform.EIGEN_DOTS
   for other in (dataclasses.replace(cfg, form='parallel'),
                 dataclasses.replace(cfg, kind='transformer', value_dim=None)):
