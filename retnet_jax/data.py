@@ -78,6 +78,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import tempfile
 
 from absl import flags
 from absl import logging
@@ -659,7 +660,6 @@ def get_tokenizer(data_config, workdir: str | None = None):
     if os.path.exists(model_path):
       return tokenizer_lib.SentencePieceTokenizer.load(model_path)
   else:
-    import tempfile  # pylint: disable=g-import-not-at-top
     model_path = os.path.join(tempfile.mkdtemp(), 'tokenizer.model')
   texts = load_texts(data_config, 'train')
   return tokenizer_lib.SentencePieceTokenizer.train(texts, cfg['sp_vocab_size'], model_path)

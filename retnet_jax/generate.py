@@ -17,15 +17,16 @@ Compiled once per shape bucket. The prompt length is rounded up to a power of tw
 `min_bucket`), the batch to a power of two, the output buffer (max_new_tokens) to a power of two of at
 least 16 (a streaming block to a power of two), and the Transformer's KV cache holds bucketed prompt +
 bucketed max_new_tokens.
-max_new_tokens itself, temperature, top_k, top_p, the three penalties, the seed and the stop tokens (up
-to MAX_STOP) are traced values: changing them never recompiles. RetNet's decode state does not depend on the prompt length, so
-its decode loop compiles once per batch bucket. `TRACES` counts the traces of each jitted function.
+max_new_tokens itself, temperature, top_k, top_p, the three penalties, the seed and the stop tokens
+(up to MAX_STOP) are traced values: changing them never recompiles. RetNet's decode state does not
+depend on the prompt length, so its decode loop compiles once per batch bucket. `TRACES` counts the
+traces of each jitted function.
 
 Penalties (`penalize`), applied to the logits before sampling, from per-row token counts carried in
-the decode loop (`prompt_counts`): `repetition_penalty` (Hugging Face's definition) divides a positive logit
-and multiplies a negative one for every token in the prompt or generated so far; then the OpenAI-style
-additive ones subtract frequency_penalty * count + presence_penalty * (count > 0), the count being of
-the generated tokens only. 1, 0 and 0 leave the logits unchanged.
+the decode loop (`prompt_counts` starts them): `repetition_penalty` (Hugging Face's definition)
+divides a positive logit and multiplies a negative one for every token in the prompt or generated so
+far; then the OpenAI-style additive ones subtract frequency_penalty * count + presence_penalty *
+(count > 0), counting the generated tokens only. 1, 0 and 0 leave the logits unchanged.
 
 Sampling: temperature 0 is greedy (argmax). Otherwise the logits divided by the temperature are cut to
 the top_k most likely tokens (0: no cut), then to the smallest set whose probability reaches top_p
@@ -45,16 +46,16 @@ import os
 import sys
 from typing import Iterator, Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
+from retnet_jax import data as data_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
-from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
 
 F32 = jnp.float32
@@ -257,8 +258,9 @@ def generate_arrays(setup, params, prompts_tokens, *, max_new_tokens: int, tempe
   """Like `generate`, as arrays: tokens [B, max_new_tokens] (pad_id after a stop) and lengths [B]."""
   knobs = _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id, repetition_penalty,
                  frequency_penalty, presence_penalty)
-  state, logits_BV, done_B, counts, n = _start(setup, params, prompts_tokens, max_new_tokens=max_new_tokens,
-                                       pad_id=pad_id, prefill_form=prefill_form, min_bucket=min_bucket)
+  state, logits_BV, done_B, counts, n = _start(
+      setup, params, prompts_tokens, max_new_tokens=max_new_tokens, pad_id=pad_id,
+      prefill_form=prefill_form, min_bucket=min_bucket)
   out_len = next_power_of_two(max_new_tokens, MIN_NEW_BUCKET)
   out_BN, length_B, *_ = decode(setup.graphdef, params, state, logits_BV, done_B, counts,
                                 jnp.asarray(0, jnp.int32), jnp.asarray(max_new_tokens, jnp.int32),
@@ -300,8 +302,9 @@ def generate_stream(setup, params, prompts_tokens: Sequence[Sequence[int]], *, m
   """
   knobs = _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id, repetition_penalty,
                  frequency_penalty, presence_penalty)
-  state, logits_BV, done_B, counts, n = _start(setup, params, prompts_tokens, max_new_tokens=max_new_tokens,
-                                       pad_id=pad_id, prefill_form=prefill_form, min_bucket=min_bucket)
+  state, logits_BV, done_B, counts, n = _start(
+      setup, params, prompts_tokens, max_new_tokens=max_new_tokens, pad_id=pad_id,
+      prefill_form=prefill_form, min_bucket=min_bucket)
   block = next_power_of_two(block_size)
   produced = 0
   while produced < max_new_tokens:

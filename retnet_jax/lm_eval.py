@@ -52,6 +52,7 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
@@ -204,7 +205,6 @@ class RetNetLM(lm_model.TemplateLM):
     return self.tok.decode(tokens)
 
   def _progress(self, total, desc, disable):
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     return tqdm(total=total, desc=desc, disable=disable)
 
   def _scored_sums(self, rows, desc, disable_tqdm):

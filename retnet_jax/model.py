@@ -22,10 +22,10 @@ import dataclasses
 import math
 from typing import Any, NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from retnet_jax import decay
 from retnet_jax import retention

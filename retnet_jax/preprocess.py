@@ -44,13 +44,17 @@ import dataclasses
 import glob
 import gzip
 import hashlib
+import importlib.metadata
 import io
 import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
 from retnet_jax import metrics as metrics_lib
@@ -83,7 +87,6 @@ def text_hash(text: str) -> float:
 
 def version() -> str:
   try:
-    import importlib.metadata  # pylint: disable=g-import-not-at-top
     return importlib.metadata.version('retnet_jax')
   except Exception:  # Not installed: running from a checkout.
     return 'unknown'
@@ -391,7 +394,6 @@ class Args:
 def _mp_context():
   """fork where it is safe (no other thread, no JAX backend started): workers start at once and
   need not import the caller's main module; spawn otherwise."""
-  import threading  # pylint: disable=g-import-not-at-top
   bridge = sys.modules.get('jax._src.xla_bridge')
   started = bridge is not None and bridge.backends_are_initialized()
   if sys.platform == 'linux' and threading.active_count() == 1 and not started:
@@ -576,7 +578,6 @@ def run(a: Args) -> dict:
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   F = _flags()
@@ -588,12 +589,10 @@ def main(argv):
 
 
 def _flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   return flags.FLAGS
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   d = Args('', '')
   flags.DEFINE_string('input', None, 'Comma-separated globs of .txt/.jsonl[.gz|.zst]/.parquet files.')
   flags.DEFINE_string('output', None, 'Output directory (new or empty; or an interrupted run).')
@@ -615,8 +614,6 @@ def _define_flags():
 
 if __name__ == '__main__':
   # Through the imported module, so that spawned workers find the same functions.
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from retnet_jax import preprocess as _preprocess  # pylint: disable=g-import-self
   _preprocess._define_flags()  # pylint: disable=protected-access
   flags.mark_flags_as_required(['input', 'output'])

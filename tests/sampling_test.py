@@ -4,11 +4,11 @@ NumPy references written from their definitions, inside the decode loop token fo
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from retnet_jax import config_lib
 from retnet_jax import generate
