@@ -282,7 +282,10 @@ class RetNetLM(lm_model.TemplateLM):
     temperature = temperature if do_sample or temperature > 0 else 0.0
     knobs = dict(temperature=temperature, top_k=int(gen_kwargs.pop('top_k', 0) or 0),
                  top_p=float(gen_kwargs.pop('top_p', 1.0) or 1.0),
-                 seed=int(gen_kwargs.pop('seed', 0) or 0))
+                 seed=int(gen_kwargs.pop('seed', 0) or 0),
+                 repetition_penalty=float(gen_kwargs.pop('repetition_penalty', 1.0) or 1.0),
+                 frequency_penalty=float(gen_kwargs.pop('frequency_penalty', 0.0) or 0.0),
+                 presence_penalty=float(gen_kwargs.pop('presence_penalty', 0.0) or 0.0))
     prompts = []
     for context in contexts:
       ids = self.tok_encode(context) or [self.prefix_token_id]
