@@ -514,7 +514,7 @@ def compile_generate(config, workdir: str, topology: str, *, batch_sizes: Sequen
                            knobs)
       counts = jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logits_sh),
-          jax.eval_shape(generate.prompt_counts, tokens, tokens, logits_shape.shape[-1]))
+          jax.eval_shape(lambda t: generate.prompt_counts(t, t, logits_shape.shape[-1]), tokens))
       t2 = time.perf_counter()
       dec = generate.decode.lower(run.setup.graphdef, params, state, logits, done, counts, scalar,
                                   scalar, knobs, out_len=out_len).compile()
