@@ -51,20 +51,19 @@ import os
 import sys
 from typing import Sequence
 
+from lm_eval import utils as lm_utils
+from lm_eval.api import model as lm_model
+from lm_eval.api import registry as lm_registry
 import numpy as np
 from tqdm import tqdm
 
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
+from retnet_jax import data as data_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import scoring
-from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
-
-from lm_eval.api import model as lm_model  # pylint: disable=g-bad-import-order
-from lm_eval.api import registry as lm_registry
-from lm_eval import utils as lm_utils
 
 logger = logging.getLogger(__name__)
 NAME = 'retnet_jax'
