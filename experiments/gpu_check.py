@@ -480,13 +480,13 @@ class Check:
           try:
             if mode == 'fwd':
               jitted = jax.jit(fn)
-              call_ = lambda jitted=jitted, qi=qi: jitted(qi, k, v)
+              call_ = lambda jitted=jitted, qi=qi, k=k, v=v: jitted(qi, k, v)
             else:
               def fwd_bwd(q, k, v, do, fn=fn):
                 out, vjp = jax.vjp(fn, q, k, v)
                 return out, vjp(do)
               jitted = jax.jit(fwd_bwd)
-              call_ = lambda jitted=jitted, qi=qi: jitted(qi, k, v, do)[0]
+              call_ = lambda jitted=jitted, qi=qi, k=k, v=v, do=do: jitted(qi, k, v, do)[0]
             t0 = time.perf_counter()
             out = jax.block_until_ready(call_())
             item['first_call_s'] = time.perf_counter() - t0
@@ -523,7 +523,7 @@ class Check:
         item = {'T': T, 'impl': impl, 'mode': mode}
         try:
           if mode == 'fwd':
-            def run(fn=fn):
+            def run(fn=fn, q=q, k=k, v=v):
               with torch.no_grad():
                 out = fn(q, k, v)
               sync()
@@ -531,7 +531,7 @@ class Check:
           else:
             qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
 
-            def run(fn=fn, qg=qg, kg=kg, vg=vg):
+            def run(fn=fn, qg=qg, kg=kg, vg=vg, do=do):
               for x in (qg, kg, vg):
                 x.grad = None
               out = fn(qg, kg, vg)

@@ -71,7 +71,7 @@ def tree_bytes(tree) -> int:
 
 def build(config, seed: int = 0):
   """(setup, random params) at the config's model size."""
-  setup = generate.make_setup(config_lib.model_config(config))
+  setup = model_lib.make_setup(config_lib.model_config(config))
   return setup, jax.jit(lambda k: model_lib.init_params(setup.model_config, k))(jax.random.key(seed))
 
 
@@ -117,13 +117,15 @@ class Case:
     vocab = setup.model_config.vocab_size
     self.logits = jax.random.normal(jax.random.fold_in(key, 1), (batch, vocab), jnp.float32)
     self.done = jnp.zeros((batch,), bool)
+    self.counts = {'prompt_BV': jnp.zeros((batch, vocab), bool),
+                   'counts_BV': jnp.zeros((batch, vocab), jnp.int32)}
     self.knobs = generate._knobs(0.0, 0, 1.0, 0, (), 0)  # pylint: disable=protected-access
     self.args = (jnp.asarray(0, jnp.int32), jnp.asarray(new_tokens, jnp.int32), self.knobs)
     # The executable depends only on shapes: RetNet's is shared by every context.
     shape_key = (name, batch, tuple((v.shape, str(v.dtype)) for v in jax.tree.leaves(self.state)))
     if shape_key not in compiled_cache:
       compiled_cache[shape_key] = generate.decode.lower(
-          setup.graphdef, params, self.state, self.logits, self.done, *self.args,
+          setup.graphdef, params, self.state, self.logits, self.done, self.counts, *self.args,
           out_len=new_tokens).compile()
     self.compiled = compiled_cache[shape_key]
     self.peak_bytes = common.peak_bytes(self.compiled)
@@ -132,7 +134,7 @@ class Case:
   def run(self) -> float:
     """Decodes new_tokens from the context; returns the wall time in seconds."""
     start = time.perf_counter()
-    out = self.compiled(self.params, self.state, self.logits, self.done, *self.args)
+    out = self.compiled(self.params, self.state, self.logits, self.done, self.counts, *self.args)
     jax.block_until_ready(out)
     elapsed = time.perf_counter() - start
     steps = int(out[-1])

@@ -512,9 +512,12 @@ def compile_generate(config, workdir: str, topology: str, *, batch_sizes: Sequen
       knobs = jax.eval_shape(lambda: generate._knobs(0.7, 0, 0.9, 0, (0,), 0))
       knobs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                            knobs)
+      counts = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=logits_sh),
+          jax.eval_shape(lambda t: generate.prompt_counts(t, t, logits_shape.shape[-1]), tokens))
       t2 = time.perf_counter()
-      dec = generate.decode.lower(run.setup.graphdef, params, state, logits, done, scalar, scalar,
-                                  knobs, out_len=out_len).compile()
+      dec = generate.decode.lower(run.setup.graphdef, params, state, logits, done, counts, scalar,
+                                  scalar, knobs, out_len=out_len).compile()
       t3 = time.perf_counter()
     state_bytes = sum(
         int(np.prod(s.sharding.shard_shape(s.shape))) * jnp.dtype(s.dtype).itemsize

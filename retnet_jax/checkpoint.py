@@ -20,10 +20,10 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 import zlib
 
 from absl import logging
-
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -206,7 +206,6 @@ def save(mgr: ocp.CheckpointManager, step: int, *, params, model_config, opt_sta
 
 
 def _remove_partial(mgr, step) -> None:
-  import shutil  # pylint: disable=g-import-not-at-top
   directory = os.fspath(mgr.directory)
   for name in os.listdir(directory) if os.path.isdir(directory) else ():
     if name.startswith(f'{int(step)}.orbax-checkpoint-tmp') or (

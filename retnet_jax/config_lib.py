@@ -29,9 +29,11 @@ OPTIM = ('learning_rate', 'warmup_steps', 'schedule', 'end_lr_fraction', 'b1', '
 MESH = ('data', 'fsdp', 'sequence', 'tensor', 'rules', 'coordinator_address', 'num_processes', 'process_id')
 CHECKPOINT = ('max_to_keep', 'save_on_sigterm', 'fallback_to_intact', 'on_nonfinite')
 # `--mode=generate` settings: the defaults here are the only ones (configs copy them; the main
-# flags override them).
+# flags override them). repetition_penalty 1.3: without it a small byte model that enters an
+# indentation run often keeps predicting spaces.
 GENERATE = dict(max_new_tokens=256, temperature=0.7, top_k=0, top_p=0.9, seed=0, stop_at_eos=True,
-                prefill_form='chunkwise', block_size=16)
+                prefill_form='chunkwise', block_size=16, repetition_penalty=1.3,
+                frequency_penalty=0.0, presence_penalty=0.0)
 
 
 def parse_config_arg(arg: str | None, keys: tuple[str, ...] = (),
@@ -126,6 +128,8 @@ def generate_settings(config, **given) -> dict:
   try:
     temperature, top_p = float(out['temperature']), float(out['top_p'])
     top_k, max_new, block = int(out['top_k']), int(out['max_new_tokens']), int(out['block_size'])
+    penalties = {k: float(out[k]) for k in ('repetition_penalty', 'frequency_penalty',
+                                            'presence_penalty')}
   except (TypeError, ValueError) as e:
     raise ValueError(f'generation settings must be numbers: {e}.') from e
   if not math.isfinite(temperature) or temperature < 0:
@@ -136,8 +140,14 @@ def generate_settings(config, **given) -> dict:
     raise ValueError(f'top_k must be >= 0 (0: no cut); got {top_k}.')
   if max_new < 1 or block < 1:
     raise ValueError(f'max_new_tokens and block_size must be positive; got {max_new}, {block}.')
+  if not 0 < penalties['repetition_penalty'] < math.inf:
+    raise ValueError('repetition_penalty must be a finite number > 0 (1: off); got '
+                     f"{penalties['repetition_penalty']}.")
+  for key in ('frequency_penalty', 'presence_penalty'):
+    if not math.isfinite(penalties[key]):
+      raise ValueError(f'{key} must be a finite number (0: off); got {penalties[key]}.')
   return {**out, 'temperature': temperature, 'top_p': top_p, 'top_k': top_k,
-          'max_new_tokens': max_new, 'block_size': block, 'seed': int(out['seed'])}
+          'max_new_tokens': max_new, 'block_size': block, 'seed': int(out['seed']), **penalties}
 
 
 def _check_keys(section, allowed, where):

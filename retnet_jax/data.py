@@ -78,6 +78,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import tempfile
 
 from absl import flags
 from absl import logging
@@ -180,16 +181,16 @@ def metadata_tokenizer(path: str):
 # Documents.
 
 
-def _unit_hash(key: str) -> float:
-  """Stable hash of a string to [0, 1)."""
-  return int.from_bytes(hashlib.sha256(key.encode('utf-8')).digest()[:8], 'little') / 2.0**64
+def _path_hash(path: str) -> float:
+  """Stable hash of a document's path ('file' or 'file#index') to [0, 1)."""
+  return int.from_bytes(hashlib.sha256(path.encode('utf-8')).digest()[:8], 'little') / 2.0**64
 
 
 def _is_val(keys: list[str], val_fraction: float) -> np.ndarray:
-  """Which units are held out, by hash; both splits get at least one. [len(keys)] bool."""
+  """Which documents (by path) are held out; both splits get at least one. [len(keys)] bool."""
   if len(keys) < 2:
     raise ValueError(f'Need at least 2 documents to make a train/validation split; got {len(keys)}.')
-  h = np.array([_unit_hash(k) for k in keys])
+  h = np.array([_path_hash(k) for k in keys])
   is_val = h < val_fraction
   if not is_val.any():
     is_val[np.argmin(h)] = True
@@ -337,16 +338,6 @@ def tokenize_documents(texts, tokenizer) -> np.ndarray:
   eos = np.array([tokenizer.eos_id], dtype)
   return np.concatenate([a for t in texts for a in (encode(t).astype(dtype, copy=False), eos)]
                         or [np.zeros(0, dtype)])
-
-
-def unigram_bits_per_byte(data_config, tokenizer, split: str = 'train') -> float:
-  """Cross-entropy of the split under its own token frequencies, in bits per UTF-8 byte: the loss of
-  a model that learned only the unigram distribution (eos included, as in training)."""
-  counts = np.bincount(tokenize_documents(load_texts(data_config, split), tokenizer),
-                       minlength=tokenizer.vocab_size).astype(np.float64)
-  seen = counts > 0
-  bits = -(counts[seen] * np.log2(counts[seen] / counts.sum())).sum()
-  return float(bits / (counts * tokenizer.token_bytes).sum())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -669,7 +660,6 @@ def get_tokenizer(data_config, workdir: str | None = None):
     if os.path.exists(model_path):
       return tokenizer_lib.SentencePieceTokenizer.load(model_path)
   else:
-    import tempfile  # pylint: disable=g-import-not-at-top
     model_path = os.path.join(tempfile.mkdtemp(), 'tokenizer.model')
   texts = load_texts(data_config, 'train')
   return tokenizer_lib.SentencePieceTokenizer.train(texts, cfg['sp_vocab_size'], model_path)

@@ -3,7 +3,7 @@ decode token by token with the recurrent form (RetNet: O(1) work and memory per 
 (Transformer), the decode loop running inside one jitted `lax.while_loop`.
 
   params, cfg, _ = checkpoint.load_params(workdir)
-  setup = generate.make_setup(cfg)
+  setup = model.make_setup(cfg)
   out = generate.generate(setup, params, [tok.encode('def '), tok.encode('import os\\n')],
                           max_new_tokens=64, temperature=0.7, top_p=0.9, stop_tokens=(tok.eos_id,))
 
@@ -17,9 +17,16 @@ Compiled once per shape bucket. The prompt length is rounded up to a power of tw
 `min_bucket`), the batch to a power of two, the output buffer (max_new_tokens) to a power of two of at
 least 16 (a streaming block to a power of two), and the Transformer's KV cache holds bucketed prompt +
 bucketed max_new_tokens.
-max_new_tokens itself, temperature, top_k, top_p, the seed and the stop tokens (up to MAX_STOP) are traced
-values: changing them never recompiles. RetNet's decode state does not depend on the prompt length, so
-its decode loop compiles once per batch bucket. `TRACES` counts the traces of each jitted function.
+max_new_tokens itself, temperature, top_k, top_p, the three penalties, the seed and the stop tokens
+(up to MAX_STOP) are traced values: changing them never recompiles. RetNet's decode state does not
+depend on the prompt length, so its decode loop compiles once per batch bucket. `TRACES` counts the
+traces of each jitted function.
+
+Penalties (`penalize`), applied to the logits before sampling, from per-row token counts carried in
+the decode loop (`prompt_counts` starts them): `repetition_penalty` (Hugging Face's definition)
+divides a positive logit and multiplies a negative one for every token in the prompt or generated so
+far; then the OpenAI-style additive ones subtract frequency_penalty * count + presence_penalty *
+(count > 0), counting the generated tokens only. 1, 0 and 0 leave the logits unchanged.
 
 Sampling: temperature 0 is greedy (argmax). Otherwise the logits divided by the temperature are cut to
 the top_k most likely tokens (0: no cut), then to the smallest set whose probability reaches top_p
@@ -39,16 +46,16 @@ import os
 import sys
 from typing import Iterator, Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
+from retnet_jax import data as data_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
-from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
 
 F32 = jnp.float32
@@ -57,16 +64,38 @@ MIN_NEW_BUCKET = 16
 TRACES: collections.Counter = collections.Counter()  # Traces per jitted function, for tests.
 
 
-make_setup = model_lib.make_setup  # The Setup (graphdef + ModelConfig) of a model config.
-
-
 def next_power_of_two(n: int, minimum: int = 1) -> int:
   n = max(int(n), int(minimum), 1)
   return 1 << (n - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------------------------
-# Sampling.
+# Penalties and sampling.
+
+
+def prompt_counts(tokens_BP, segments_BP, vocab_size: int) -> dict:
+  """The decode loop's per-row token counts at the start: {'prompt_BV': bool [B, V], the tokens of
+  each prompt (segment id != 0); 'counts_BV': int32 [B, V], how often each token was generated (0)}."""
+  B = tokens_BP.shape[0]
+  rows_BP = jnp.broadcast_to(jnp.arange(B)[:, None], tokens_BP.shape)
+  prompt_BV = jnp.zeros((B, vocab_size), jnp.bool_).at[rows_BP, tokens_BP].max(segments_BP != 0)
+  return {'prompt_BV': prompt_BV, 'counts_BV': jnp.zeros((B, vocab_size), jnp.int32)}
+
+
+def penalize(logits_BV, prompt_BV, counts_BV, repetition_penalty, frequency_penalty, presence_penalty):
+  """Logits [B, V] after the penalties (traced scalars), from the prompt tokens [B, V] bool and the
+  generated counts [B, V].
+
+  repetition_penalty r (HF): a token in the prompt or generated gets logit / r if positive, logit * r
+  otherwise. Then frequency f and presence p (OpenAI), on generated tokens only: logit - f * count -
+  p * (count > 0).
+  """
+  logits_BV = logits_BV.astype(F32)
+  seen_BV = prompt_BV | (counts_BV > 0)
+  scaled_BV = jnp.where(logits_BV > 0, logits_BV / repetition_penalty, logits_BV * repetition_penalty)
+  logits_BV = jnp.where(seen_BV, scaled_BV, logits_BV)
+  return (logits_BV - frequency_penalty * counts_BV.astype(F32)
+          - presence_penalty * (counts_BV > 0).astype(F32))
 
 
 def sample(logits_BV, key, temperature, top_k, top_p):
@@ -108,15 +137,18 @@ def prefill(graphdef, params, tokens_BP, segments_BP, *, form='chunkwise', max_l
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'out_len'), donate_argnames=('state',))
-def decode(graphdef, params, state, logits_BV, done_B, step0, num_steps, knobs, *, out_len):
+def decode(graphdef, params, state, logits_BV, done_B, counts, step0, num_steps, knobs, *, out_len):
   """Up to min(num_steps, out_len) tokens, as one `lax.while_loop` that stops early once every row is done.
 
-  Each step samples a token [B] from `logits_BV` (the next-token logits), then runs it through the
-  model in the recurrent form to get the next logits and state. Done rows emit pad_id.
-  knobs: {'key', 'temperature', 'top_k', 'top_p', 'stop_S' [MAX_STOP], 'pad_id'}, all traced.
+  Each step penalizes `logits_BV` (the next-token logits) by the counts, samples a token [B], counts
+  it, then runs it through the model in the recurrent form to get the next logits and state. Done
+  rows emit pad_id and count nothing.
+  counts: `prompt_counts(...)` at the start, the returned one when continuing.
+  knobs: {'key', 'temperature', 'top_k', 'top_p', 'repetition_penalty', 'frequency_penalty',
+  'presence_penalty', 'stop_S' [MAX_STOP], 'pad_id'}, all traced.
   step0: the index of the first step (keys fold in step0 + i, so blocks continue one another).
   Returns (tokens [B, out_len] int32, lengths [B] (tokens before and including a stop),
-  state, logits_BV, done_B, steps taken).
+  state, logits_BV, done_B, counts, steps taken).
   """
   TRACES['decode'] += 1
   model = nnx.merge(graphdef, params)
@@ -124,26 +156,32 @@ def decode(graphdef, params, state, logits_BV, done_B, step0, num_steps, knobs, 
   stop_S = knobs['stop_S']
   limit = jnp.minimum(num_steps, out_len)
 
+  prompt_BV = counts['prompt_BV']
+
   def cond(carry):
-    i, _, _, done_B, _, _ = carry
+    i, _, _, done_B, _, _, _ = carry
     return (i < limit) & ~jnp.all(done_B)
 
   def body(carry):
-    i, state, logits_BV, done_B, out_BN, length_B = carry
+    i, state, logits_BV, done_B, counts_BV, out_BN, length_B = carry
     key = jax.random.fold_in(knobs['key'], step0 + i)
-    token_B = sample(logits_BV, key, knobs['temperature'], knobs['top_k'], knobs['top_p'])
+    scores_BV = penalize(logits_BV, prompt_BV, counts_BV, knobs['repetition_penalty'],
+                         knobs['frequency_penalty'], knobs['presence_penalty'])
+    token_B = sample(scores_BV, key, knobs['temperature'], knobs['top_k'], knobs['top_p'])
     token_B = jnp.where(done_B, knobs['pad_id'], token_B)
+    counts_BV = counts_BV.at[jnp.arange(B), token_B].add((~done_B).astype(jnp.int32))
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
     length_B = length_B + (~done_B).astype(jnp.int32)
     done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
     logits_B1V, state = model(token_B[:, None], state, form='recurrent')
-    return i + 1, state, logits_B1V[:, 0], done_B, out_BN, length_B
+    return i + 1, state, logits_B1V[:, 0], done_B, counts_BV, out_BN, length_B
 
   out_BN = jnp.full((B, out_len), knobs['pad_id'], jnp.int32)
-  carry = (jnp.zeros((), jnp.int32), state, logits_BV.astype(F32), done_B, out_BN,
-           jnp.zeros((B,), jnp.int32))
-  steps, state, logits_BV, done_B, out_BN, length_B = jax.lax.while_loop(cond, body, carry)
-  return out_BN, length_B, state, logits_BV, done_B, steps
+  carry = (jnp.zeros((), jnp.int32), state, logits_BV.astype(F32), done_B, counts['counts_BV'],
+           out_BN, jnp.zeros((B,), jnp.int32))
+  steps, state, logits_BV, done_B, counts_BV, out_BN, length_B = jax.lax.while_loop(cond, body, carry)
+  counts = {'prompt_BV': prompt_BV, 'counts_BV': counts_BV}
+  return out_BN, length_B, state, logits_BV, done_B, counts, steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,22 +213,29 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, pad_id: int, 
   return tokens, segments
 
 
-def _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id):
+def _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id, repetition_penalty=1.0,
+           frequency_penalty=0.0, presence_penalty=0.0):
   stop_tokens = tuple(int(t) for t in stop_tokens)
   if len(stop_tokens) > MAX_STOP:
     raise ValueError(f'at most {MAX_STOP} stop tokens; got {len(stop_tokens)}.')
   if not temperature >= 0 or top_k < 0 or not 0.0 < top_p <= 1.0:  # NaN fails too.
     raise ValueError(f'need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, '
                      f'{top_k}, {top_p}.')
+  if not 0 < repetition_penalty < np.inf or not np.isfinite([frequency_penalty, presence_penalty]).all():
+    raise ValueError(f'need a finite repetition_penalty > 0 and finite frequency and presence '
+                     f'penalties; got {repetition_penalty}, {frequency_penalty}, {presence_penalty}.')
   stop = np.full((MAX_STOP,), -1, np.int32)
   stop[:len(stop_tokens)] = stop_tokens
   return {'key': jax.random.key(seed), 'temperature': jnp.asarray(temperature, F32),
           'top_k': jnp.asarray(top_k, jnp.int32), 'top_p': jnp.asarray(top_p, F32),
+          'repetition_penalty': jnp.asarray(repetition_penalty, F32),
+          'frequency_penalty': jnp.asarray(frequency_penalty, F32),
+          'presence_penalty': jnp.asarray(presence_penalty, F32),
           'stop_S': jnp.asarray(stop), 'pad_id': jnp.asarray(pad_id, jnp.int32)}
 
 
 def _start(setup, params, prompts, *, max_new_tokens, pad_id, prefill_form, min_bucket):
-  """Pads and prefills: (state, logits [B', V], done [B'], real batch size)."""
+  """Pads and prefills: (state, logits [B', V], done [B'], prompt_counts, real batch size)."""
   cfg = setup.model_config
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be positive; got {max_new_tokens}.')
@@ -201,18 +246,23 @@ def _start(setup, params, prompts, *, max_new_tokens, pad_id, prefill_form, min_
   logits_BV, state = prefill(setup.graphdef, params, jnp.asarray(tokens), jnp.asarray(segments),
                              form=prefill_form, max_len=max_len)
   done_B = jnp.asarray(np.arange(tokens.shape[0]) >= len(prompts))  # Filler rows start done.
-  return state, logits_BV, done_B, len(prompts)
+  counts = prompt_counts(jnp.asarray(tokens), jnp.asarray(segments), cfg.vocab_size)
+  return state, logits_BV, done_B, counts, len(prompts)
 
 
 def generate_arrays(setup, params, prompts_tokens, *, max_new_tokens: int, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens=(),
-                    pad_id: int = 0, prefill_form: str = 'chunkwise', min_bucket: int = 16):
+                    pad_id: int = 0, prefill_form: str = 'chunkwise', min_bucket: int = 16,
+                    repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                    presence_penalty: float = 0.0):
   """Like `generate`, as arrays: tokens [B, max_new_tokens] (pad_id after a stop) and lengths [B]."""
-  knobs = _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id)
-  state, logits_BV, done_B, n = _start(setup, params, prompts_tokens, max_new_tokens=max_new_tokens,
-                                       pad_id=pad_id, prefill_form=prefill_form, min_bucket=min_bucket)
+  knobs = _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id, repetition_penalty,
+                 frequency_penalty, presence_penalty)
+  state, logits_BV, done_B, counts, n = _start(
+      setup, params, prompts_tokens, max_new_tokens=max_new_tokens, pad_id=pad_id,
+      prefill_form=prefill_form, min_bucket=min_bucket)
   out_len = next_power_of_two(max_new_tokens, MIN_NEW_BUCKET)
-  out_BN, length_B, *_ = decode(setup.graphdef, params, state, logits_BV, done_B,
+  out_BN, length_B, *_ = decode(setup.graphdef, params, state, logits_BV, done_B, counts,
                                 jnp.asarray(0, jnp.int32), jnp.asarray(max_new_tokens, jnp.int32),
                                 knobs, out_len=out_len)
   return np.asarray(out_BN)[:n, :max_new_tokens], np.asarray(length_B)[:n]
@@ -221,17 +271,20 @@ def generate_arrays(setup, params, prompts_tokens, *, max_new_tokens: int, tempe
 def generate(setup, params, prompts_tokens: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_tokens: Sequence[int] = (), pad_id: int = 0, prefill_form: str = 'chunkwise',
-             min_bucket: int = 16) -> list[list[int]]:
+             min_bucket: int = 16, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0) -> list[list[int]]:
   """The new tokens of each prompt (a stop token, when one ends the row, is the last one kept).
 
   setup: anything with .graphdef and .model_config (a model.Setup: `make_setup(cfg)`).
   params: the pure dict of parameters (train state['params'] or checkpoint.load_params).
   prefill_form: the retention form of the prompt pass ('chunkwise' | 'parallel' | 'recurrent').
+  repetition_penalty, frequency_penalty, presence_penalty: see `penalize` (1, 0, 0: off).
   """
   out_BN, length_B = generate_arrays(
       setup, params, prompts_tokens, max_new_tokens=max_new_tokens, temperature=temperature,
       top_k=top_k, top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id,
-      prefill_form=prefill_form, min_bucket=min_bucket)
+      prefill_form=prefill_form, min_bucket=min_bucket, repetition_penalty=repetition_penalty,
+      frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
   return [row[:n].tolist() for row, n in zip(out_BN, length_B)]
 
 
@@ -239,20 +292,24 @@ def generate_stream(setup, params, prompts_tokens: Sequence[Sequence[int]], *, m
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                     stop_tokens: Sequence[int] = (), pad_id: int = 0,
                     prefill_form: str = 'chunkwise', min_bucket: int = 16,
-                    block_size: int = 16) -> Iterator[list[list[int]]]:
+                    block_size: int = 16, repetition_penalty: float = 1.0,
+                    frequency_penalty: float = 0.0,
+                    presence_penalty: float = 0.0) -> Iterator[list[list[int]]]:
   """`generate` in blocks: yields, every `block_size` tokens, each prompt's new tokens of that block.
 
   Each block is one call of the jitted `decode` loop (compiled once); the tokens are those `generate`
   gives for the same arguments. Stops when every row is done or max_new_tokens are out.
   """
-  knobs = _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id)
-  state, logits_BV, done_B, n = _start(setup, params, prompts_tokens, max_new_tokens=max_new_tokens,
-                                       pad_id=pad_id, prefill_form=prefill_form, min_bucket=min_bucket)
+  knobs = _knobs(temperature, top_k, top_p, seed, stop_tokens, pad_id, repetition_penalty,
+                 frequency_penalty, presence_penalty)
+  state, logits_BV, done_B, counts, n = _start(
+      setup, params, prompts_tokens, max_new_tokens=max_new_tokens, pad_id=pad_id,
+      prefill_form=prefill_form, min_bucket=min_bucket)
   block = next_power_of_two(block_size)
   produced = 0
   while produced < max_new_tokens:
-    out_BN, length_B, state, logits_BV, done_B, steps = decode(
-        setup.graphdef, params, state, logits_BV, done_B, jnp.asarray(produced, jnp.int32),
+    out_BN, length_B, state, logits_BV, done_B, counts, steps = decode(
+        setup.graphdef, params, state, logits_BV, done_B, counts, jnp.asarray(produced, jnp.int32),
         jnp.asarray(min(block, max_new_tokens - produced), jnp.int32), knobs, out_len=block)
     out_BN, length_B = np.asarray(out_BN), np.asarray(length_B)
     yield [row[:k].tolist() for row, k in zip(out_BN[:n], length_B[:n])]
@@ -328,7 +385,9 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
 def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_tokens: int | None = None,
                   temperature: float | None = None, top_k: int | None = None,
                   top_p: float | None = None, seed: int | None = None, out=None,
-                  step: int | None = None, fallback: bool | None = None) -> list[str]:
+                  step: int | None = None, fallback: bool | None = None,
+                  repetition_penalty: float | None = None, frequency_penalty: float | None = None,
+                  presence_penalty: float | None = None) -> list[str]:
   """Restores the latest checkpoint of `workdir` and streams each prompt's continuation to `out`.
 
   Defaults come from `config.generate` (config_lib.GENERATE); step: the checkpoint step (default
@@ -339,9 +398,13 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   metrics_lib.quiet_library_logs()
   out = sys.stdout if out is None else out
   g = config_lib.generate_settings(config, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, seed=seed)
+                                   top_k=top_k, top_p=top_p, seed=seed,
+                                   repetition_penalty=repetition_penalty,
+                                   frequency_penalty=frequency_penalty,
+                                   presence_penalty=presence_penalty)
   max_new_tokens = g['max_new_tokens']
-  knobs = {k: g[k] for k in ('temperature', 'top_k', 'top_p', 'seed')}
+  knobs = {k: g[k] for k in ('temperature', 'top_k', 'top_p', 'seed', 'repetition_penalty',
+                             'frequency_penalty', 'presence_penalty')}
   if not prompts or any(not p for p in prompts):
     raise ValueError('empty prompt: give some text to continue.')
   if fallback is None:
@@ -351,7 +414,7 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} ids but the checkpoint\'s model only '
                      f'{cfg.vocab_size}.')
-  setup = make_setup(cfg)
+  setup = model_lib.make_setup(cfg)
   stop = (tok.eos_id,) if g['stop_at_eos'] else ()
   texts = []
   for i, prompt in enumerate(prompts):

@@ -51,19 +51,19 @@ import os
 import sys
 from typing import Sequence
 
+from lm_eval import utils as lm_utils
+from lm_eval.api import model as lm_model
+from lm_eval.api import registry as lm_registry
 import numpy as np
+from tqdm import tqdm
 
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
+from retnet_jax import data as data_lib
 from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import scoring
-from retnet_jax import data as data_lib
 from retnet_jax import tokenizer as tokenizer_lib
-
-from lm_eval.api import model as lm_model  # pylint: disable=g-bad-import-order
-from lm_eval.api import registry as lm_registry
-from lm_eval import utils as lm_utils
 
 logger = logging.getLogger(__name__)
 NAME = 'retnet_jax'
@@ -76,7 +76,7 @@ GENERATE_BLOCK = 32
 
 
 def load_tokenizer(workdir: str, meta: dict, config=None, spec: str | None = None):
-  """The checkpoint's tokenizer (see the module docstring for the order).
+  """The checkpoint's tokenizer, a `tokenizer` module one (see the module docstring for the order).
 
   spec: a tokenizer spec ('byte', 'sentencepiece:PATH', 'hf:PATH'; tokenizer.from_spec) or a bare
   path to a tokenizer.json or SentencePiece .model.
@@ -204,7 +204,6 @@ class RetNetLM(lm_model.TemplateLM):
     return self.tok.decode(tokens)
 
   def _progress(self, total, desc, disable):
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     return tqdm(total=total, desc=desc, disable=disable)
 
   def _scored_sums(self, rows, desc, disable_tqdm):
@@ -282,7 +281,10 @@ class RetNetLM(lm_model.TemplateLM):
     temperature = temperature if do_sample or temperature > 0 else 0.0
     knobs = dict(temperature=temperature, top_k=int(gen_kwargs.pop('top_k', 0) or 0),
                  top_p=float(gen_kwargs.pop('top_p', 1.0) or 1.0),
-                 seed=int(gen_kwargs.pop('seed', 0) or 0))
+                 seed=int(gen_kwargs.pop('seed', 0) or 0),
+                 repetition_penalty=float(gen_kwargs.pop('repetition_penalty', 1.0) or 1.0),
+                 frequency_penalty=float(gen_kwargs.pop('frequency_penalty', 0.0) or 0.0),
+                 presence_penalty=float(gen_kwargs.pop('presence_penalty', 0.0) or 0.0))
     prompts = []
     for context in contexts:
       ids = self.tok_encode(context) or [self.prefix_token_id]

@@ -6,6 +6,7 @@ r"""Entry point: flags in, `train.train_and_evaluate(config, workdir)` out.
   python -m retnet_jax.main --config=configs/retnet_tiny.py --workdir=/tmp/retnet_tiny \
       --mode=generate --prompt=$'def fib(n):\n' [--prompt=... | --prompt_file=prompts.jsonl] \
       [--max_new_tokens=200 --temperature=0.7 --top_k=0 --top_p=0.9 --seed=0]
+      [--repetition_penalty=1.3 --frequency_penalty=0 --presence_penalty=0]
   ... --step=N  (train: resume from step N; eval, generate: use step N; default the latest)
 
 Exit status: 0 the run finished, 75 a signal stopped it after saving (rerun to resume), 1 an error
@@ -45,6 +46,13 @@ _TEMPERATURE = flags.DEFINE_float('temperature', None, 'Sampling temperature; 0 
 _TOP_K = flags.DEFINE_integer('top_k', None, 'Sample among the k most likely tokens; 0: all.')
 _TOP_P = flags.DEFINE_float('top_p', None, 'Nucleus sampling mass; 1: off.')
 _SEED = flags.DEFINE_integer('seed', None, 'Sampling seed.')
+_REPETITION_PENALTY = flags.DEFINE_float(
+    'repetition_penalty', None, 'Divide a positive logit, multiply a negative one, of every token '
+    'in the prompt or generated (Hugging Face); 1: off.')
+_FREQUENCY_PENALTY = flags.DEFINE_float(
+    'frequency_penalty', None, 'Subtract this times the count of a generated token; 0: off.')
+_PRESENCE_PENALTY = flags.DEFINE_float(
+    'presence_penalty', None, 'Subtract this from every token generated at least once; 0: off.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to resume, evaluate or generate from '
                              '(default: the latest).')
 
@@ -96,7 +104,9 @@ def main(argv):
       generate.generate_text(
           _CONFIG.value, _WORKDIR.value, generate.read_prompts(_PROMPT.value, _PROMPT_FILE.value),
           max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-          top_p=_TOP_P.value, seed=_SEED.value, step=_STEP.value)
+          top_p=_TOP_P.value, seed=_SEED.value, step=_STEP.value,
+          repetition_penalty=_REPETITION_PENALTY.value, frequency_penalty=_FREQUENCY_PENALTY.value,
+          presence_penalty=_PRESENCE_PENALTY.value)
     else:
       train.evaluate(_CONFIG.value, _WORKDIR.value, step=_STEP.value)
   except ValueError as e:  # Bad configs, data, workdirs or checkpoints: one clear line.

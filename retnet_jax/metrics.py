@@ -100,7 +100,9 @@ def quiet_library_logs() -> None:
 
 
 def duration(seconds: float) -> str:
-  """'4m05s', or '1h02m03s' from an hour on."""
+  """'4m05s', or '1h02m03s' from an hour on; '?' for an unknown (infinite or NaN) time."""
+  if not math.isfinite(seconds):
+    return '?'
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from retnet_jax import decay
 from retnet_jax import retention
@@ -266,11 +266,10 @@ class MultiScaleRetention(nnx.Module):
     [B], the id of the token before x. form: the retention form.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    positions_T = positions
     reset_BT = None
     if segment_ids is not None:
       reset_BT = segment_ids != jnp.concatenate([prev_segment[:, None], segment_ids[:, :-1]], 1)
-    sin, cos = rotary_angles(cfg, positions_T)
+    sin, cos = rotary_angles(cfg, positions)
     proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk) * cfg.head_dim**-0.5, sin, cos, cfg.rotary)
@@ -284,7 +283,7 @@ class MultiScaleRetention(nnx.Module):
         chunk_size=cfg.chunk_size, impl=impl, exchange=cfg.sequence_exchange)
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
-      n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0
+      n_T1 = jnp.asarray(positions, F32)[:, None] + 1.0
       g_H = jnp.exp(log_gamma_H)
       total_TH = jnp.where(g_H < 1.0, -jnp.expm1(n_T1 * log_gamma_H) / (1.0 - g_H), n_T1)
       o_BTHV = (o_BTHV * jax.lax.rsqrt(total_TH)[None, :, :, None]).astype(o_BTHV.dtype)
@@ -327,11 +326,10 @@ class Attention(nnx.Module):
     tokens continue prev_segment [B]): tokens attend only within their segment. form: unused.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-    positions_T = positions
     B, T = x_BTD.shape[:2]
     if segment_ids is None:
       segment_ids = jnp.broadcast_to(prev_segment[:, None], (B, T))
-    sin, cos = rotary_angles(cfg, positions_T)
+    sin, cos = rotary_angles(cfg, positions)
     proj = lambda w: dense(x_BTD, w[...], dt)
     q_BTHK = apply_rotary(proj(self.wq), sin, cos, cfg.rotary)
     k_BTHK = apply_rotary(proj(self.wk), sin, cos, cfg.rotary)
@@ -344,11 +342,11 @@ class Attention(nnx.Module):
       attend = lambda p_BHTS: jnp.einsum('bhts,bshk->bthk', p_BHTS, v_BTHK)
       valid_TS = jnp.tril(jnp.ones((T, T), bool))
     else:
-      cache = write_cache(state, new, positions_T[0])
+      cache = write_cache(state, new, positions[0])
       k_BHKS, v_BHSK = cache.k.astype(dt), cache.v.astype(dt)
       scores_BHTS = jnp.einsum('bthk,bhks->bhts', q_BTHK, k_BHKS, preferred_element_type=F32)
       attend = lambda p_BHTS: jnp.einsum('bhts,bhsk->bthk', p_BHTS, v_BHSK)
-      valid_TS = jnp.arange(cache.segment_ids.shape[1])[None, :] <= positions_T[:, None]
+      valid_TS = jnp.arange(cache.segment_ids.shape[1])[None, :] <= positions[:, None]
     mask_BTS = valid_TS[None] & (segment_ids[:, :, None] == cache.segment_ids[:, None, :])
     scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5, -1e30)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)

@@ -44,16 +44,20 @@ import dataclasses
 import glob
 import gzip
 import hashlib
+import importlib.metadata
 import io
 import json
 import multiprocessing
 import os
-import shutil
 import sys
+import threading
 import time
 
+from absl import app
+from absl import flags
 import numpy as np
 
+from retnet_jax import metrics as metrics_lib
 from retnet_jax import tokenizer as tokenizer_lib
 
 METADATA = 'metadata.json'
@@ -75,15 +79,14 @@ def looks_binary(text: str) -> bool:
   return (text.count('\ufffd') + text.count('\x00')) > BINARY_FRACTION * len(text)
 
 
-def unit_hash(text: str) -> float:
-  """Stable hash of a document's text to [0, 1)."""
+def text_hash(text: str) -> float:
+  """Stable hash of a document's text to [0, 1): the train/validation split of its content."""
   digest = hashlib.blake2b(text.encode('utf-8', errors='surrogatepass'), digest_size=8).digest()
   return int.from_bytes(digest, 'little') / 2.0**64
 
 
 def version() -> str:
   try:
-    import importlib.metadata  # pylint: disable=g-import-not-at-top
     return importlib.metadata.version('retnet_jax')
   except Exception:  # Not installed: running from a checkout.
     return 'unknown'
@@ -221,7 +224,7 @@ def _tokenize_chunk(task):
         examples.append((reason, file_index, first + i))
       continue
     ids = np.concatenate([tok.encode_array(text).astype(dtype, copy=False), eos])
-    docs.append((unit_hash(text) < _worker['val_fraction'], ids.tobytes(), len(ids)))
+    docs.append((text_hash(text) < _worker['val_fraction'], ids.tobytes(), len(ids)))
   return docs, dict(skipped), examples
 
 
@@ -307,21 +310,12 @@ class _Progress:
       eta = (self.total - bytes_read) / rate if rate > 0 else float('inf')
       print(f'preprocess: {docs:,} documents ({(docs - self.docs0) / elapsed:,.0f}/s) | '
             f'{bytes_read / 1e6:,.1f} of {self.total / 1e6:,.1f} MB ({rate / 1e6:.2f} MB/s) | '
-            f'ETA {_duration(eta)}', file=self.stream, flush=True)
+            f'ETA {metrics_lib.duration(eta)}', file=self.stream, flush=True)
 
   def rates(self) -> dict:
     elapsed = max(time.perf_counter() - self.t0, 1e-9)
     return {'seconds': elapsed, 'documents_per_second': (self.docs - self.docs0) / elapsed,
             'mb_per_second': (self.bytes - self.bytes0) / elapsed / 1e6}
-
-
-def _duration(seconds: float) -> str:
-  if seconds == float('inf'):
-    return '?'
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,7 +394,6 @@ class Args:
 def _mp_context():
   """fork where it is safe (no other thread, no JAX backend started): workers start at once and
   need not import the caller's main module; spawn otherwise."""
-  import threading  # pylint: disable=g-import-not-at-top
   bridge = sys.modules.get('jax._src.xla_bridge')
   started = bridge is not None and bridge.backends_are_initialized()
   if sys.platform == 'linux' and threading.active_count() == 1 and not started:
@@ -585,7 +578,6 @@ def run(a: Args) -> dict:
 
 
 def main(argv):
-  from absl import app  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   F = _flags()
@@ -597,12 +589,10 @@ def main(argv):
 
 
 def _flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   return flags.FLAGS
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
   d = Args('', '')
   flags.DEFINE_string('input', None, 'Comma-separated globs of .txt/.jsonl[.gz|.zst]/.parquet files.')
   flags.DEFINE_string('output', None, 'Output directory (new or empty; or an interrupted run).')
@@ -624,8 +614,6 @@ def _define_flags():
 
 if __name__ == '__main__':
   # Through the imported module, so that spawned workers find the same functions.
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from retnet_jax import preprocess as _preprocess  # pylint: disable=g-import-self
   _preprocess._define_flags()  # pylint: disable=protected-access
   flags.mark_flags_as_required(['input', 'output'])

@@ -110,21 +110,18 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
     return ref.FORMS[form](q, k, v, log_gamma, state, reset=reset, **options)
   if state is None:
     state = ref.zero_state(B, H, K, V)
-  kernel = lambda q, k, v, g, s, *r: retention_pallas.chunkwise(
-      q, k, v, g, s, reset=(r or (None,))[0], chunk_size=chunk_size, target=choice.target,
-      interpret=choice.interpret)
   bthk, bhkv = ('batch', None, 'heads', None), ('batch', 'heads', None, None)
   resets = () if reset is None else (reset,)  # shard_map takes arrays, not None.
   in_axes = (bthk, bthk, bthk, ('heads',), bhkv) + (('batch', None),) * len(resets)
-  run = sharding.per_shard(kernel, in_axes, (bthk, bhkv))
+  run = sharding.per_shard(_local(choice, chunk_size), in_axes, (bthk, bhkv))
   return run(q, k, v, log_gamma, state, *resets)
 
 
 def _local(choice, chunk_size):
-  """The chunkwise form on one device's block, (q, k, v, log γ, state, reset) -> (o, state)."""
+  """The chunkwise form on one device's block, (q, k, v, log γ, state, reset=None) -> (o, state)."""
   if choice.impl == 'xla':
-    return lambda q, k, v, g, s, r: ref.chunkwise(q, k, v, g, s, reset=r, chunk_size=chunk_size)
-  return lambda q, k, v, g, s, r: retention_pallas.chunkwise(
+    return lambda q, k, v, g, s, r=None: ref.chunkwise(q, k, v, g, s, reset=r, chunk_size=chunk_size)
+  return lambda q, k, v, g, s, r=None: retention_pallas.chunkwise(
       q, k, v, g, s, reset=r, chunk_size=chunk_size, target=choice.target,
       interpret=choice.interpret)
 

@@ -50,9 +50,9 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+import jax.numpy as jnp
 
 from retnet_jax import retention
 
@@ -403,8 +403,7 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V). Interpret mode
   takes any shape; compiled, `unsupported` must be None. reset [B, T] bool, as in `retention`.
   """
-  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
-  B, T, H, K, V = retention.check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
+  B, T, H, K, V = retention.check_shapes(q, k, v, log_gamma, state, reset)
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be positive; got {chunk_size}.')
   if target is None:
@@ -416,18 +415,17 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   if target not in TARGETS:
     raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
   block_v = block_v or default_block_v(V, target)
-  why = unsupported(H, K, V, chunk_size, v_BTHV.dtype, target, block_v)
+  why = unsupported(H, K, V, chunk_size, v.dtype, target, block_v)
   if why and not interpret:
     raise ValueError(f'The Pallas retention kernel does not support {why}.')
-  if state_BHKV is None:
-    state_BHKV = retention.zero_state(B, H, K, V)
-  q_BTHK, k_BTHK = q_BTHK.astype(v_BTHV.dtype), k_BTHK.astype(v_BTHV.dtype)  # o has v's dtype.
+  if state is None:
+    state = retention.zero_state(B, H, K, V)
+  q, k = q.astype(v.dtype), k.astype(v.dtype)  # o has v's dtype.
   pad = -T % chunk_size
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-    q_BTHK, k_BTHK, v_BTHV = (jnp.pad(x, widths) for x in (q_BTHK, k_BTHK, v_BTHV))
-  segments = () if reset_BT is None else _segment_inputs(reset_BT, T + pad, chunk_size)
-  o_BTHV, final_BHKV = _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H.astype(F32),
-                              state_BHKV.astype(F32), segments, (chunk_size, T, target, block_v),
-                              interpret)
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+  segments = () if reset is None else _segment_inputs(reset, T + pad, chunk_size)
+  o_BTHV, final_BHKV = _fused(q, k, v, log_gamma.astype(F32), state.astype(F32), segments,
+                              (chunk_size, T, target, block_v), interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV

@@ -26,6 +26,7 @@ model trained on the source, or the one an ArrayRecord corpus records).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Iterable
@@ -138,7 +139,6 @@ class SentencePieceTokenizer:
   @classmethod
   def train(cls, texts: Iterable[str], vocab_size: int, model_path: str) -> SentencePieceTokenizer:
     """Trains on `texts` (documents; fed to the trainer line by line), saves to `model_path`."""
-    import io  # pylint: disable=g-import-not-at-top
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     if vocab_size < 300:
       raise ValueError(f'sp_vocab_size must be >= 300 (5 special + 256 byte pieces + merges); '
@@ -285,7 +285,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
   """A byte-level BPE (GPT-2 style, Hugging Face `tokenizers`) learned from `texts`, saved to `path`
   as tokenizer.json. Ids: <pad> 0, <s> 1, </s> 2, then the 256 byte symbols and the merges."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import trainers  # pylint: disable=g-import-not-at-top
   if vocab_size < 300:
     raise ValueError(f'vocab_size must be >= 300 (3 special + 256 byte symbols + merges); '
                      f'got {vocab_size}.')

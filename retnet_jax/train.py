@@ -38,13 +38,6 @@ BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
 # The model as pure functions of its parameters.
 
 
-def build_setup(config, tok=None) -> model_lib.Setup:
-  """The model's Setup for a run: segments as config.reset_at_doc_boundaries, the tokenizer's bytes."""
-  return model_lib.make_setup(config_lib.model_config(config),
-                              use_segments=bool(config.get('reset_at_doc_boundaries', True)),
-                              token_bytes=getattr(tok, 'token_bytes', None))
-
-
 def loss_fn(params, setup: model_lib.Setup, batch, rng):
   segments = batch['segment_ids'] if setup.use_segments else None
   logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
@@ -128,7 +121,10 @@ class Run:
       self.tokenizer = data_lib.get_tokenizer(config.data, workdir)
     else:
       self.tokenizer = None  # A SentencePiece model would be trained on the data.
-    self.setup = build_setup(config, self.tokenizer)
+    self.setup = model_lib.make_setup(  # Segments as the config says, bytes as the tokenizer does.
+        config_lib.model_config(config),
+        use_segments=bool(config.get('reset_at_doc_boundaries', True)),
+        token_bytes=getattr(self.tokenizer, 'token_bytes', None))
     cfg = self.setup.model_config
     if self.tokenizer is not None:
       needed = data_lib.vocab_size(config.data, self.tokenizer)
@@ -248,10 +244,6 @@ def make_train_step(run: Run, **overrides) -> Callable:
   return jax.jit(functools.partial(train_step, **kwargs),
                  in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
                  donate_argnums=(0,), compiler_options=run.compiler_options)
-
-
-# ------------------------------------------------------------------------------------------------
-# Logging.
 
 
 # ------------------------------------------------------------------------------------------------

@@ -400,7 +400,7 @@ def test_fla_directory_cli_bf16_safetensors_and_tokenizer(tmp_path):
   params, cfg, meta = checkpoint.load_params(str(out))
   assert cfg.param_dtype == 'bfloat16' and params['embed'].dtype == ml_dtypes.bfloat16
   assert meta['tokenizer']['vocab_size'] == 4 and meta['tokenizer']['eos_token_id'] == 2
-  assert convert.load_tokenizer(meta).encode('hi there').ids == [3, 0]
+  assert convert.load_hf_tokenizer(meta).encode('hi there').ids == [3, 0]
   toks = tokens(cfg, B=1)
   ref = fla_reference_logits(sd, c, toks[0])[None]
   assert util.rel_err(our_logits(params, cfg, toks, 'chunkwise'), ref) <= TOL

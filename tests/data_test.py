@@ -286,17 +286,6 @@ def test_stdlib_default_source():
     assert b['loss_mask'].all()
 
 
-def test_unigram_bits_per_byte(tmp_path):
-  (tmp_path / 'a.txt').write_text('aaab', encoding='utf-8')
-  (tmp_path / 'b.txt').write_text('ab', encoding='utf-8')
-  config = dict(source='files', files_glob=str(tmp_path / '*.txt'))
-  train = data.load_texts(config, 'train')
-  counts = np.bincount(data.tokenize_documents(train, TOK))
-  p = counts[counts > 0] / counts.sum()
-  expected = -(counts[counts > 0] * np.log2(p)).sum() / sum(len(t) for t in train)
-  assert data.unigram_bits_per_byte(config, TOK) == pytest.approx(expected)
-
-
 # ----------------------------------------------------------------------------------------------------
 # MQAR.
 
@@ -392,7 +381,7 @@ def shards(tmp_path_factory):
                                  num_workers=0, val_fraction=0.2, shard_mb=0.01, progress_every=1e9))
   split = {'train': [], 'validation': []}
   for d in docs:
-    split['validation' if preprocess.unit_hash(d) < 0.2 else 'train'].append(d)
+    split['validation' if preprocess.text_hash(d) < 0.2 else 'train'].append(d)
   return dict(source='arrayrecord', path=str(root / 'out'), num_eval_batches=100), split
 
 

@@ -27,7 +27,7 @@ NEW = 12
 def build(kind='retnet', **overrides):
   extra = {'model__value_dim': None} if kind == 'transformer' else {}
   cfg = util.model_config(model__kind=kind, **{**extra, **overrides})
-  setup = generate.make_setup(cfg)
+  setup = model_lib.make_setup(cfg)
   return setup, model_lib.init_params(cfg, jax.random.key(1))
 
 

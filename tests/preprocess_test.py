@@ -74,7 +74,7 @@ def test_each_format_is_tokenized_once_split_by_hash(tmp_path, fmt):
   tok = tokenizer_lib.ByteTokenizer()
   expected = {'train': [], 'validation': []}
   for d in docs:
-    expected['validation' if preprocess.unit_hash(d) < 0.2 else 'train'].append(d)
+    expected['validation' if preprocess.text_hash(d) < 0.2 else 'train'].append(d)
   assert expected['train'] and expected['validation']
   for split in ('train', 'validation'):
     records, _ = read_split(tmp_path / 'out', split)
@@ -241,7 +241,7 @@ def test_trained_and_given_tokenizers(tmp_path, kind):
   assert meta['special_ids'] == {'pad': tok.pad_id, 'bos': tok.bos_id, 'eos': tok.eos_id}
   records, _ = read_split(tmp_path / 'trained', 'train')
   texts = sorted(tok.decode(r) for r in records)
-  assert texts == sorted(d for d in docs if preprocess.unit_hash(d) >= 0.1)  # Lossless.
+  assert texts == sorted(d for d in docs if preprocess.text_hash(d) >= 0.1)  # Lossless.
   assert sum(len(r) for r in records) < 0.8 * sum(len(t.encode()) for t in texts)  # Merges.
   # The same model given as a spec from elsewhere: copied into the output, same tokens.
   spec = f"{'sentencepiece' if kind == 'sentencepiece' else 'hf'}:{tmp_path / 'trained' / name}"

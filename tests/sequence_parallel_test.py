@@ -100,7 +100,7 @@ def test_prefill_over_the_sequence_axis_then_decoding(exchange):
   state (the left padding's reset inside the first block); decoding then continues on one device."""
   mcfg = util.model_config(model__num_heads=4, model__value_dim=64, model__chunk_size=8,
                            model__sequence_exchange=exchange)
-  setup, params = generate.make_setup(mcfg), model_lib.init_params(mcfg, jax.random.key(1))
+  setup, params = model_lib.make_setup(mcfg), model_lib.init_params(mcfg, jax.random.key(1))
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, 64).tolist(), rng.integers(0, 256, 45).tolist()]
   tokens, segments = generate.pad_prompts(prompts, mcfg.vocab_size, 0, min_bucket=64)
@@ -115,7 +115,8 @@ def test_prefill_over_the_sequence_axis_then_decoding(exchange):
     assert util.rel_err(got, ref) <= 1e-5
   knobs = generate._knobs(0.0, 0, 1.0, 0, (), 0)  # pylint: disable=protected-access
   done = jnp.zeros((2,), bool)
-  step = lambda s, l: generate.decode(setup.graphdef, params, s, l, done, jnp.asarray(0),
+  counts = generate.prompt_counts(jnp.asarray(tokens), jnp.asarray(segments), mcfg.vocab_size)
+  step = lambda s, l: generate.decode(setup.graphdef, params, s, l, done, counts, jnp.asarray(0),
                                       jnp.asarray(8), knobs, out_len=8)[0]
   np.testing.assert_array_equal(step(state, logits), step(state_one, logits_one))
 

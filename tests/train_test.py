@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from retnet_jax import data as data_lib
+from retnet_jax import config_lib
 from retnet_jax import model as model_lib
 from retnet_jax import platform
 from retnet_jax import sharding
@@ -222,7 +222,7 @@ print(first, again, late, repr(flags_after))
 
 def test_chunkwise_steps_compile_with_eigen_dots_on_cpu():
   config = small()
-  setup = train.build_setup(config, data_lib.get_tokenizer(config.data, None))
+  setup = model_lib.make_setup(config_lib.model_config(config))
   cfg = setup.model_config
   assert cfg.form == 'chunkwise' and platform.step_compiler_options(cfg) == platform.EIGEN_DOTS
   for other in (dataclasses.replace(cfg, form='parallel'),

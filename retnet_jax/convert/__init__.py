@@ -17,12 +17,14 @@ The output of an import is a params-only orbax checkpoint (`checkpoint.load_para
 its meta holds the ModelConfig variant that reproduces the source architecture, 'source' (format
 and input path) and, when a `tokenizer.json` lies beside the input, 'tokenizer':
 {'kind': 'huggingface', 'path', 'json' (the tokenizer file's text, when the `tokenizers` package is
-importable), 'vocab_size', 'bos_token_id'?, 'eos_token_id'?, 'pad_token_id'?}; `load_tokenizer(meta)`
-rebuilds it.
+importable), 'vocab_size', 'bos_token_id'?, 'eos_token_id'?, 'pad_token_id'?}; `load_hf_tokenizer(meta)`
+rebuilds it as a `tokenizers.Tokenizer`.
 """
 
 from retnet_jax.convert.checks import ConversionError
 from retnet_jax.convert.cli import export_checkpoint
 from retnet_jax.convert.cli import import_checkpoint
 from retnet_jax.convert.cli import main
-from retnet_jax.convert.reading import load_tokenizer
+from retnet_jax.convert.reading import load_hf_tokenizer
+
+__all__ = ['ConversionError', 'export_checkpoint', 'import_checkpoint', 'load_hf_tokenizer', 'main']

@@ -274,7 +274,7 @@ def _write_tokenizer(meta: dict, output: str, config: dict) -> bool:
     return False
   tok_config = {'tokenizer_class': 'PreTrainedTokenizerFast'}
   try:
-    tok = reading.load_tokenizer({'tokenizer': {'path': path}})
+    tok = reading.load_hf_tokenizer({'tokenizer': {'path': path}})
   except ImportError:
     tok = None
   for key in ('bos', 'eos', 'pad'):

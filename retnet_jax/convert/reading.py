@@ -149,8 +149,9 @@ def read_tokenizer(directory: str, hf_config: dict | None = None) -> dict | None
   return info
 
 
-def load_tokenizer(meta: dict):
-  """The `tokenizers.Tokenizer` stored in a converted checkpoint's meta, or None if there is none."""
+def load_hf_tokenizer(meta: dict):
+  """The Hugging Face `tokenizers.Tokenizer` stored in a converted checkpoint's meta, or None if there
+  is none (`lm_eval.load_tokenizer` wraps the same meta in this package's tokenizer interface)."""
   info = meta.get('tokenizer')
   if not info:
     return None
