@@ -783,8 +783,8 @@ def _jsonable(x):
 
 
 def read_wheel_list(path=None) -> dict[str, str]:
-  """{name: version} of experiments/gpu_wheels.txt."""
-  path = path or os.path.join(ROOT, 'experiments', 'gpu_wheels.txt')
+  """{name: version} of a pin file (default experiments/carry/wheels.txt)."""
+  path = path or os.path.join(ROOT, 'experiments', 'carry', 'wheels.txt')
   out = {}
   with open(path) as f:
     for line in f:
@@ -801,7 +801,7 @@ def read_wheel_list(path=None) -> dict[str, str]:
 
 def wheel_list_names(kind: str, path=None) -> list[str]:
   """The names of the list's '# KIND: a b c -- why' comment lines (ROOTS, MACHINE, SKIP)."""
-  path = path or os.path.join(ROOT, 'experiments', 'gpu_wheels.txt')
+  path = path or os.path.join(ROOT, 'experiments', 'carry', 'wheels.txt')
   names = []
   with open(path) as f:
     for line in f:
