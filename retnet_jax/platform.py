@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 import jax
 
@@ -38,14 +39,22 @@ def tune_xla_cpu_flags() -> bool:
   Only a backend started afterwards sees them, so entrypoints call this first; a no-op once JAX
   has started (a notebook that already ran JAX keeps the defaults). GPU/TPU ignore the flags.
   """
-  from jax._src import xla_bridge  # backends_are_initialized has no public spelling.
-  if xla_bridge.backends_are_initialized():
+  if backends_started(default=True):
     return False
   current = os.environ.get('XLA_FLAGS', '')
   todo = [f for f in (*_XLA_CPU_FLAGS, *COLLECTIVE_WAIT_FLAGS) if f.split('=')[0] not in current]
   if todo:
     os.environ['XLA_FLAGS'] = ' '.join([current, *todo]).strip()
   return bool(todo)
+
+
+def backends_started(default: bool) -> bool:
+  """Whether jax has started a backend in this process; `default` where this jax cannot say (the
+  check is private, `jax._src.xla_bridge.backends_are_initialized`, and may go)."""
+  if 'jax' not in sys.modules:
+    return False
+  check = getattr(sys.modules.get('jax._src.xla_bridge'), 'backends_are_initialized', None)
+  return default if check is None else bool(check())
 
 
 def step_compiler_options(model_cfg, platform: str | None = None) -> dict | None:

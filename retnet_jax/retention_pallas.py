@@ -56,30 +56,33 @@ from jax.experimental import pallas as pl
 
 from retnet_jax import retention
 
-try:  # Either backend's module may be missing from some jax builds; each is only needed there.
-  from jax.experimental.pallas import tpu as pltpu
-except ImportError:  # pragma: no cover
-  pltpu = None
+from jax.experimental.pallas import tpu as pltpu
+
+# Pallas' Triton backend: deprecated since jax 0.11 and due to be removed. Where it is absent the
+# 'gpu' kernel is unavailable and `retention_ops.choose` falls back to XLA (`backend_unavailable`).
 try:
-  from jax.experimental.pallas import triton as plgpu
+  from jax.experimental.pallas import triton as pl_triton
 except ImportError:  # pragma: no cover
-  plgpu = None
+  pl_triton = None
 
 F32 = jnp.float32
 TARGETS = ('gpu', 'tpu')
 GPU_MAX_BLOCK_V = 64  # [K, BV] float32 state in registers: fla's fused_chunk uses 64 too.
 TPU_BLOCK_V = 128
-_SMEM = None if pltpu is None else getattr(pltpu, 'SMEM', None) or pltpu.MemorySpace.SMEM
+
+
+def backend_unavailable(target) -> str | None:
+  """Why this jax cannot compile the kernel for `target`; None when it can."""
+  if target == 'gpu' and getattr(pl_triton, 'CompilerParams', None) is None:
+    return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
+  return None
 
 
 def _compiler_params(target, state_size):
   """Triton warps (more for a bigger register-resident state) or Mosaic grid semantics."""
   if target == 'gpu':
-    cls = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
-    return cls(num_warps=4 if state_size <= 64 * 64 else 8, num_stages=2)
-  cls = getattr(pltpu, 'CompilerParams', None) or getattr(pltpu, 'TPUCompilerParams')
-  parallel, arbitrary = getattr(pltpu, 'PARALLEL', 'parallel'), getattr(pltpu, 'ARBITRARY', 'arbitrary')
-  return cls(dimension_semantics=(parallel,) * 3 + (arbitrary,))
+    return pl_triton.CompilerParams(num_warps=4 if state_size <= 64 * 64 else 8, num_stages=2)
+  return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +307,7 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
     grid = (B, H, NV, N)
     chunk_index = (lambda i: N - 1 - i) if reverse else (lambda i: i)
-    in_specs = [pl.BlockSpec(memory_space=_SMEM)]  # All of log γ, read as scalars.
+    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)]  # All of log γ, read as scalars.
     in_specs += [block(kind, chunk_index) for kind in in_kinds]
     out_specs = [block(kind, chunk_index) for kind in out_kinds]
     scratch = (pltpu.VMEM((K, BV), F32),)
@@ -416,6 +419,8 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   if target not in TARGETS:
     raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
   block_v = block_v or default_block_v(V, target)
+  if not interpret and backend_unavailable(target):
+    raise ValueError(f'The Pallas retention kernel cannot run: {backend_unavailable(target)}.')
   why = unsupported(H, K, V, chunk_size, v_BTHV.dtype, target, block_v)
   if why and not interpret:
     raise ValueError(f'The Pallas retention kernel does not support {why}.')

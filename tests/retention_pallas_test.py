@@ -238,3 +238,21 @@ def test_lowers_to_triton_and_mosaic(platform, target, T, with_reset):
   for f, calls in ((fn, 1), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 3)):
     text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert text.count(call) >= calls, (target, calls)
+
+
+def test_choose_falls_back_to_xla_without_the_triton_backend(monkeypatch):
+  """A jax without Pallas' Triton backend: 'auto' on a GPU runs XLA and says why; asking for the
+  compiled kernel is one line."""
+  monkeypatch.setattr(retention_pallas, 'pl_triton', None)
+  big = jax.ShapeDtypeStruct((8, 1024, 4, 128), jnp.bfloat16)
+  c = retention_ops.choose(big.shape, big.shape, big.dtype, form='chunkwise', chunk_size=64,
+                           platform='gpu')
+  assert (c.impl, c.target) == ('xla', None) and 'no Pallas Triton backend' in c.reason, c
+  c = retention_ops.choose(big.shape, big.shape, big.dtype, form='chunkwise', chunk_size=64,
+                           platform='tpu')
+  assert c.impl == 'pallas'  # The TPU kernel does not need it.
+  q, k, v, _ = inputs(0, 1, 16, 2)
+  with pytest.raises(ValueError, match='no Pallas Triton backend'):
+    retention_pallas.chunkwise(q, k, v, jnp.zeros(2), target='gpu')
+  o, _ = retention_pallas.chunkwise(q, k, v, jnp.zeros(2), target='gpu', interpret=True)
+  assert o.shape == v.shape
