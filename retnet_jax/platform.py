@@ -7,6 +7,8 @@ The reasons and the measurements behind each choice are in the README's performa
 from __future__ import annotations
 
 import ctypes
+import glob
+import logging
 import os
 import sys
 
@@ -25,11 +27,40 @@ EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 def start(mesh_config=None) -> None:
-  """What an entrypoint calls first: the XLA:CPU flags, jax.distributed (from `mesh_config` or the
-  environment), then the host allocator."""
+  """What an entrypoint calls first: quiet start-up logs, the XLA:CPU flags, jax.distributed (from
+  `mesh_config` or the environment), then the host allocator."""
+  quiet_start_logs()
   tune_xla_cpu_flags()
   init_distributed(mesh_config)
   tune_host_allocator()
+
+
+class _DropPrefixes(logging.Filter):
+  def __init__(self, prefixes):
+    super().__init__()
+    self.prefixes = tuple(prefixes)
+
+  def filter(self, record):
+    return not record.getMessage().startswith(self.prefixes)
+
+
+def on_tpu_host() -> bool:
+  """Whether this host has TPU chips (their device files, or a TPU VM's environment)."""
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+              or os.environ.get('TPU_ACCELERATOR_TYPE') or os.environ.get('TPU_NAME'))
+
+
+def quiet_start_logs() -> None:
+  """Drops start-up log lines that say nothing about the run: jax failing to start a TPU backend on
+  a host without TPUs (libtpu is installed for ahead-of-time compiles) and orbax noting that a
+  checkpoint folder opened read-only is read-only. Idempotent."""
+  drops = [('absl', ('CheckpointManagerOptions.read_only=True', 'Given directory is read only'))]
+  if not on_tpu_host():
+    drops.append(('jax._src.xla_bridge', ("Unable to initialize backend 'tpu'",)))
+  for name, prefixes in drops:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+      logger.addFilter(_DropPrefixes(prefixes))
 
 
 def tune_xla_cpu_flags() -> bool:
