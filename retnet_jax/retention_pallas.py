@@ -67,7 +67,8 @@ except ImportError:  # pragma: no cover
 
 F32 = jnp.float32
 TARGETS = ('gpu', 'tpu')
-GPU_MAX_BLOCK_V = 64  # [K, BV] float32 state in registers: fla's fused_chunk uses 64 too.
+GPU_MAX_BLOCK = 64  # K and V blocks on GPU: fla splits K and V into blocks of at most 64 too.
+GPU_FORWARD_STATE = 128 * 64  # Most float32 state values a forward program keeps in registers.
 TPU_BLOCK_V = 128
 
 
@@ -79,7 +80,8 @@ def backend_unavailable(target) -> str | None:
 
 
 def _compiler_params(target, state_size):
-  """Triton warps (more for a bigger register-resident state) or Mosaic grid semantics."""
+  """Triton warps from the register-resident state (4 up to 64 × 64 values, else 8), or Mosaic's
+  grid semantics."""
   if target == 'gpu':
     return pl_triton.CompilerParams(num_warps=4 if state_size <= 64 * 64 else 8, num_stages=2)
   return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,))
@@ -93,15 +95,26 @@ def _pow2(n):
   return n > 0 and n & (n - 1) == 0
 
 
-def default_block_v(V, target):
+def default_block_v(V, target, K=None):
+  """The forward's value block: on GPU at most 64 and small enough that the [K, BV] float32 state
+  stays within GPU_FORWARD_STATE values."""
   if target == 'tpu':
     return TPU_BLOCK_V if V % TPU_BLOCK_V == 0 else V
-  return min(V, GPU_MAX_BLOCK_V)
+  bv = min(V, GPU_MAX_BLOCK)
+  while K and K * bv > GPU_FORWARD_STATE and bv > 16:
+    bv //= 2
+  return bv
+
+
+def default_block_k(K, target):
+  """The backward passes' key block: at most 64 on GPU (the state and the dK, dQ tiles of one
+  program are [BK, BV] and [C, BK]); the whole K on TPU."""
+  return min(K, GPU_MAX_BLOCK) if target == 'gpu' else K
 
 
 def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
   """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); None when it can."""
-  bv = block_v or default_block_v(V, target)
+  bv = block_v or default_block_v(V, target, K)
   if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'
   if V % bv:
@@ -110,8 +123,8 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
     # Triton tensors have power-of-two sizes and tl.dot needs every dimension ≥ 16.
     if not all(_pow2(x) and x >= 16 for x in (K, bv, chunk_size)):
       return f'K = {K}, block_v = {bv}, chunk = {chunk_size} must be powers of two ≥ 16'
-    if K > 256 or bv > 128 or chunk_size > 128:
-      return f'K = {K} > 256, block_v = {bv} > 128 or chunk = {chunk_size} > 128 (registers)'
+    if K > 256 or bv > 64 or chunk_size > 128:
+      return f'K = {K} > 256, block_v = {bv} > 64 or chunk = {chunk_size} > 128 (registers)'
     return None
   if target == 'tpu':
     # Mosaic blocks: the last two dims are multiples of (8, 128) or the whole array dim; the
@@ -163,10 +176,13 @@ def _mask_consts(consts, start_C1, open_C1, tail_C1):
   decay_CC, xi_C1, zeta_C1, carry_11 = consts
   C = start_C1.shape[0]
   col_1C = lax.broadcasted_iota(jnp.int32, (1, C), 1).astype(F32)
-  onehot_CC = (start_C1 == col_1C).astype(F32)  # Row i: the position where i's segment starts.
-  same_segment_CC = _dot(onehot_CC, onehot_CC, (1, 1))
-  return (decay_CC * same_segment_CC, xi_C1 * open_C1, zeta_C1 * tail_C1,
-          carry_11 * jnp.min(open_C1, axis=0, keepdims=True))
+  # Row i: the position where i's segment starts. 0/1 values and sums of at most one 1 are exact
+  # in bfloat16 operands (a fast dot, no TF32 or IEEE float32 passes); the mask then selects.
+  onehot_CC = (start_C1 == col_1C).astype(jnp.bfloat16)
+  same_segment_CC = _dot(onehot_CC, onehot_CC, (1, 1)) > 0.5
+  return (jnp.where(same_segment_CC, decay_CC, 0.0), jnp.where(open_C1 > 0.5, xi_C1, 0.0),
+          jnp.where(tail_C1 > 0.5, zeta_C1, 0.0),
+          jnp.where(jnp.min(open_C1, axis=0, keepdims=True) > 0.5, carry_11, 0.0))
 
 
 def _forward_chunk(consts, ins, state_KB):
@@ -206,8 +222,9 @@ def _dkv_chunk(consts, ins, grad_KB):
 
 
 # ----------------------------------------------------------------------------------------------
-# Drivers: one pallas_call per pass. Operands are [B, Tp, H·K] ('k'), [B, Tp, H·V] ('v', split in
-# value blocks) or float32 partials [NV, B, Tp, H·K] ('kp', one per value block).
+# Drivers: one pallas_call per pass. Operands are [B, Tp, H·K] ('k', split in key blocks of BK),
+# [B, Tp, H·V] ('v', split in value blocks of BV), or float32 partials [NV, B, Tp, H·K] ('kp', one
+# per value block) and [NK, B, Tp, H·V] ('vp', one per key block).
 
 
 def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log_gamma_H, *,
@@ -216,35 +233,36 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
   segments: () without resets, else the three [B, Tp, 1] inputs of `_segment_inputs`.
   """
-  B, Tp, H, K, V, BV = dims
-  C, NV, N = chunk, V // BV, Tp // chunk
+  B, Tp, H, K, V, BK, BV = dims
+  C, NK, NV, N = chunk, K // BK, V // BV, Tp // chunk
   last_length = length - (N - 1) * C  # L of the last chunk; C when T divides evenly.
   tpu = target == 'tpu'
-  width = {'k': K, 'v': BV, 'kp': K, 's': 1}
+  width = {'k': BK, 'v': BV, 'kp': BK, 'vp': BV, 's': 1}
   n_seg = len(segments)
   ins, in_kinds = (*ins, *segments), (*in_kinds, *('s',) * n_seg)
   rows = C if tpu else Tp  # Block length along time: one chunk (tpu) or the whole sequence (gpu).
 
+  def blocks(jk):
+    """(value block, key block) of the third grid index: NV·NK programs on GPU, NV on TPU."""
+    return (jk, 0) if tpu else (jk // NK, jk % NK)
+
   def block(kind, chunk_index):
     """BlockSpec of an operand kind; chunk_index(grid ids) -> time-block index."""
-    def index_map(b, h, j, *i):
-      n = chunk_index(*i)
-      if kind == 'k':
-        return b, n, h
-      if kind == 's':
-        return b, n, 0
-      if kind == 'v':
-        return b, n, h * NV + j
-      return j, b, n, h
-    shape = (None, rows, width[kind]) if kind != 'kp' else (None, None, rows, width[kind])
+    def index_map(b, h, jk, *i):
+      n, (j, kb) = chunk_index(*i), blocks(jk)
+      return {'k': lambda: (b, n, h * NK + kb), 's': lambda: (b, n, 0),
+              'v': lambda: (b, n, h * NV + j), 'kp': lambda: (j, b, n, h * NK + kb),
+              'vp': lambda: (kb, b, n, h * NV + j)}[kind]()
+    shape = (None, None, rows, width[kind]) if kind in ('kp', 'vp') else (None, rows, width[kind])
     return pl.BlockSpec(shape, index_map)
 
-  out_shapes = []
-  for kind, dtype in zip(out_kinds, out_dtypes):
-    shape = (B, Tp, H * K) if kind == 'k' else (B, Tp, H * V) if kind == 'v' else (NV, B, Tp, H * K)
-    out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
+  shapes = {'k': (B, Tp, H * K), 'v': (B, Tp, H * V), 'kp': (NV, B, Tp, H * K),
+            'vp': (NK, B, Tp, H * V)}
+  out_shapes = [jax.ShapeDtypeStruct(shapes[kind], dtype)
+                for kind, dtype in zip(out_kinds, out_dtypes)]
   out_shapes.append(jax.ShapeDtypeStruct((B, H, K, V), F32))
-  state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j, *i: (b, h, 0, j))
+  state_spec = pl.BlockSpec((None, None, BK, BV),
+                            lambda b, h, jk, *i: (b, h, blocks(jk)[1], blocks(jk)[0]))
   n_in, n_out = len(ins), len(out_kinds)
 
   def consts(lam, n, invariant):
@@ -278,8 +296,8 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
       s_out_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(F32))
 
-    grid = (B, H, NV)
-    in_specs = [pl.BlockSpec((1,), lambda b, h, j: (h,))]  # log γ of the program's head.
+    grid = (B, H, NV * NK)
+    in_specs = [pl.BlockSpec((1,), lambda b, h, jk: (h,))]  # log γ of the program's head.
     in_specs += [block(kind, lambda: 0) for kind in in_kinds]
     out_specs = [block(kind, lambda: 0) for kind in out_kinds]
     scratch = ()
@@ -315,7 +333,7 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs + [state_spec], out_specs=out_specs + [state_spec],
       out_shape=out_shapes, scratch_shapes=scratch, interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(target, K * BV),
+      compiler_params=None if interpret else _compiler_params(target, BK * BV),
       name=f'retention_{chunk_fn.__name__.strip("_")}',
   )(log_gamma_H.astype(F32), *ins, state_BHKV)
 
@@ -348,32 +366,36 @@ def _segment_inputs(reset_BT, Tp, C):
 
 
 def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static, interpret):
-  chunk, length, target, BV = static
+  chunk, length, target, BV, _ = static
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   o_BTV, final_BHKV = _scan_chunks(
       _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), ('v',),
-      (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, BV), chunk=chunk,
+      (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, K, BV), chunk=chunk,
       length=length, reverse=False, target=target, interpret=interpret, segments=segments)
   residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV)
   return (o_BTV.reshape(B, Tp, H, V), final_BHKV), residuals
 
 
 def _fused_bwd(static, interpret, residuals, cotangents):
-  chunk, length, target, BV = static
+  chunk, length, target, BV, BK = static
   q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV = residuals
   do_BTHV, dfinal_BHKV = cotangents
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   do_BTHV = do_BTHV.astype(v_BTHV.dtype)
   q, k, v, do = map(_flat, (q_BTHK, k_BTHK, v_BTHV, do_BTHV))
-  common = dict(dims=(B, Tp, H, K, V, BV), chunk=chunk, length=length, target=target,
+  common = dict(dims=(B, Tp, H, K, V, BK, BV), chunk=chunk, length=length, target=target,
                 interpret=interpret, segments=segments)
   dq_JBTK, _ = _scan_chunks(_dq_chunk, (k, v, do), ('k', 'v', 'v'), ('kp',), (F32,), state_BHKV,
                             log_gamma_H, reverse=False, **common)
+  # With K in blocks, dV sums over them (float32 partials); with one block it is written directly.
+  dv_kind, dv_dtype = ('v', v_BTHV.dtype) if BK == K else ('vp', F32)
   dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
-      _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', 'v'), (F32, v_BTHV.dtype),
+      _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', dv_kind), (F32, dv_dtype),
       dfinal_BHKV.astype(F32), log_gamma_H, reverse=True, **common)
+  if dv_kind == 'vp':
+    dv_BTV = dv_BTV.sum(0).astype(v_BTHV.dtype)
   dq_BTHK = dq_JBTK.sum(0).reshape(B, Tp, H, K)
   dk_BTHK = dk_JBTK.sum(0).reshape(B, Tp, H, K)
   # d log γ from the other gradients: with a_t = (t+1) log γ, the operator only sees q_t e^{a_t},
@@ -396,15 +418,17 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, target=None,
-              interpret=False, block_v=None):
+              interpret=False, block_v=None, block_k=None):
   """Chunkwise retention (eq. 7) by the fused kernels; the semantics of `retention.chunkwise`.
 
   target: the lowering the kernels are built for, 'gpu' (Triton) or 'tpu' (Mosaic). Given, it is
   built for that target whether or not this process has its backend (e.g. compiled for TPU
   devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
   unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
-  block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V). Interpret mode
-  takes any shape; compiled, `unsupported` must be None. reset [B, T] bool, as in `retention`.
+  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 128 on TPU). block_k:
+  key columns per program of the backward passes (`default_block_k`: at most 64 on GPU, all of K
+  on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None. reset [B, T] bool,
+  as in `retention`.
   """
   q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
   B, T, H, K, V = retention.check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
@@ -418,7 +442,10 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
     target = 'tpu' if backend == 'tpu' else 'gpu'
   if target not in TARGETS:
     raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
-  block_v = block_v or default_block_v(V, target)
+  block_v = block_v or default_block_v(V, target, K)
+  block_k = block_k or default_block_k(K, target)
+  if K % block_k or (target == 'tpu' and block_k != K):
+    raise ValueError(f'block_k {block_k} must divide K = {K} (and be K on TPU).')
   if not interpret and backend_unavailable(target):
     raise ValueError(f'The Pallas retention kernel cannot run: {backend_unavailable(target)}.')
   why = unsupported(H, K, V, chunk_size, v_BTHV.dtype, target, block_v)
@@ -433,6 +460,6 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
     q_BTHK, k_BTHK, v_BTHV = (jnp.pad(x, widths) for x in (q_BTHK, k_BTHK, v_BTHV))
   segments = () if reset_BT is None else _segment_inputs(reset_BT, T + pad, chunk_size)
   o_BTHV, final_BHKV = _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H.astype(F32),
-                              state_BHKV.astype(F32), segments, (chunk_size, T, target, block_v),
-                              interpret)
+                              state_BHKV.astype(F32), segments,
+                              (chunk_size, T, target, block_v, block_k), interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV
