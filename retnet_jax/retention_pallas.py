@@ -79,11 +79,12 @@ def backend_unavailable(target) -> str | None:
   return None
 
 
-def _compiler_params(target, state_size):
-  """Triton warps from the register-resident state (4 up to 64 × 64 values, else 8), or Mosaic's
-  grid semantics."""
+def _compiler_params(target, state_size, wide):
+  """Triton warps: 4 for a state of at most 64 × 64 values, else 8, and 8 for a pass with more live
+  tiles (`wide`: the dK/dV pass, or reset masks); or Mosaic's grid semantics."""
   if target == 'gpu':
-    return pl_triton.CompilerParams(num_warps=4 if state_size <= 64 * 64 else 8, num_stages=2)
+    warps = 4 if state_size <= 64 * 64 and not wide else 8
+    return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
   return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,))
 
 
@@ -142,9 +143,14 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
 # Per-chunk maths, shared by both drivers. Values only (no refs): ops that Triton and Mosaic lower.
 
 
+# float32 operands: full precision. Compiled for a GPU, three TF32 tensor-core passes (about
+# float32's accuracy) instead of Triton's IEEE FMA loops, which spill; set while tracing a kernel.
+_F32_DOT = {'precision': lax.Precision.HIGHEST}
+
+
 def _dot(a, b, contract=(1, 0)):
   """2-D matmul contracting a's dim contract[0] with b's dim contract[1], float32 accumulation."""
-  precision = lax.Precision.HIGHEST if a.dtype == F32 else None  # Triton's DEFAULT for f32 is TF32.
+  precision = _F32_DOT['precision'] if a.dtype == F32 else None  # Triton's DEFAULT is TF32.
   return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
                          precision=precision, preferred_element_type=F32)
 
@@ -330,12 +336,19 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
     out_specs = [block(kind, chunk_index) for kind in out_kinds]
     scratch = (pltpu.VMEM((K, BV), F32),)
 
-  return pl.pallas_call(
+  call = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs + [state_spec], out_specs=out_specs + [state_spec],
       out_shape=out_shapes, scratch_shapes=scratch, interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(target, BK * BV),
-      name=f'retention_{chunk_fn.__name__.strip("_")}',
-  )(log_gamma_H.astype(F32), *ins, state_BHKV)
+      compiler_params=None if interpret else _compiler_params(
+          target, BK * BV, wide=chunk_fn is _dkv_chunk or bool(n_seg)),
+      name=f'retention_{chunk_fn.__name__.strip("_")}')
+  gpu_compiled = target == 'gpu' and not interpret
+  _F32_DOT['precision'] = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if gpu_compiled
+                           else lax.Precision.HIGHEST)
+  try:
+    return call(log_gamma_H.astype(F32), *ins, state_BHKV)
+  finally:
+    _F32_DOT['precision'] = lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------------------------
