@@ -68,6 +68,7 @@ except ImportError:  # pragma: no cover
 F32 = jnp.float32
 TARGETS = ('gpu', 'tpu')
 GPU_MAX_BLOCK = 64  # K and V blocks on GPU: fla splits K and V into blocks of at most 64 too.
+GPU_MAX_BLOCK_F32 = 32  # float32 tiles take twice the registers and shared memory.
 GPU_FORWARD_STATE = 128 * 64  # Most float32 state values a forward program keeps in registers.
 TPU_BLOCK_V = 128
 
@@ -96,26 +97,30 @@ def _pow2(n):
   return n > 0 and n & (n - 1) == 0
 
 
-def default_block_v(V, target, K=None):
+def _gpu_max_block(dtype):
+  return GPU_MAX_BLOCK_F32 if jnp.dtype(dtype) == jnp.dtype(F32) else GPU_MAX_BLOCK
+
+
+def default_block_v(V, target, K=None, dtype=jnp.bfloat16):
   """The forward's value block: on GPU at most 64 and small enough that the [K, BV] float32 state
   stays within GPU_FORWARD_STATE values."""
   if target == 'tpu':
     return TPU_BLOCK_V if V % TPU_BLOCK_V == 0 else V
-  bv = min(V, GPU_MAX_BLOCK)
+  bv = min(V, _gpu_max_block(dtype))
   while K and K * bv > GPU_FORWARD_STATE and bv > 16:
     bv //= 2
   return bv
 
 
-def default_block_k(K, target):
+def default_block_k(K, target, dtype=jnp.bfloat16):
   """The backward passes' key block: at most 64 on GPU (the state and the dK, dQ tiles of one
   program are [BK, BV] and [C, BK]); the whole K on TPU."""
-  return min(K, GPU_MAX_BLOCK) if target == 'gpu' else K
+  return min(K, _gpu_max_block(dtype)) if target == 'gpu' else K
 
 
 def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
   """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); None when it can."""
-  bv = block_v or default_block_v(V, target, K)
+  bv = block_v or default_block_v(V, target, K, dtype)
   if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'
   if V % bv:
@@ -438,9 +443,9 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   built for that target whether or not this process has its backend (e.g. compiled for TPU
   devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
   unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
-  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 128 on TPU). block_k:
-  key columns per program of the backward passes (`default_block_k`: at most 64 on GPU, all of K
-  on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None. reset [B, T] bool,
+  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 32 in float32, 128
+  on TPU). block_k: key columns per program of the backward passes (`default_block_k`: at most 64
+  on GPU, 32 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None. reset [B, T] bool,
   as in `retention`.
   """
   q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
@@ -455,8 +460,8 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
     target = 'tpu' if backend == 'tpu' else 'gpu'
   if target not in TARGETS:
     raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
-  block_v = block_v or default_block_v(V, target, K)
-  block_k = block_k or default_block_k(K, target)
+  block_v = block_v or default_block_v(V, target, K, v_BTHV.dtype)
+  block_k = block_k or default_block_k(K, target, v_BTHV.dtype)
   if K % block_k or (target == 'tpu' and block_k != K):
     raise ValueError(f'block_k {block_k} must divide K = {K} (and be K on TPU).')
   if not interpret and backend_unavailable(target):
