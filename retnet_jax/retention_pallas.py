@@ -187,10 +187,11 @@ def _mask_consts(consts, start_C1, open_C1, tail_C1):
   decay_CC, xi_C1, zeta_C1, carry_11 = consts
   C = start_C1.shape[0]
   col_1C = lax.broadcasted_iota(jnp.int32, (1, C), 1).astype(F32)
-  # Row i: the position where i's segment starts. 0/1 values and sums of at most one 1 are exact
-  # in bfloat16 operands (a fast dot, no TF32 or IEEE float32 passes); the mask then selects.
-  onehot_CC = (start_C1 == col_1C).astype(jnp.bfloat16)
-  same_segment_CC = _dot(onehot_CC, onehot_CC, (1, 1)) > 0.5
+  # Tokens i, j share a segment when their segments start at the same position: the start column
+  # as a row (a masked sum over the diagonal: exact, no matmul), compared, then selected.
+  row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0).astype(F32)
+  start_1C = jnp.sum(jnp.where(row_CC == col_1C, start_C1, 0.0), axis=0, keepdims=True)
+  same_segment_CC = start_C1 == start_1C
   return (jnp.where(same_segment_CC, decay_CC, 0.0), jnp.where(open_C1 > 0.5, xi_C1, 0.0),
           jnp.where(tail_C1 > 0.5, zeta_C1, 0.0),
           jnp.where(jnp.min(open_C1, axis=0, keepdims=True) > 0.5, carry_11, 0.0))
