@@ -26,18 +26,20 @@ last chunk decays the state by γ^{L}, not γ^C: nothing is ever divided by a po
 Resets (document boundaries) only mask these factors, chunk by chunk, in both passes: D_ij keeps
 tokens i, j of one segment, ξ_i tokens before the chunk's first reset, ζ_j tokens of the chunk's
 last segment, and γ^L becomes 0 in a chunk with a reset. Three per-token [B, T, 1] float32 inputs
-carry what the masks need (`_segment_inputs`); D's mask is E Eᵀ with E the one-hot of each token's
-segment start in the chunk, a C × C product that Triton and Mosaic both lower.
+carry what the masks need (`_segment_inputs`); D's mask keeps i, j whose segments start at the
+same position of the chunk (the start column compared with itself as a row), and selects.
 
 Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk`):
-- 'gpu' (Pallas Triton): grid (B, H, V/BV); each program holds its head's whole sequence as a ref
-  and walks the chunks with an in-kernel `lax.fori_loop`, the state in registers.
+- 'gpu' (Pallas Triton): grid (B, H, V/BV · K/BK); each program holds its head's whole sequence
+  as a ref and walks the chunks with an in-kernel `lax.fori_loop`, a [BK, BV] state in registers.
+  The forward takes the whole K; the backward splits K in blocks (every term above is a sum over
+  key blocks, so dQ and dK are written per key block and dV sums float32 partials over them).
 - 'tpu' (Pallas Mosaic): grid (B, H, V/BV, N) with the chunk axis last and 'arbitrary'; the state
   lives in a VMEM scratch buffer across grid steps; blocks are [C, K] / [C, BV] tiles.
 Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
-dtype (float32 operands ask for full precision; with bfloat16 inputs the float32 state enters Q·S as
-bfloat16, as in fla, where the XLA path keeps it float32), products accumulate in float32 and the
-carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp;
+dtype (float32 operands ask for full precision: three TF32 passes compiled for a GPU; with bfloat16
+inputs the float32 state enters Q·S as bfloat16, as in fla, where the XLA path keeps it float32),
+products accumulate in float32 and the carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp;
 masking changes none of the exponents, so the same formula holds with resets.
 
 Under a sharded `jit` the compiler does not partition a pallas_call (it would gather the operands),
