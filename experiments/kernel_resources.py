@@ -6,9 +6,10 @@ without a GPU (jax's CUDA plugin given the H100's description, as `aot` does).
 CUDA_DIR holds the CUDA plugin (`pip install --no-deps --target CUDA_DIR jax-cuda12-plugin==<jax>
 jax-cuda12-pjrt==<jax>`, or cuda13). Registers and spills need ptxas: $PTXAS, ptxas of an
 `nvidia-cuda-nvcc-cu12` package on the path (XLA then also assembles its own kernels: slower), or
-ptxas on PATH; without it they are not reported. Every case compiles the forward and the backward at B = 2,
-T = 256, H = 2, chunk 64; XLA's dump gives each Triton kernel's PTX, threads and shared memory, and
-`ptxas -v` for sm_90a gives its registers and spills. Writes resources.json and table.md.
+ptxas on PATH; without it they are not reported. Every case compiles the forward and the backward at
+B = 2, T = 256, H = 2, chunk 64; XLA's dump gives each Triton kernel's PTX, threads and shared
+memory, and `ptxas -v` for sm_90a gives its registers and spills. Writes resources.json and
+table.md.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_c
 Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
 dtype (float32 operands ask for full precision: three TF32 passes compiled for a GPU; with bfloat16
 inputs the float32 state enters Q·S as bfloat16, as in fla, where the XLA path keeps it float32),
-products accumulate in float32 and the carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp;
-masking changes none of the exponents, so the same formula holds with resets.
+products accumulate in float32 and the carried state stays float32. d log γ is computed from dQ, dK
+and the final state with plain jnp; masking changes none of the exponents, so the same formula holds
+with resets.
 
 Under a sharded `jit` the compiler does not partition a pallas_call (it would gather the operands),
 so the dispatcher (`retention_ops.retention`) runs the kernel per shard of batch and heads (a
@@ -446,10 +447,10 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   built for that target whether or not this process has its backend (e.g. compiled for TPU
   devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
   unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
-  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 32 in float32, 128
-  on TPU). block_k: key columns per program of the backward passes (`default_block_k`: at most 64
-  on GPU, 32 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None. reset [B, T] bool,
-  as in `retention`.
+  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 32 in float32, 128 on
+  TPU). block_k: key columns per program of the backward passes (`default_block_k`: at most 64 on
+  GPU, 32 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must
+  be None. reset [B, T] bool, as in `retention`.
   """
   q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT = q, k, v, log_gamma, state, reset
   B, T, H, K, V = retention.check_shapes(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, reset_BT)
