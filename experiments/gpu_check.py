@@ -1,23 +1,20 @@
-r"""The GPU verification in one prepared run: kernels correct and timed against flash-linear-attention
-(fla), a train step's throughput, decoding latency. Under 8 minutes; everything goes to one folder.
+r"""The GPU verification in one prepared run: the kernel tests compiled on the GPU, the model's
+forms, kernel timing against flash-linear-attention (fla), fla's own kernels in the converter's
+parity tests, a train step's throughput and decoding latency. Everything goes to one folder.
 
-  bash experiments/gpu_wheels.sh                 # here, with network: the wheels into .whl/
-  bash experiments/gpu_check.sh                  # on the GPU machine: installs .whl/, runs this
-  python -m experiments.gpu_check --dry_run --out=DIR   # anywhere: tiny shapes on CPU (CI)
+  bash experiments/carry/wheels.sh                                # here, with network
+  OUT=DIR bash experiments/carry/run.sh python -m experiments.gpu_check   # on the GPU machine
+  python -m experiments.gpu_check --dry_run --output_dir=DIR      # anywhere: tiny, on CPU (CI)
 
 Parts, in this order; each is recorded in results.json as ok / failed / skipped with its seconds
 and error, and a failure in one never stops the others. A global time budget (--budget_s) gives
 each part a share of what is left and skips parts (and a part's remaining items) that would not fit.
 
-  env            versions, devices, the distributions this machine lacks or has unmet
-  kernels        Pallas forward and backward (compiled; interpreted in the dry run) against the XLA
-                 chunkwise form and a float64 NumPy reference written from eq. 5 (`reference`):
-                 K = V = 64 and 128, bfloat16 and float32, resets, a ragged T, an initial state
+  env            versions, devices, the carried distributions missing or with unmet requirements
+  kernels        tests/retention_pallas_test.py: compiled on the GPU (the dry run interprets the
+                 model-size cases only)
   model          the model's logits in the parallel, chunkwise (kernel and XLA) and recurrent forms
-  kernel_timing  fla's benchmark setting (B = 8, H = 32, K = V = 128, bfloat16, T = 2k–16k): our
-                 kernel, our XLA chunkwise form, fla's chunk_retention and fused_chunk_retention and
-                 jax.nn.dot_product_attention (cuDNN), forward and forward+backward; warm-up, then
-                 the median of repeats; TFLOP/s and the fraction of the bfloat16 peak
+  kernel_timing  experiments/kernel_bench.py's full setting (its --quick one in the dry run)
   fla_parity     tests/convert_fla_test.py with fla's real Triton kernels
                  (RETNET_JAX_FLA_KERNELS=triton; the dry run only collects it)
   train_step     a ~360M-parameter config, T = 2048 and 8192, bfloat16: tokens/s and peak bytes of
@@ -30,14 +27,12 @@ where matplotlib is importable (else `--replot=DIR` draws them from results.json
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -48,15 +43,15 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # torch shares 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F32 = jnp.float32
-# H200 SXM dense bfloat16 (spec); large GEMMs reach about 790 in practice.
-PEAK_BF16_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12}
-PRACTICAL_NOTE = ('H200 dense bf16 peak 989 TFLOP/s (spec); large bf16 GEMMs measure about 790 '
-                  'TFLOP/s in practice (≈ 0.8 of the spec).')
-FLA_A100_MS = {2048: 6.06, 8192: 23.95, 16384: 48.75}  # fla's README, chunk retention fwd+bwd.
 FLA_TESTS = 'tests/convert_fla_test.py'
+KERNEL_TESTS = 'tests/retention_pallas_test.py'
 PART_NAMES = ('env', 'kernels', 'model', 'kernel_timing', 'fla_parity', 'train_step', 'decode')
 # The distributions whose versions `env` prints (the machine's and the carried ones).
 VERSIONS = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin', 'numpy',
@@ -75,20 +70,13 @@ FORMS = (('parallel', 'xla'), ('chunkwise', 'pallas'), ('chunkwise', 'xla'), ('r
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-  check_dims: tuple  # K = V of the kernel correctness cases
-  check_dtypes: tuple
-  check_shape: tuple  # (B, H, T, chunk) of the correctness cases; T is ragged on purpose
-  model: dict  # config overrides of the model-forms check
+  kernel_tests: str  # pytest -k expression of the kernel tests ('' for all)
+  model: str  # preset of configs/__init__.py for the model-forms check
   model_len: int
   model_dtypes: tuple
   model_forms: tuple  # ((form, impl), ...), the first the one the others are compared with
-  timing: tuple  # (B, H, K = V)
-  timing_lens: tuple
-  timing_modes: tuple  # of 'fwd', 'fwd+bwd'
-  timing_ours: tuple  # of 'pallas', 'xla', 'cudnn_attention'
-  warmup: int
-  repeats: int
-  train: dict  # config overrides of the train-step config
+  timing: kernel_bench.Setting
+  train: str  # preset of configs/__init__.py for the train-step config
   train_runs: tuple  # ((seq_len, batch), ...)
   train_steps: int
   train_models: tuple  # of TRAIN_MODELS
@@ -99,18 +87,11 @@ class Sizes:
 
 
 GPU = Sizes(
-    # The benchmark's K = 128 in bf16 first: a part out of time drops the last cases.
-    check_dims=(128, 64), check_dtypes=('bfloat16', 'float32'), check_shape=(2, 4, 300, 64),
-    model={'model.num_layers': 2, 'model.embed_dim': 256, 'model.num_heads': 2,
-           'model.value_dim': 512, 'model.ffn_dim': 512, 'model.chunk_size': 64},
+    kernel_tests='',
+    model='gpu_model',
     model_len=200, model_dtypes=('float32', 'bfloat16'), model_forms=FORMS,
-    timing=(8, 32, 128), timing_lens=(2048, 4096, 8192, 16384),
-    timing_modes=('fwd', 'fwd+bwd'), timing_ours=('pallas', 'xla', 'cudnn_attention'), warmup=2, repeats=10,
-    # About 361M parameters: 20 layers of width 1024, K = 128, V = 256, a 32k vocabulary.
-    train={'model.num_layers': 20, 'model.embed_dim': 1024, 'model.num_heads': 8,
-           'model.value_dim': 2048, 'model.ffn_dim': 2048, 'model.vocab_size': 32768,
-           'model.chunk_size': 64, 'model.dtype': 'bfloat16', 'model.remat': 'dots_no_batch',
-           'reset_at_doc_boundaries': False},
+    timing=kernel_bench.FULL,
+    train='gpu_train',  # About 361M parameters: 20 layers of width 1024, a 32k vocabulary.
     train_runs=((2048, 8), (8192, 2)), train_steps=3,
     train_models=('retnet kernel', 'retnet xla', 'transformer'),
     decode_contexts=(1024, 4096, 16384, 32768), decode_tokens=32, decode_repeats=3,
@@ -118,70 +99,19 @@ GPU = Sizes(
 
 # The dry run keeps one case of each kind: it checks the plumbing (CI), not the numbers.
 DRY = Sizes(
-    check_dims=(16,), check_dtypes=('float32',), check_shape=(1, 2, 37, 16),
-    model={'model.num_layers': 1, 'model.embed_dim': 64, 'model.num_heads': 2,
-           'model.value_dim': 128, 'model.ffn_dim': 128, 'model.chunk_size': 16},
+    kernel_tests='model_sizes and float32 and 64',
+    model='gpu_model_dry',
     model_len=37, model_dtypes=('float32',), model_forms=(FORMS[0], FORMS[3]),
-    timing=(1, 2, 16), timing_lens=(64,), timing_modes=('fwd+bwd',),
-    timing_ours=('pallas',), warmup=1, repeats=2,
-    train={'model.num_layers': 1, 'model.embed_dim': 64, 'model.num_heads': 2,
-           'model.value_dim': 128, 'model.ffn_dim': 128, 'model.chunk_size': 16,
-           'model.dtype': 'bfloat16', 'model.remat': 'dots_no_batch',
-           'reset_at_doc_boundaries': False},
+    timing=kernel_bench.QUICK,
+    train='gpu_train_dry',
     train_runs=((32, 2),), train_steps=1, train_models=('transformer',),
     decode_contexts=(16,), decode_tokens=2, decode_repeats=1, decode_models=('retnet',))
 
 # The train-step models: (form, retention impl).
 TRAIN_MODELS = {'retnet kernel': ('chunkwise', 'pallas'), 'retnet xla': ('chunkwise', 'xla'),
                 'transformer': ('transformer', None)}
-# Tolerances: max |x − ref| / max |ref| per tensor, against the float64 reference of the same
-# (dtype-rounded) inputs.
-TOLERANCE = {'float32': 1e-4, 'bfloat16': 3e-2}
-MODEL_TOLERANCE = 1e-4  # float32 logits, each form against the parallel form.
-
-
-# ------------------------------------------------------------------------------------------------
-# The float64 reference (eq. 5 with the state and reset masks), forward and backward.
-
-
-def reference(q, k, v, gamma, state, reset, do, dstate):
-  """Float64 NumPy retention and the gradients of L = ⟨dO, O⟩ + ⟨dS, S_T⟩.
-
-  With seg_t the number of resets at or before t, M_ts = γ^{t−s} [s ≤ t, seg_s = seg_t],
-  P = Q Kᵀ, w_t = γ^{t+1} [seg_t = 0], u_s = γ^{T−1−s} [seg_s = seg_{T−1}], c = γ^T [seg_{T−1} = 0]:
-      O = (P ⊙ M) V + w ⊙ (Q S_0),        S_T = Σ_s u_s k_sᵀ v_s + c S_0                   (eq. 5)
-      dQ = (dO Vᵀ ⊙ M) K + w ⊙ (dO S_0ᵀ),  dK = (dO Vᵀ ⊙ M)ᵀ Q + u ⊙ (V dSᵀ)
-      dV = (P ⊙ M)ᵀ dO + u ⊙ (K dS),       dS_0 = Σ_t w_t q_tᵀ dO_t + c dS
-  and d log γ from the exponents (t − s, t + 1, T − 1 − s, T) of each term.
-  Shapes: q, k [B, T, H, K]; v, do [B, T, H, V]; gamma [H]; state, dstate [B, H, K, V]; reset [B, T].
-  Returns ((o, S_T), (dq, dk, dv, dlog_gamma, dstate_in)).
-  """
-  q, k, v, do, state, dstate = (np.asarray(x, np.float64) for x in (q, k, v, do, state, dstate))
-  lg = np.log(np.asarray(gamma, np.float64))
-  B, T, H, _ = q.shape
-  seg = np.cumsum(np.asarray(reset, bool), axis=1)
-  t = np.arange(T, dtype=np.float64)
-  diff = t[:, None] - t[None, :]
-  same = (seg[:, :, None] == seg[:, None, :]) & (diff >= 0)[None]
-  M = np.exp(np.maximum(diff, 0)[None, None] * lg[None, :, None, None]) * same[:, None]  # [B,H,T,T]
-  w = np.exp((t + 1)[None, :, None] * lg) * (seg == 0)[..., None]  # [B, T, H]
-  u = np.exp((T - 1 - t)[None, :, None] * lg) * (seg == seg[:, -1:])[..., None]
-  c = np.exp(T * lg)[None] * (seg[:, -1] == 0)[:, None]  # [B, H]
-  P = np.einsum('bthk,bshk->bhts', q, k)
-  qs = np.einsum('bthk,bhkv->bthv', q, state)
-  o = np.einsum('bhts,bshv->bthv', P * M, v) + w[..., None] * qs
-  final = np.einsum('bsh,bshk,bshv->bhkv', u, k, v) + c[..., None, None] * state
-  dov = np.einsum('bthv,bshv->bhts', do, v)
-  dq = np.einsum('bhts,bshk->bthk', dov * M, k) + w[..., None] * np.einsum('bthv,bhkv->bthk', do, state)
-  dk = np.einsum('bhts,bthk->bshk', dov * M, q) + u[..., None] * np.einsum('bshv,bhkv->bshk', v, dstate)
-  dv = np.einsum('bhts,bthv->bshv', P * M, do) + u[..., None] * np.einsum('bshk,bhkv->bshv', k, dstate)
-  ds0 = np.einsum('bth,bthk,bthv->bhkv', w, q, do) + c[..., None, None] * dstate
-  kv_dot = np.einsum('bshk,bshv,bhkv->bsh', k, v, dstate)
-  dlg = (np.einsum('bhts,ts->h', dov * P * M, diff * (diff >= 0))
-         + np.einsum('bth,t->h', w * np.einsum('bthv,bthv->bth', do, qs), t + 1)
-         + np.einsum('bsh,s->h', u * kv_dot, T - 1 - t)
-         + T * np.einsum('bh,bhkv,bhkv->h', c, dstate, state))
-  return (o, final), (dq, dk, dv, dlg, ds0)
+# Logits, max |x − ref| / max |ref|, each form against the parallel form.
+MODEL_TOLERANCE = {'float32': 1e-4, 'bfloat16': 3e-2}
 
 
 def rel_err(x, ref) -> float:
@@ -317,7 +247,7 @@ class Check:
     devices = [{'id': d.id, 'kind': d.device_kind, 'platform': d.platform} for d in jax.devices()]
     info = {'python': platform.python_version(), 'machine': platform.machine(),
             'backend': jax.default_backend(), 'devices': devices, 'versions': versions,
-            'carried_site': os.environ.get('GPU_CHECK_SITE'), 'wheel_list': wheel_list_status(),
+            'carried_site': os.environ.get('CARRY_SITE'), 'wheel_list': wheel_list_status(),
             'unmet_requirements': unmet_requirements()}
     try:
       import torch  # pylint: disable=g-import-not-at-top
@@ -340,63 +270,26 @@ class Check:
   # kernels: Pallas forward and backward against XLA chunkwise and the float64 reference.
 
   def part_kernels(self, record):
-    from retnet_jax import retention  # pylint: disable=g-import-not-at-top
-    from retnet_jax import retention_pallas  # pylint: disable=g-import-not-at-top
-    B, H, T, C = self.sizes.check_shape
-    for dim in self.sizes.check_dims:
-      for dtype in self.sizes.check_dtypes:
-        name = f'K=V={dim} {dtype}'
-        if self.out_of_time(record, name):
-          return
-        rng = np.random.default_rng(dim)
-        dt = jnp.dtype(dtype)
-        cast = lambda x: np.asarray(jnp.asarray(x, dt).astype(F32))  # The dtype's rounding.
-        q, k = (cast(rng.standard_normal((B, T, H, dim)) * dim**-0.5) for _ in range(2))
-        v, do = (cast(rng.standard_normal((B, T, H, dim))) for _ in range(2))
-        s0, ds = (rng.standard_normal((B, H, dim, dim)).astype(np.float32) * 0.1 for _ in range(2))
-        gamma = 1 - 2.0 ** (-5.0 - np.arange(H))
-        reset = rng.random((B, T)) < 0.02
-        reset[:, 0] = False
-        reset[0, C // 2] = True  # One reset inside the first chunk, one at a chunk start.
-        reset[-1, C] = True
-        (o_ref, s_ref), grads_ref = reference(q, k, v, gamma, s0, reset, do, ds)
-        args = (*(jnp.asarray(x, dt) for x in (q, k, v)), jnp.asarray(np.log(gamma), F32),
-                jnp.asarray(s0))
-        cot = (jnp.asarray(do, dt), jnp.asarray(ds))
-        reset_j = jnp.asarray(reset)
-        impls = {
-            'pallas': lambda *a: retention_pallas.chunkwise(*a, reset=reset_j, chunk_size=C,
-                                      target='gpu', interpret=self.interpret),
-            'xla': lambda *a: retention.chunkwise(*a, reset=reset_j, chunk_size=C),
-        }
-        outs = {}
-        t0 = time.perf_counter()
-        precision = 'highest' if dtype == 'float32' else 'default'
-        with jax.default_matmul_precision(precision):
-          for impl, fn in impls.items():
-            @jax.jit
-            def fwd_bwd(args, cot, fn=fn):
-              out, vjp = jax.vjp(fn, *args)
-              return out, vjp(cot)
-            (o, s), grads = fwd_bwd(args, cot)
-            outs[impl] = jax.device_get(((o, s), grads))
-        errs = {}
-        names = ('o', 'state', 'dq', 'dk', 'dv', 'dlog_gamma', 'dstate')
-        refs = (o_ref, s_ref, *grads_ref)
-        for impl, ((o, s), grads) in outs.items():
-          for n, x, ref in zip(names, (o, s, *grads), refs):
-            errs[f'{impl}_vs_f64_{n}'] = rel_err(x, ref)
-        for n, x, y in zip(names, (*outs['pallas'][0], *outs['pallas'][1]),
-                           (*outs['xla'][0], *outs['xla'][1])):
-          errs[f'pallas_vs_xla_{n}'] = rel_err(x, y)
-        worst = max(v for k_, v in errs.items() if k_.startswith('pallas_vs_f64'))
-        ok = bool(worst <= TOLERANCE[dtype])
-        self.item(record, name=name, dim=dim, dtype=dtype, shape=[B, T, H, dim], chunk=C,
-                  resets=int(reset.sum()), compiled=not self.interpret, ok=ok, worst=worst,
-                  tolerance=TOLERANCE[dtype], errors=errs, seconds=time.perf_counter() - t0)
-        self.log(f'  {name}: pallas vs float64 worst {worst:.2e} (tol {TOLERANCE[dtype]:.0e}) '
-                 f'{"ok" if ok else "FAIL"}; xla vs float64 worst '
-                 f'{max(v for k_, v in errs.items() if k_.startswith("xla_vs_f64")):.2e}')
+    cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', KERNEL_TESTS]
+    if self.sizes.kernel_tests:
+      cmd += ['-k', self.sizes.kernel_tests]
+    item = self._pytest(cmd, os.environ)
+    item.update(name='kernel tests', compiled=self.gpu)
+    item['ok'] = item['ok'] and ' passed' in item['summary']
+    self.item(record, **item)
+    self.log(f'  pytest {KERNEL_TESTS}: rc {item["returncode"]}: {item["summary"]}')
+
+  def _pytest(self, cmd, env) -> dict:
+    timeout = min(max(10.0, self.budget.part_left()), 3600.0)
+    t0 = time.perf_counter()
+    try:
+      proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+      output, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+      output, rc = f'{e.stdout or ""}{e.stderr or ""}\ntimed out after {timeout:.0f} s', 124
+    summary = ([line for line in output.splitlines() if line.strip()][-1:] or [''])[0]
+    return {'ok': rc == 0, 'returncode': rc, 'summary': summary, 'output_tail': output[-6000:],
+            'seconds': time.perf_counter() - t0}
 
   # ----------------------------------------------------------------------------------------------
   # model: logits in the three forms.
@@ -406,7 +299,7 @@ class Check:
     from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
     T = self.sizes.model_len
-    config = load_config('retnet_tiny', self.sizes.model)
+    config = load_config(self.sizes.model)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, config.model.vocab_size, (2, T)), jnp.int32)
     segments = np.ones((2, T), np.int32)
@@ -430,7 +323,7 @@ class Check:
           logits[f'{form}/{impl}'] = np.asarray(forward(params, tokens, segments), np.float64)
       first = '/'.join(self.sizes.model_forms[0])
       base = logits[first]
-      tol = MODEL_TOLERANCE if dtype == 'float32' else TOLERANCE['bfloat16']
+      tol = MODEL_TOLERANCE[dtype]
       for key, x in logits.items():
         if key == first:
           continue
@@ -444,129 +337,12 @@ class Check:
   # kernel_timing: fla's benchmark setting.
 
   def part_kernel_timing(self, record):
-    from retnet_jax import retention  # pylint: disable=g-import-not-at-top
-    from retnet_jax import retention_pallas  # pylint: disable=g-import-not-at-top
-    B, H, D = self.sizes.timing
-    C = 64 if not self.dry_run else 16
-    peak, peak_name = peak_flops(self.results['meta'].get('device_kind'), self.gpu)
-    record['peak_flops'], record['peak_name'] = peak, peak_name
-    record['setting'] = {'B': B, 'H': H, 'K': D, 'V': D, 'dtype': 'bfloat16', 'chunk': C,
-                         'warmup': self.sizes.warmup, 'repeats': self.sizes.repeats}
-    log_gamma = jnp.asarray(np.log(1 - 2.0 ** (-5.0 - np.arange(H))), F32)  # fla's γ_h.
-    scale = D**-0.5
-    # Retention takes q already scaled by K^-1/2 (fla scales inside its kernels); attention scales.
-    ours = {
-        'pallas': lambda q, k, v: retention_pallas.chunkwise(q, k, v, log_gamma,
-                                       chunk_size=C, target='gpu', interpret=self.interpret)[0],
-        'xla': lambda q, k, v: retention.chunkwise(q, k, v, log_gamma, chunk_size=C)[0],
-        'cudnn_attention': lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation='cudnn' if self.gpu else None),
-    }
-    fla = fla_ops(self.dry_run)
-    record['fla_impls'] = sorted(fla) if isinstance(fla, dict) else fla
-    for T in self.sizes.timing_lens:
-      rng = np.random.default_rng(T)
-      host = [rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(4)]
-      q, k, v, do = (jnp.asarray(x, jnp.bfloat16) for x in host)
-      q_scaled = (q * scale).astype(jnp.bfloat16)
-      outputs = {}
-      for impl in self.sizes.timing_ours:
-        fn = ours[impl]
-        qi = q if impl == 'cudnn_attention' else q_scaled
-        for mode in self.sizes.timing_modes:
-          if self.out_of_time(record, f'T={T} {impl} {mode}'):
-            return
-          item = {'T': T, 'impl': impl, 'mode': mode}
-          try:
-            if mode == 'fwd':
-              jitted = jax.jit(fn)
-              call_ = lambda jitted=jitted, qi=qi, k=k, v=v: jitted(qi, k, v)
-            else:
-              def fwd_bwd(q, k, v, do, fn=fn):
-                out, vjp = jax.vjp(fn, q, k, v)
-                return out, vjp(do)
-              jitted = jax.jit(fwd_bwd)
-              call_ = lambda jitted=jitted, qi=qi, k=k, v=v, do=do: jitted(qi, k, v, do)[0]
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(call_())
-            item['first_call_s'] = time.perf_counter() - t0
-            if impl != 'cudnn_attention' and impl not in outputs:
-              outputs[impl] = np.asarray(out[:, :min(T, 512)], np.float32)
-            item.update(time_calls(lambda: jax.block_until_ready(call_()), self.sizes.warmup,
-                                   self.sizes.repeats))
-          except Exception as e:  # pylint: disable=broad-except
-            item.update(ok=False, error=f'{type(e).__name__}: {str(e)[:2000]}')
-          self._timing_item(record, item, B, H, D, C, peak)
-      if isinstance(fla, dict):
-        outputs.update(self._time_fla(record, fla, host, B, H, D, C, T, peak))
-      if 'pallas' in outputs:
-        for other in ('xla', *(f for f in outputs if f.startswith('fla_'))):
-          if other in outputs:
-            err = rel_err(outputs['pallas'], outputs[other])
-            self.item(record, name=f'T={T} pallas vs {other} output', T=T, kind='agreement',
-                      other=other, err=err, ok=bool(err <= TOLERANCE['bfloat16']),
-                      tolerance=TOLERANCE['bfloat16'])
-      del q, k, v, do, q_scaled
-    record['goal'] = goal(record['items'])
-    self.log(f'  goal (pallas fwd+bwd ≤ fla chunk at every length): {record["goal"]}')
-
-  def _time_fla(self, record, fla, host, B, H, D, C, T, peak) -> dict:
-    import torch  # pylint: disable=g-import-not-at-top
-    device = 'cuda' if self.gpu and torch.cuda.is_available() else 'cpu'
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-    q, k, v, do = (torch.tensor(x, dtype=torch.bfloat16, device=device) for x in host)
-    outputs = {}
-    for impl, fn in fla.items():
-      for mode in self.sizes.timing_modes:
-        if self.out_of_time(record, f'T={T} {impl} {mode}'):
-          return outputs
-        item = {'T': T, 'impl': impl, 'mode': mode}
-        try:
-          if mode == 'fwd':
-            def run(fn=fn, q=q, k=k, v=v):
-              with torch.no_grad():
-                out = fn(q, k, v)
-              sync()
-              return out
-          else:
-            qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
-
-            def run(fn=fn, qg=qg, kg=kg, vg=vg, do=do):
-              for x in (qg, kg, vg):
-                x.grad = None
-              out = fn(qg, kg, vg)
-              out.backward(do)
-              sync()
-              return out.detach()
-          t0 = time.perf_counter()
-          out = run()
-          item['first_call_s'] = time.perf_counter() - t0
-          if impl not in outputs:
-            outputs[impl] = out[:, :min(T, 512)].float().cpu().numpy()
-          item.update(time_calls(run, self.sizes.warmup, self.sizes.repeats))
-        except Exception as e:  # pylint: disable=broad-except
-          item.update(ok=False, error=f'{type(e).__name__}: {str(e)[:2000]}')
-        self._timing_item(record, item, B, H, D, C, peak)
-    del q, k, v, do
-    if device == 'cuda':
-      torch.cuda.empty_cache()
-    return outputs
-
-  def _timing_item(self, record, item, B, H, D, C, peak):
-    if 'median_s' in item:
-      flops = timing_flops(item['impl'], item['mode'], B, H, item['T'], D, C)
-      item['ms'] = 1e3 * item['median_s']
-      item['flops'] = flops
-      item['tflops'] = flops / item['median_s'] / 1e12
-      item['peak_fraction'] = None if peak is None else flops / item['median_s'] / peak
-      self.log(f'  T={item["T"]:6d} {item["impl"]:22s} {item["mode"]:8s} {item["ms"]:9.3f} ms '
-               f'{item["tflops"]:7.1f} TFLOP/s' + ('' if peak is None else
-                                                    f' ({100 * item["peak_fraction"]:.0f}% of peak)'))
-    else:
-      self.log(f'  T={item["T"]:6d} {item["impl"]:22s} {item["mode"]:8s} failed: '
-               f'{item.get("error", "")[:300]}')
-    item['name'] = f'T={item["T"]} {item["impl"]} {item["mode"]}'
-    self.item(record, **item)
+    deadline = time.perf_counter() + self.budget.part_left()
+    results = kernel_bench.run(self.sizes.timing, deadline=deadline, log=self.log)
+    record['timing'] = results
+    record['items'] = results['items']
+    record['skipped_items'] = results['skipped']
+    self.log(f'  goal (pallas fwd+bwd ≤ fla chunk at every length): {results["goal"]}')
 
   # ----------------------------------------------------------------------------------------------
   # fla_parity: the converter's fla tests with fla's real kernels.
@@ -585,19 +361,12 @@ class Check:
       cmd.append('--collect-only')  # The dry run checks the plumbing; CI runs the tests themselves.
     if not _has_xdist():
       cmd.remove('-n'), cmd.remove('0')
-    timeout = min(max(10.0, self.budget.part_left()), 3600.0)
-    t0 = time.perf_counter()
-    try:
-      proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-      output, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-      output, rc = f'{e.stdout or ""}{e.stderr or ""}\ntimed out after {timeout:.0f} s', 124
-    summary = [line for line in output.splitlines() if line.strip()][-1:] or ['']
+    item = self._pytest(cmd, env)
     # On the GPU the tests must have run (they skip without CUDA); the dry run only collects.
-    ok = rc == 0 and (not self.gpu or ' passed' in summary[0])
-    self.item(record, name='fla parity tests', ok=ok, returncode=rc,
-              kernels='triton' if self.gpu else 'collect-only (dry run)', summary=summary[0],
-              output_tail=output[-6000:], seconds=time.perf_counter() - t0)
+    item['ok'] = item['ok'] and (not self.gpu or ' passed' in item['summary'])
+    self.item(record, name='fla parity tests', kernels='triton' if self.gpu else
+              'collect-only (dry run)', **item)
+    rc, summary = item['returncode'], [item['summary']]
     self.log(f'  pytest {FLA_TESTS}: rc {rc}: {summary[0]}')
 
   # ----------------------------------------------------------------------------------------------
@@ -607,9 +376,9 @@ class Check:
     from experiments import training_cost  # pylint: disable=g-import-not-at-top
     from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
     from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-    base = load_config('retnet_tiny', self.sizes.train)
+    base = load_config(self.sizes.train)
     variants = {name: TRAIN_MODELS[name] for name in self.sizes.train_models}
-    peak, _ = peak_flops(self.results['meta'].get('device_kind'), self.gpu)
+    peak = kernel_bench.peak_flops(self.results['meta'].get('device_kind')) if self.gpu else None
     for T, batch in self.sizes.train_runs:
       for name, (form, impl) in variants.items():
         if self.out_of_time(record, f'{name} T={T}'):
@@ -618,8 +387,7 @@ class Check:
         if impl:
           c.model.retention_impl = impl
         cfg = config_lib.model_config(c)
-        params = model_lib.count_params(jax.eval_shape(
-            lambda cfg=cfg: _abstract_params(cfg)))
+        params = model_lib.count_params(model_lib.abstract_params(cfg))
         item = {'name': f'{name} T={T}', 'model': name, 'T': T, 'batch': batch, 'params': params,
                 'attention': 'xla einsum softmax' if form == 'transformer' else None}
         try:
@@ -642,7 +410,7 @@ class Check:
 
   def part_decode(self, record):
     from experiments import inference_cost  # pylint: disable=g-import-not-at-top
-    base = load_config('retnet_tiny', self.sizes.train)
+    base = load_config(self.sizes.train)
     configs = {'retnet': base, 'transformer': to_transformer(base)}
     configs = {name: configs[name] for name in self.sizes.decode_models}
     contexts = list(self.sizes.decode_contexts)
@@ -671,99 +439,18 @@ class Check:
 # Helpers.
 
 
-def _abstract_params(cfg):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  return nnx.state(model_lib.Model(cfg, rngs=nnx.Rngs(0)), nnx.Param)
-
-
-def load_config(name: str, overrides: dict):
-  """configs/<name>.py with 'a.b' overrides (values, not strings), validated."""
+def load_config(preset: str):
+  """configs/retnet_tiny.py shrunk by one of the presets of configs/__init__.py, validated."""
   from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  c = config_lib.load(os.path.join(ROOT, 'configs', f'{name}.py'))
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c = config_lib.load(os.path.join(ROOT, 'configs', f'retnet_tiny.py:{preset}'))
   config_lib.validate(c)
   return c
 
 
 def to_transformer(config):
   """The parameter-matched Transformer of a RetNet config (configs/transformer_tiny.py's rule)."""
-  spec = importlib.util.spec_from_file_location(
-      'transformer_tiny', os.path.join(ROOT, 'configs', 'transformer_tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.to_transformer(config.copy_and_resolve_references())
-
-
-def fla_ops(dry_run: bool):
-  """{name: fn(q, k, v) -> o} of fla's retention kernels ([B, T, H, K] layout), or why not.
-
-  On a GPU: fla's Triton chunk_retention and fused_chunk_retention. In the dry run: fla's torch
-  reference (fla.ops.retention.naive), under both names, so the same code path runs.
-  """
-  try:
-    if dry_run:
-      from fla.ops.retention.naive import naive_retention  # pylint: disable=g-import-not-at-top
-      naive = lambda q, k, v: naive_retention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-      return {'fla_chunk (naive, dry run)': naive, 'fla_fused_chunk (naive, dry run)': naive}
-    from fla.ops.retention import chunk_retention  # pylint: disable=g-import-not-at-top
-    from fla.ops.retention import fused_chunk_retention  # pylint: disable=g-import-not-at-top
-    return {'fla_chunk': lambda q, k, v: chunk_retention(q, k, v)[0],
-            'fla_fused_chunk': lambda q, k, v: fused_chunk_retention(q, k, v)[0]}
-  except Exception as e:  # pylint: disable=broad-except
-    return f'fla not importable: {type(e).__name__}: {e}'
-
-
-def time_calls(run, warmup: int, repeats: int) -> dict:
-  """Warm-up calls, then the median (and min, max) of `repeats` timed calls; run() must sync."""
-  for _ in range(warmup):
-    run()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-  return {'ok': True, 'median_s': statistics.median(times), 'min_s': min(times),
-          'max_s': max(times), 'repeats': repeats}
-
-
-def timing_flops(impl: str, mode: str, B, H, T, D, C) -> float:
-  """Matmul FLOPs: retention's chunkwise form B·H·T·(2C(K+V) + 4KV) forward (eq. 7), backward
-  twice that; causal attention 2·B·H·T²·D forward (half of 4·B·H·T²·D), backward 2.5× that
-  (FlashAttention's count, which recomputes the scores)."""
-  if 'attention' in impl:
-    fwd = 2.0 * B * H * T * T * D
-    return fwd if mode == 'fwd' else 3.5 * fwd
-  fwd = B * H * T * (2.0 * C * (D + D) + 4.0 * D * D)
-  return fwd if mode == 'fwd' else 3.0 * fwd
-
-
-def peak_flops(device_kind, gpu: bool):
-  if not gpu or not device_kind:
-    return None, None
-  for name, flops in PEAK_BF16_FLOPS.items():
-    if name.lower() in str(device_kind).lower():
-      return flops, name
-  return None, None
-
-
-def goal(items) -> dict:
-  """Per length: our kernel's fwd+bwd time against fla's chunk kernel's; met at every length?"""
-  ms = {(it['T'], it['impl'], it['mode']): it.get('ms') for it in items if 'impl' in it}
-  rows, met = {}, True
-  lengths = sorted({it['T'] for it in items if 'impl' in it})
-  for T in lengths:
-    ours = ms.get((T, 'pallas', 'fwd+bwd'))
-    fla = next((v for (t, i, m), v in ms.items() if t == T and m == 'fwd+bwd'
-                and i.startswith('fla_chunk')), None)
-    rows[T] = None if ours is None or fla is None else ours / fla
-    met = met and rows[T] is not None and rows[T] <= 1.0
-  return {'pallas_over_fla_chunk_fwd_bwd': rows, 'met': bool(met and lengths)}
+  from configs import transformer_tiny  # pylint: disable=g-import-not-at-top
+  return transformer_tiny.to_transformer(config.copy_and_resolve_references())
 
 
 def _has_xdist() -> bool:
@@ -783,8 +470,8 @@ def _jsonable(x):
 
 
 def read_wheel_list(path=None) -> dict[str, str]:
-  """{name: version} of experiments/gpu_wheels.txt."""
-  path = path or os.path.join(ROOT, 'experiments', 'gpu_wheels.txt')
+  """{name: version} of a pin file (default experiments/carry/wheels.txt)."""
+  path = path or os.path.join(ROOT, 'experiments', 'carry', 'wheels.txt')
   out = {}
   with open(path) as f:
     for line in f:
@@ -801,7 +488,7 @@ def read_wheel_list(path=None) -> dict[str, str]:
 
 def wheel_list_names(kind: str, path=None) -> list[str]:
   """The names of the list's '# KIND: a b c -- why' comment lines (ROOTS, MACHINE, SKIP)."""
-  path = path or os.path.join(ROOT, 'experiments', 'gpu_wheels.txt')
+  path = path or os.path.join(ROOT, 'experiments', 'carry', 'wheels.txt')
   names = []
   with open(path) as f:
     for line in f:
@@ -888,58 +575,19 @@ def write_table(results: dict, path: str) -> str:
       note += f' skipped items: {", ".join(r["skipped_items"][:4])}'
     lines.append(f'| {name} | {r["status"]} | {_f(r.get("seconds"), "{:.0f}")} | '
                  f'{note[:200].replace("|", "/")} |')
-  k = [it for it in parts.get('kernels', {}).get('items', []) if 'errors' in it]
+  k = parts.get('kernels', {}).get('items', [])
   if k:
-    lines += ['', '## Kernels against the float64 reference (max |x − ref| / max |ref|)', '',
-              '| case | compiled | pallas worst | xla worst | pallas vs xla worst | tol | ok |',
-              '|---|---|---:|---:|---:|---:|---|']
-    for it in k:
-      e = it.get('errors', {})
-      pick = lambda p: max((v for n, v in e.items() if n.startswith(p)), default=None)
-      lines.append(f'| {it["name"]} | {it.get("compiled")} | {_f(pick("pallas_vs_f64"), "{:.1e}")} | '
-                   f'{_f(pick("xla_vs_f64"), "{:.1e}")} | {_f(pick("pallas_vs_xla"), "{:.1e}")} | '
-                   f'{it.get("tolerance"):.0e} | {it.get("ok")} |')
+    lines += ['', f'## Kernel tests ({KERNEL_TESTS}, compiled: {k[0].get("compiled")})', '',
+              k[0].get('summary', '')]
   m = [it for it in parts.get('model', {}).get('items', []) if 'form' in it]
   if m:
     lines += ['', '## Model logits, each form against the parallel form', '',
               '| dtype | form/impl | rel err | tol | ok |', '|---|---|---:|---:|---|']
     lines += [f'| {it["dtype"]} | {it["form"]} | {it["err"]:.1e} | {it["tolerance"]:.0e} | '
               f'{it["ok"]} |' for it in m]
-  kt = parts.get('kernel_timing', {})
-  timed = [it for it in kt.get('items', []) if 'impl' in it]
-  if timed:
-    s = kt.get('setting', {})
-    lines += ['', f'## Kernel time (B = {s.get("B")}, H = {s.get("H")}, K = V = {s.get("K")}, '
-              f'bf16, chunk {s.get("chunk")}; median of {s.get("repeats")} after {s.get("warmup")} '
-              'warm-up calls)', '']
-    impls = list(dict.fromkeys(it['impl'] for it in timed))
-    lengths = sorted({it['T'] for it in timed})
-    for mode in [m for m in ('fwd', 'fwd+bwd') if any(it['mode'] == m for it in timed)]:
-      lines += [f'{mode}: ms (TFLOP/s, fraction of peak)', '',
-                '| T | ' + ' | '.join(impls) + ' |', '|---:|' + '---:|' * len(impls)]
-      for T in lengths:
-        cells = []
-        for impl in impls:
-          it = next((x for x in timed if x['T'] == T and x['impl'] == impl and x['mode'] == mode), None)
-          if it is None:
-            cells.append('–')
-          elif 'ms' not in it:
-            cells.append('failed')
-          else:
-            frac = '' if it.get('peak_fraction') is None else f', {it["peak_fraction"]:.2f}'
-            cells.append(f'{it["ms"]:.3f} ({it["tflops"]:.0f}{frac})')
-        lines.append(f'| {T} | ' + ' | '.join(cells) + ' |')
-      lines.append('')
-    g = kt.get('goal', {})
-    lines += [f'Goal, our kernel at or below fla\'s chunk kernel (fwd+bwd) at every length: '
-              f'{g.get("met")}; ratio per length {g.get("pallas_over_fla_chunk_fwd_bwd")}.',
-              f'fla\'s README (A100, chunk retention fwd+bwd): {FLA_A100_MS} ms.', PRACTICAL_NOTE,
-              'FLOPs: retention B·H·T·(2C(K+V) + 4KV) forward, ×3 forward+backward; causal '
-              'attention 2·B·H·T²·D forward, ×3.5 forward+backward.']
-    agree = [it for it in kt.get('items', []) if it.get('kind') == 'agreement']
-    if agree:
-      lines += ['', 'Outputs agree (first 512 positions, rel err): ' + '; '.join(
-          f'T={it["T"]} pallas vs {it["other"]} {it["err"]:.1e}' for it in agree)]
+  timing = parts.get('kernel_timing', {}).get('timing')
+  if timing:
+    lines += ['', '## Kernel time', '', kernel_bench.table(timing)]
   fp = parts.get('fla_parity', {}).get('items', [])
   if fp:
     lines += ['', f'## fla parity ({FLA_TESTS})', '',
@@ -992,8 +640,8 @@ def write_plots(results: dict, out: str) -> list[str] | str:
       ax.set_yscale('log')
       ax.set_xlabel('sequence length T')
       ax.set_ylabel('ms')
-      st = results['parts']['kernel_timing'].get('setting', {})
-      ax.set_title(f'{mode} (B={st.get("B")}, H={st.get("H")}, K=V={st.get("K")}, bf16)')
+      st = results['parts']['kernel_timing'].get('timing', {}).get('setting', {})
+      ax.set_title(f'{mode} (B={st.get("B")}, H={st.get("H")}, K=V={st.get("D")}, bf16)')
       ax.grid(alpha=0.3)
       ax.legend(fontsize='small')
     path = os.path.join(out, 'kernel_timing.png')
@@ -1021,41 +669,56 @@ def write_plots(results: dict, out: str) -> list[str] | str:
 # Entry point.
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default=None, help='output folder ($OUT when set)')
-  parser.add_argument('--dry_run', action='store_true', help='tiny shapes on CPU, interpreted')
-  parser.add_argument('--budget_s', type=float, default=None,
-                      help='global time budget in seconds (default 420; the dry run none)')
-  parser.add_argument('--parts', default=','.join(PART_NAMES), help='comma-separated parts')
-  parser.add_argument('--replot', default=None, help='only redraw table.md and plots of DIR')
-  args = parser.parse_args(argv)
-  if args.replot:
-    with open(os.path.join(args.replot, 'results.json')) as f:
-      results = json.load(f)
-    write_table(results, os.path.join(args.replot, 'table.md'))
-    print(write_plots(results, args.replot))
-    return 0
-  out = os.environ.get('OUT') or args.out
-  if not out:
-    print('error: --out is required (or set $OUT).', file=sys.stderr)
-    return 1
-  budget = args.budget_s if args.budget_s is not None else (1e9 if args.dry_run else 420.0)
-  if not args.dry_run and jax.default_backend() != 'gpu':
+def check(output_dir: str, *, dry_run: bool, budget_s: float | None = None, parts=PART_NAMES,
+          log=print) -> int:
+  """Runs the check into `output_dir`; 0 when no part failed, 2 otherwise, 1 for bad arguments."""
+  budget = budget_s if budget_s is not None else (1e9 if dry_run else 420.0)
+  if not dry_run and jax.default_backend() != 'gpu':
     print(f'error: no GPU (backend {jax.default_backend()!r}); use --dry_run on a CPU.',
           file=sys.stderr)
     return 1
-  parts = [p.strip() for p in args.parts.split(',') if p.strip()]
   try:
-    results = Check(out, dry_run=args.dry_run, budget_s=budget, parts=parts,
-                    log=lambda s: print(s, flush=True)).run()
+    results = Check(output_dir, dry_run=dry_run, budget_s=budget, parts=parts, log=log).run()
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   statuses = results['meta']['statuses']
-  print(f'done in {results["meta"]["elapsed_s"]} s: {statuses}; see {os.path.join(out, "table.md")}')
+  log(f'done in {results["meta"]["elapsed_s"]} s: {statuses}; see '
+      f'{os.path.join(output_dir, "table.md")}')
   return 0 if all(s != 'failed' for s in statuses.values()) else 2
 
 
+def define_flags() -> dict:
+  return dict(
+      output_dir=flags.DEFINE_string('output_dir', None, 'Output folder ($OUT when set).'),
+      dry_run=flags.DEFINE_bool('dry_run', False, 'Tiny shapes on CPU, interpreted kernels.'),
+      budget_s=flags.DEFINE_float(
+          'budget_s', None, 'Global time budget in seconds (default: $CARRY_BUDGET_S, else 420; '
+          'the dry run none).'),
+      parts=flags.DEFINE_list('parts', list(PART_NAMES), 'The parts to run.'),
+      replot=flags.DEFINE_string('replot', None,
+                                 'Only redraw table.md and the plots of this folder.'))
+
+
+def main(argv, fl) -> int:
+  del argv
+  if fl['replot'].value:
+    with open(os.path.join(fl['replot'].value, 'results.json')) as f:
+      results = json.load(f)
+    write_table(results, os.path.join(fl['replot'].value, 'table.md'))
+    print(write_plots(results, fl['replot'].value))
+    return 0
+  output_dir = os.environ.get('OUT') or fl['output_dir'].value
+  if not output_dir:
+    raise app.UsageError('--output_dir is required (or set $OUT).')
+  budget_s = fl['budget_s'].value
+  if budget_s is None and os.environ.get('CARRY_BUDGET_S'):  # Under experiments/carry/run.sh.
+    budget_s = float(os.environ['CARRY_BUDGET_S'])
+  return check(output_dir, dry_run=fl['dry_run'].value, budget_s=budget_s,
+               parts=fl['parts'].value,
+               log=lambda s: print(s, flush=True))
+
+
 if __name__ == '__main__':
-  sys.exit(main())
+  _flags = define_flags()
+  app.run(lambda argv: sys.exit(main(argv, _flags)))

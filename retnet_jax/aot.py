@@ -155,18 +155,32 @@ def host_backend_only() -> None:
   """Keeps jax's own backend on the host CPU (unless JAX_PLATFORMS says otherwise) and lets libtpu
   load without its one-process lock: compiling for a topology never opens a TPU, so several
   compiles (and a training process on a real TPU) may run side by side."""
-  from jax._src import xla_bridge  # backends_are_initialized has no public spelling.
-  if not os.environ.get('JAX_PLATFORMS') and not xla_bridge.backends_are_initialized():
+  from retnet_jax import platform  # pylint: disable=g-import-not-at-top
+  if not os.environ.get('JAX_PLATFORMS') and not platform.backends_started(default=False):
     jax.config.update('jax_platforms', 'cpu')
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 
 
+CUDA_PLUGINS = ('jax_plugins.xla_cuda13', 'jax_plugins.xla_cuda12')
+
+
+def cuda_plugin() -> str | None:
+  """The CUDA plugin module on the path (CUDA 13 or 12), or None."""
+  for name in CUDA_PLUGINS:
+    try:
+      if importlib.util.find_spec(name) is not None:
+        return name
+    except ImportError:  # No jax_plugins package at all.
+      return None
+  return None
+
+
 def require_cuda_plugin() -> None:
-  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+  if cuda_plugin() is None:
     raise ValueError('the CUDA compiler plugin is not installed: pip install --no-deps --target DIR '
-                     f'jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} and put '
-                     'DIR on PYTHONPATH (installed into the environment, every jax start would try '
-                     'CUDA).')
+                     f'jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} (or '
+                     'cuda13) and put DIR on PYTHONPATH (installed into the environment, every jax '
+                     'start would try CUDA).')
 
 
 @functools.cache

@@ -205,11 +205,20 @@ def save(mgr: ocp.CheckpointManager, step: int, *, params, model_config, opt_sta
                        f'{e.strerror or e}.') from e
 
 
+def _is_partial(directory, name, step) -> bool:
+  """Whether `name` in `directory` is step `step` left unfinished: orbax's temporary folder (rename
+  atomicity), or the step's folder with neither our checksums nor orbax's `commit_success.txt`
+  (commit-file atomicity, as on object stores, writes into the step's folder and that file last)."""
+  if name.startswith(f'{int(step)}.orbax-checkpoint-tmp'):
+    return True
+  done = lambda f: os.path.exists(os.path.join(directory, name, f))
+  return name == str(int(step)) and not (done(CHECKSUMS) or done('commit_success.txt'))
+
+
 def _remove_partial(mgr, step) -> None:
   directory = os.fspath(mgr.directory)
   for name in os.listdir(directory) if os.path.isdir(directory) else ():
-    if name.startswith(f'{int(step)}.orbax-checkpoint-tmp') or (
-        name == str(int(step)) and not os.path.exists(os.path.join(directory, name, CHECKSUMS))):
+    if _is_partial(directory, name, step):
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   try:
     mgr.reload()

@@ -7,7 +7,10 @@ The reasons and the measurements behind each choice are in docs/performance.md.
 from __future__ import annotations
 
 import ctypes
+import glob
+import logging
 import os
+import sys
 
 import jax
 
@@ -24,11 +27,40 @@ EIGEN_DOTS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 def start(mesh_config=None) -> None:
-  """What an entrypoint calls first: the XLA:CPU flags, jax.distributed (from `mesh_config` or the
-  environment), then the host allocator."""
+  """What an entrypoint calls first: quiet start-up logs, the XLA:CPU flags, jax.distributed (from
+  `mesh_config` or the environment), then the host allocator."""
+  quiet_start_logs()
   tune_xla_cpu_flags()
   init_distributed(mesh_config)
   tune_host_allocator()
+
+
+class _DropPrefixes(logging.Filter):
+  def __init__(self, prefixes):
+    super().__init__()
+    self.prefixes = tuple(prefixes)
+
+  def filter(self, record):
+    return not record.getMessage().startswith(self.prefixes)
+
+
+def on_tpu_host() -> bool:
+  """Whether this host has TPU chips (their device files, or a TPU VM's environment)."""
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+              or os.environ.get('TPU_ACCELERATOR_TYPE') or os.environ.get('TPU_NAME'))
+
+
+def quiet_start_logs() -> None:
+  """Drops start-up log lines that say nothing about the run: jax failing to start a TPU backend on
+  a host without TPUs (libtpu is installed for ahead-of-time compiles) and orbax noting that a
+  checkpoint folder opened read-only is read-only. Idempotent."""
+  drops = [('absl', ('CheckpointManagerOptions.read_only=True', 'Given directory is read only'))]
+  if not on_tpu_host():
+    drops.append(('jax._src.xla_bridge', ("Unable to initialize backend 'tpu'",)))
+  for name, prefixes in drops:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+      logger.addFilter(_DropPrefixes(prefixes))
 
 
 def tune_xla_cpu_flags() -> bool:
@@ -38,14 +70,22 @@ def tune_xla_cpu_flags() -> bool:
   Only a backend started afterwards sees them, so entrypoints call this first; a no-op once JAX
   has started (a notebook that already ran JAX keeps the defaults). GPU/TPU ignore the flags.
   """
-  from jax._src import xla_bridge  # backends_are_initialized has no public spelling.
-  if xla_bridge.backends_are_initialized():
+  if backends_started(default=True):
     return False
   current = os.environ.get('XLA_FLAGS', '')
   todo = [f for f in (*_XLA_CPU_FLAGS, *COLLECTIVE_WAIT_FLAGS) if f.split('=')[0] not in current]
   if todo:
     os.environ['XLA_FLAGS'] = ' '.join([current, *todo]).strip()
   return bool(todo)
+
+
+def backends_started(default: bool) -> bool:
+  """Whether jax has started a backend in this process; `default` where this jax cannot say (the
+  check is private, `jax._src.xla_bridge.backends_are_initialized`, and may go)."""
+  if 'jax' not in sys.modules:
+    return False
+  check = getattr(sys.modules.get('jax._src.xla_bridge'), 'backends_are_initialized', None)
+  return default if check is None else bool(check())
 
 
 def step_compiler_options(model_cfg, platform: str | None = None) -> dict | None:

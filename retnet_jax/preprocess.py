@@ -394,8 +394,9 @@ class Args:
 def _mp_context():
   """fork where it is safe (no other thread, no JAX backend started): workers start at once and
   need not import the caller's main module; spawn otherwise."""
-  bridge = sys.modules.get('jax._src.xla_bridge')
-  started = bridge is not None and bridge.backends_are_initialized()
+  # jax's check is private (and may go): where it is absent, assume a backend has started.
+  check = getattr(sys.modules.get('jax._src.xla_bridge'), 'backends_are_initialized', None)
+  started = 'jax' in sys.modules and (check is None or check())
   if sys.platform == 'linux' and threading.active_count() == 1 and not started:
     return multiprocessing.get_context('fork')
   return multiprocessing.get_context('spawn')

@@ -74,6 +74,9 @@ def choose(q_shape, v_shape, dtype, *, form='chunkwise', chunk_size=64, impl='au
   if not on_accelerator:
     return Choice('xla', None, f'platform {platform}: the kernel is compiled only for GPU/TPU')
   H, K, V = q_shape[2], q_shape[3], v_shape[-1]
+  why = retention_pallas.backend_unavailable(target)
+  if why:
+    return Choice('xla', None, f'the {target} kernel is unavailable: {why}')
   why = retention_pallas.unsupported(H, K, V, chunk_size, dtype, target)
   if why:
     return Choice('xla', None, f'the {target} kernel does not support {why}')

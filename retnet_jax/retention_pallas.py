@@ -26,19 +26,22 @@ last chunk decays the state by γ^{L}, not γ^C: nothing is ever divided by a po
 Resets (document boundaries) only mask these factors, chunk by chunk, in both passes: D_ij keeps
 tokens i, j of one segment, ξ_i tokens before the chunk's first reset, ζ_j tokens of the chunk's
 last segment, and γ^L becomes 0 in a chunk with a reset. Three per-token [B, T, 1] float32 inputs
-carry what the masks need (`_segment_inputs`); D's mask is E Eᵀ with E the one-hot of each token's
-segment start in the chunk, a C × C product that Triton and Mosaic both lower.
+carry what the masks need (`_segment_inputs`); D's mask keeps i, j whose segments start at the
+same position of the chunk (the start column compared with itself as a row), and selects.
 
 Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk`):
-- 'gpu' (Pallas Triton): grid (B, H, V/BV); each program holds its head's whole sequence as a ref
-  and walks the chunks with an in-kernel `lax.fori_loop`, the state in registers.
+- 'gpu' (Pallas Triton): grid (B, H, V/BV · K/BK); each program holds its head's whole sequence
+  as a ref and walks the chunks with an in-kernel `lax.fori_loop`, a [BK, BV] state in registers.
+  The forward takes the whole K; the backward splits K in blocks (every term above is a sum over
+  key blocks, so dQ and dK are written per key block and dV sums float32 partials over them).
 - 'tpu' (Pallas Mosaic): grid (B, H, V/BV, N) with the chunk axis last and 'arbitrary'; the state
   lives in a VMEM scratch buffer across grid steps; blocks are [C, K] / [C, BV] tiles.
 Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
-dtype (float32 operands ask for full precision; with bfloat16 inputs the float32 state enters Q·S as
-bfloat16, as in fla, where the XLA path keeps it float32), products accumulate in float32 and the
-carried state stays float32. d log γ is computed from dQ, dK and the final state with plain jnp;
-masking changes none of the exponents, so the same formula holds with resets.
+dtype (float32 operands ask for full precision: three TF32 passes compiled for a GPU; with bfloat16
+inputs the float32 state enters Q·S as bfloat16, as in fla, where the XLA path keeps it float32),
+products accumulate in float32 and the carried state stays float32. d log γ is computed from dQ, dK
+and the final state with plain jnp; masking changes none of the exponents, so the same formula holds
+with resets.
 
 Under a sharded `jit` the compiler does not partition a pallas_call (it would gather the operands),
 so the dispatcher (`retention_ops.retention`) runs the kernel per shard of batch and heads (a
@@ -56,30 +59,37 @@ import jax.numpy as jnp
 
 from retnet_jax import retention
 
-try:  # Either backend's module may be missing from some jax builds; each is only needed there.
-  from jax.experimental.pallas import tpu as pltpu
-except ImportError:  # pragma: no cover
-  pltpu = None
+from jax.experimental.pallas import tpu as pltpu
+
+# Pallas' Triton backend: deprecated since jax 0.11 and due to be removed. Where it is absent the
+# 'gpu' kernel is unavailable and `retention_ops.choose` falls back to XLA (`backend_unavailable`).
 try:
-  from jax.experimental.pallas import triton as plgpu
+  from jax.experimental.pallas import triton as pl_triton
 except ImportError:  # pragma: no cover
-  plgpu = None
+  pl_triton = None
 
 F32 = jnp.float32
 TARGETS = ('gpu', 'tpu')
-GPU_MAX_BLOCK_V = 64  # [K, BV] float32 state in registers: fla's fused_chunk uses 64 too.
+GPU_MAX_BLOCK = 64  # K and V blocks on GPU: fla splits K and V into blocks of at most 64 too.
+GPU_MAX_BLOCK_F32 = 32  # float32 tiles take twice the registers and shared memory.
+GPU_FORWARD_STATE = 128 * 64  # Most float32 state values a forward program keeps in registers.
 TPU_BLOCK_V = 128
-_SMEM = None if pltpu is None else getattr(pltpu, 'SMEM', None) or pltpu.MemorySpace.SMEM
 
 
-def _compiler_params(target, state_size):
-  """Triton warps (more for a bigger register-resident state) or Mosaic grid semantics."""
+def backend_unavailable(target) -> str | None:
+  """Why this jax cannot compile the kernel for `target`; None when it can."""
+  if target == 'gpu' and getattr(pl_triton, 'CompilerParams', None) is None:
+    return "this jax has no Pallas Triton backend (jax.experimental.pallas.triton)"
+  return None
+
+
+def _compiler_params(target, state_size, wide):
+  """Triton warps: 4 for a state of at most 64 × 64 values, else 8, and 8 for a pass with more live
+  tiles (`wide`: the dK/dV pass, or reset masks); or Mosaic's grid semantics."""
   if target == 'gpu':
-    cls = getattr(plgpu, 'CompilerParams', None) or getattr(plgpu, 'TritonCompilerParams')
-    return cls(num_warps=4 if state_size <= 64 * 64 else 8, num_stages=2)
-  cls = getattr(pltpu, 'CompilerParams', None) or getattr(pltpu, 'TPUCompilerParams')
-  parallel, arbitrary = getattr(pltpu, 'PARALLEL', 'parallel'), getattr(pltpu, 'ARBITRARY', 'arbitrary')
-  return cls(dimension_semantics=(parallel,) * 3 + (arbitrary,))
+    warps = 4 if state_size <= 64 * 64 and not wide else 8
+    return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+  return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,15 +100,30 @@ def _pow2(n):
   return n > 0 and n & (n - 1) == 0
 
 
-def default_block_v(V, target):
+def _gpu_max_block(dtype):
+  return GPU_MAX_BLOCK_F32 if jnp.dtype(dtype) == jnp.dtype(F32) else GPU_MAX_BLOCK
+
+
+def default_block_v(V, target, K=None, dtype=jnp.bfloat16):
+  """The forward's value block: on GPU at most 64 and small enough that the [K, BV] float32 state
+  stays within GPU_FORWARD_STATE values."""
   if target == 'tpu':
     return TPU_BLOCK_V if V % TPU_BLOCK_V == 0 else V
-  return min(V, GPU_MAX_BLOCK_V)
+  bv = min(V, _gpu_max_block(dtype))
+  while K and K * bv > GPU_FORWARD_STATE and bv > 16:
+    bv //= 2
+  return bv
+
+
+def default_block_k(K, target, dtype=jnp.bfloat16):
+  """The backward passes' key block: at most 64 on GPU (the state and the dK, dQ tiles of one
+  program are [BK, BV] and [C, BK]); the whole K on TPU."""
+  return min(K, _gpu_max_block(dtype)) if target == 'gpu' else K
 
 
 def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
   """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); None when it can."""
-  bv = block_v or default_block_v(V, target)
+  bv = block_v or default_block_v(V, target, K, dtype)
   if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'
   if V % bv:
@@ -107,8 +132,8 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
     # Triton tensors have power-of-two sizes and tl.dot needs every dimension ≥ 16.
     if not all(_pow2(x) and x >= 16 for x in (K, bv, chunk_size)):
       return f'K = {K}, block_v = {bv}, chunk = {chunk_size} must be powers of two ≥ 16'
-    if K > 256 or bv > 128 or chunk_size > 128:
-      return f'K = {K} > 256, block_v = {bv} > 128 or chunk = {chunk_size} > 128 (registers)'
+    if K > 256 or bv > 64 or chunk_size > 128:
+      return f'K = {K} > 256, block_v = {bv} > 64 or chunk = {chunk_size} > 128 (registers)'
     return None
   if target == 'tpu':
     # Mosaic blocks: the last two dims are multiples of (8, 128) or the whole array dim; the
@@ -126,9 +151,14 @@ def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
 # Per-chunk maths, shared by both drivers. Values only (no refs): ops that Triton and Mosaic lower.
 
 
+# float32 operands: full precision. Compiled for a GPU, three TF32 tensor-core passes (about
+# float32's accuracy) instead of Triton's IEEE FMA loops, which spill; set while tracing a kernel.
+_F32_DOT = {'precision': lax.Precision.HIGHEST}
+
+
 def _dot(a, b, contract=(1, 0)):
   """2-D matmul contracting a's dim contract[0] with b's dim contract[1], float32 accumulation."""
-  precision = lax.Precision.HIGHEST if a.dtype == F32 else None  # Triton's DEFAULT for f32 is TF32.
+  precision = _F32_DOT['precision'] if a.dtype == F32 else None  # Triton's DEFAULT is TF32.
   return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
                          precision=precision, preferred_element_type=F32)
 
@@ -160,10 +190,14 @@ def _mask_consts(consts, start_C1, open_C1, tail_C1):
   decay_CC, xi_C1, zeta_C1, carry_11 = consts
   C = start_C1.shape[0]
   col_1C = lax.broadcasted_iota(jnp.int32, (1, C), 1).astype(F32)
-  onehot_CC = (start_C1 == col_1C).astype(F32)  # Row i: the position where i's segment starts.
-  same_segment_CC = _dot(onehot_CC, onehot_CC, (1, 1))
-  return (decay_CC * same_segment_CC, xi_C1 * open_C1, zeta_C1 * tail_C1,
-          carry_11 * jnp.min(open_C1, axis=0, keepdims=True))
+  # Tokens i, j share a segment when their segments start at the same position: the start column
+  # as a row (a masked sum over the diagonal: exact, no matmul), compared, then selected.
+  row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0).astype(F32)
+  start_1C = jnp.sum(jnp.where(row_CC == col_1C, start_C1, 0.0), axis=0, keepdims=True)
+  same_segment_CC = start_C1 == start_1C
+  return (jnp.where(same_segment_CC, decay_CC, 0.0), jnp.where(open_C1 > 0.5, xi_C1, 0.0),
+          jnp.where(tail_C1 > 0.5, zeta_C1, 0.0),
+          jnp.where(jnp.min(open_C1, axis=0, keepdims=True) > 0.5, carry_11, 0.0))
 
 
 def _forward_chunk(consts, ins, state_KB):
@@ -203,8 +237,9 @@ def _dkv_chunk(consts, ins, grad_KB):
 
 
 # ----------------------------------------------------------------------------------------------
-# Drivers: one pallas_call per pass. Operands are [B, Tp, H·K] ('k'), [B, Tp, H·V] ('v', split in
-# value blocks) or float32 partials [NV, B, Tp, H·K] ('kp', one per value block).
+# Drivers: one pallas_call per pass. Operands are [B, Tp, H·K] ('k', split in key blocks of BK),
+# [B, Tp, H·V] ('v', split in value blocks of BV), or float32 partials [NV, B, Tp, H·K] ('kp', one
+# per value block) and [NK, B, Tp, H·V] ('vp', one per key block).
 
 
 def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log_gamma_H, *,
@@ -213,35 +248,36 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
   segments: () without resets, else the three [B, Tp, 1] inputs of `_segment_inputs`.
   """
-  B, Tp, H, K, V, BV = dims
-  C, NV, N = chunk, V // BV, Tp // chunk
+  B, Tp, H, K, V, BK, BV = dims
+  C, NK, NV, N = chunk, K // BK, V // BV, Tp // chunk
   last_length = length - (N - 1) * C  # L of the last chunk; C when T divides evenly.
   tpu = target == 'tpu'
-  width = {'k': K, 'v': BV, 'kp': K, 's': 1}
+  width = {'k': BK, 'v': BV, 'kp': BK, 'vp': BV, 's': 1}
   n_seg = len(segments)
   ins, in_kinds = (*ins, *segments), (*in_kinds, *('s',) * n_seg)
   rows = C if tpu else Tp  # Block length along time: one chunk (tpu) or the whole sequence (gpu).
 
+  def blocks(jk):
+    """(value block, key block) of the third grid index: NV·NK programs on GPU, NV on TPU."""
+    return (jk, 0) if tpu else (jk // NK, jk % NK)
+
   def block(kind, chunk_index):
     """BlockSpec of an operand kind; chunk_index(grid ids) -> time-block index."""
-    def index_map(b, h, j, *i):
-      n = chunk_index(*i)
-      if kind == 'k':
-        return b, n, h
-      if kind == 's':
-        return b, n, 0
-      if kind == 'v':
-        return b, n, h * NV + j
-      return j, b, n, h
-    shape = (None, rows, width[kind]) if kind != 'kp' else (None, None, rows, width[kind])
+    def index_map(b, h, jk, *i):
+      n, (j, kb) = chunk_index(*i), blocks(jk)
+      return {'k': lambda: (b, n, h * NK + kb), 's': lambda: (b, n, 0),
+              'v': lambda: (b, n, h * NV + j), 'kp': lambda: (j, b, n, h * NK + kb),
+              'vp': lambda: (kb, b, n, h * NV + j)}[kind]()
+    shape = (None, None, rows, width[kind]) if kind in ('kp', 'vp') else (None, rows, width[kind])
     return pl.BlockSpec(shape, index_map)
 
-  out_shapes = []
-  for kind, dtype in zip(out_kinds, out_dtypes):
-    shape = (B, Tp, H * K) if kind == 'k' else (B, Tp, H * V) if kind == 'v' else (NV, B, Tp, H * K)
-    out_shapes.append(jax.ShapeDtypeStruct(shape, dtype))
+  shapes = {'k': (B, Tp, H * K), 'v': (B, Tp, H * V), 'kp': (NV, B, Tp, H * K),
+            'vp': (NK, B, Tp, H * V)}
+  out_shapes = [jax.ShapeDtypeStruct(shapes[kind], dtype)
+                for kind, dtype in zip(out_kinds, out_dtypes)]
   out_shapes.append(jax.ShapeDtypeStruct((B, H, K, V), F32))
-  state_spec = pl.BlockSpec((None, None, K, BV), lambda b, h, j, *i: (b, h, 0, j))
+  state_spec = pl.BlockSpec((None, None, BK, BV),
+                            lambda b, h, jk, *i: (b, h, blocks(jk)[1], blocks(jk)[0]))
   n_in, n_out = len(ins), len(out_kinds)
 
   def consts(lam, n, invariant):
@@ -275,8 +311,8 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
       s_out_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(F32))
 
-    grid = (B, H, NV)
-    in_specs = [pl.BlockSpec((1,), lambda b, h, j: (h,))]  # log γ of the program's head.
+    grid = (B, H, NV * NK)
+    in_specs = [pl.BlockSpec((1,), lambda b, h, jk: (h,))]  # log γ of the program's head.
     in_specs += [block(kind, lambda: 0) for kind in in_kinds]
     out_specs = [block(kind, lambda: 0) for kind in out_kinds]
     scratch = ()
@@ -304,17 +340,24 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
     grid = (B, H, NV, N)
     chunk_index = (lambda i: N - 1 - i) if reverse else (lambda i: i)
-    in_specs = [pl.BlockSpec(memory_space=_SMEM)]  # All of log γ, read as scalars.
+    in_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)]  # All of log γ, read as scalars.
     in_specs += [block(kind, chunk_index) for kind in in_kinds]
     out_specs = [block(kind, chunk_index) for kind in out_kinds]
     scratch = (pltpu.VMEM((K, BV), F32),)
 
-  return pl.pallas_call(
+  call = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs + [state_spec], out_specs=out_specs + [state_spec],
       out_shape=out_shapes, scratch_shapes=scratch, interpret=interpret,
-      compiler_params=None if interpret else _compiler_params(target, K * BV),
-      name=f'retention_{chunk_fn.__name__.strip("_")}',
-  )(log_gamma_H.astype(F32), *ins, state_BHKV)
+      compiler_params=None if interpret else _compiler_params(
+          target, BK * BV, wide=chunk_fn is _dkv_chunk or bool(n_seg)),
+      name=f'retention_{chunk_fn.__name__.strip("_")}')
+  gpu_compiled = target == 'gpu' and not interpret
+  _F32_DOT['precision'] = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if gpu_compiled
+                           else lax.Precision.HIGHEST)
+  try:
+    return call(log_gamma_H.astype(F32), *ins, state_BHKV)
+  finally:
+    _F32_DOT['precision'] = lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,32 +388,36 @@ def _segment_inputs(reset_BT, Tp, C):
 
 
 def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static, interpret):
-  chunk, length, target, BV = static
+  chunk, length, target, BV, _ = static
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   o_BTV, final_BHKV = _scan_chunks(
       _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), ('v',),
-      (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, BV), chunk=chunk,
+      (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, K, BV), chunk=chunk,
       length=length, reverse=False, target=target, interpret=interpret, segments=segments)
   residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV)
   return (o_BTV.reshape(B, Tp, H, V), final_BHKV), residuals
 
 
 def _fused_bwd(static, interpret, residuals, cotangents):
-  chunk, length, target, BV = static
+  chunk, length, target, BV, BK = static
   q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV = residuals
   do_BTHV, dfinal_BHKV = cotangents
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   do_BTHV = do_BTHV.astype(v_BTHV.dtype)
   q, k, v, do = map(_flat, (q_BTHK, k_BTHK, v_BTHV, do_BTHV))
-  common = dict(dims=(B, Tp, H, K, V, BV), chunk=chunk, length=length, target=target,
+  common = dict(dims=(B, Tp, H, K, V, BK, BV), chunk=chunk, length=length, target=target,
                 interpret=interpret, segments=segments)
   dq_JBTK, _ = _scan_chunks(_dq_chunk, (k, v, do), ('k', 'v', 'v'), ('kp',), (F32,), state_BHKV,
                             log_gamma_H, reverse=False, **common)
+  # With K in blocks, dV sums over them (float32 partials); with one block it is written directly.
+  dv_kind, dv_dtype = ('v', v_BTHV.dtype) if BK == K else ('vp', F32)
   dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
-      _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', 'v'), (F32, v_BTHV.dtype),
+      _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', dv_kind), (F32, dv_dtype),
       dfinal_BHKV.astype(F32), log_gamma_H, reverse=True, **common)
+  if dv_kind == 'vp':
+    dv_BTV = dv_BTV.sum(0).astype(v_BTHV.dtype)
   dq_BTHK = dq_JBTK.sum(0).reshape(B, Tp, H, K)
   dk_BTHK = dk_JBTK.sum(0).reshape(B, Tp, H, K)
   # d log γ from the other gradients: with a_t = (t+1) log γ, the operator only sees q_t e^{a_t},
@@ -393,15 +440,17 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, target=None,
-              interpret=False, block_v=None):
+              interpret=False, block_v=None, block_k=None):
   """Chunkwise retention (eq. 7) by the fused kernels; the semantics of `retention.chunkwise`.
 
   target: the lowering the kernels are built for, 'gpu' (Triton) or 'tpu' (Mosaic). Given, it is
   built for that target whether or not this process has its backend (e.g. compiled for TPU
   devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
   unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
-  block_v: value columns per program (default 64 on GPU, 128 on TPU, at most V). Interpret mode
-  takes any shape; compiled, `unsupported` must be None. reset [B, T] bool, as in `retention`.
+  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 32 in float32, 128 on
+  TPU). block_k: key columns per program of the backward passes (`default_block_k`: at most 64 on
+  GPU, 32 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must
+  be None. reset [B, T] bool, as in `retention`.
   """
   B, T, H, K, V = retention.check_shapes(q, k, v, log_gamma, state, reset)
   if chunk_size < 1:
@@ -414,7 +463,12 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
     target = 'tpu' if backend == 'tpu' else 'gpu'
   if target not in TARGETS:
     raise ValueError(f'target must be one of {TARGETS}; got {target!r}.')
-  block_v = block_v or default_block_v(V, target)
+  block_v = block_v or default_block_v(V, target, K, v.dtype)
+  block_k = block_k or default_block_k(K, target, v.dtype)
+  if K % block_k or (target == 'tpu' and block_k != K):
+    raise ValueError(f'block_k {block_k} must divide K = {K} (and be K on TPU).')
+  if not interpret and backend_unavailable(target):
+    raise ValueError(f'The Pallas retention kernel cannot run: {backend_unavailable(target)}.')
   why = unsupported(H, K, V, chunk_size, v.dtype, target, block_v)
   if why and not interpret:
     raise ValueError(f'The Pallas retention kernel does not support {why}.')
@@ -427,5 +481,5 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
   segments = () if reset is None else _segment_inputs(reset, T + pad, chunk_size)
   o_BTHV, final_BHKV = _fused(q, k, v, log_gamma.astype(F32), state.astype(F32), segments,
-                              (chunk_size, T, target, block_v), interpret)
+                              (chunk_size, T, target, block_v, block_k), interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV

@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
-# Downloads the wheels the GPU check carries (experiments/gpu_wheels.txt, for Python 3.12 on
-# manylinux x86-64, dependencies not resolved: the list names every one) into .whl/ (ignored by
-# git), removes wheels of that folder the list no longer names, and prints the size that travels
-# with the working tree (at most 64 MiB in all).
+# Downloads the carried wheels (experiments/carry/wheels.txt, for Python 3.12 on manylinux x86-64,
+# dependencies not resolved: the list names every one) into .whl/ (ignored by git), removes wheels
+# of that folder the list no longer names, and prints the size that travels with the working tree
+# (at most 64 MiB in all). A pin without a Python 3.12 wheel fails here.
 #
-#   bash experiments/gpu_wheels.sh [DEST]        # DEST defaults to .whl
+#   bash experiments/carry/wheels.sh [DEST]        # DEST defaults to .whl
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 dest=${1:-.whl}
 mkdir -p "$dest"
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-  -d "$dest" -r experiments/gpu_wheels.txt
+  -d "$dest" -r experiments/carry/wheels.txt
 python3 - "$dest" <<'PY'
 import os, re, sys
 dest = sys.argv[1]
 canon = lambda n: re.sub(r'[-_.]+', '-', n).lower()
 want = {}
-for line in open('experiments/gpu_wheels.txt'):
+for line in open('experiments/carry/wheels.txt'):
   line = line.split('#', 1)[0].strip()
   if line:
     name, _, version = line.partition('==')
