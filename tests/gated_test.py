@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
+from retnet_jax import decay
+from retnet_jax import model as model_lib
 from retnet_jax import retention
 from retnet_jax import retention_ops
+from tests import util
 from tests.util import rel_err
 
 K_DIM, V_DIM = 5, 6  # K ≠ V on purpose.
@@ -229,3 +234,80 @@ def test_the_kernel_refuses_a_per_token_decay():
   with pytest.raises(ValueError, match='per-token'):
     retention_ops.choose((2, 64, 4, 128), (2, 64, 4, 128), jnp.float32, impl='pallas',
                          per_token_decay=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layer: model.gamma='gated'.
+
+
+def _gated_model(**overrides):
+  cfg = util.model_config(model__gamma='gated', **overrides)
+  model = model_lib.create(cfg, seed=2)
+  graphdef, params = nnx.split(model)
+  run = jax.jit(lambda toks, state, seg, form: nnx.merge(graphdef, params)(
+      toks, state, form=form, segment_ids=seg), static_argnames='form')
+  return model, cfg, run
+
+
+def test_gated_layer_gate_is_per_token_and_bounded():
+  """W_γ [D, H] per layer; log γ_t = logsigmoid(x W_γ) / τ within [floor, 0]; τ = 16 at 0 logits."""
+  model, cfg, _ = _gated_model(model__gate_floor=-0.5)
+  ret = nnx.to_pure_dict(nnx.state(model))['blocks']['retention']
+  assert ret['wgamma'].shape == (cfg.num_layers, cfg.embed_dim, cfg.num_heads)
+  x = jax.random.normal(jax.random.key(0), (2, 9, cfg.embed_dim)) * 30
+  w = jnp.asarray(ret['wgamma'][0])
+  g = decay.gate(x @ w, cfg.gate_temperature, cfg.gate_floor)
+  assert g.shape == (2, 9, cfg.num_heads) and jnp.all(g <= 0) and jnp.all(g >= -0.5)
+  np.testing.assert_allclose(decay.gate(jnp.zeros(3), 16.0), np.full(3, -np.log(2) / 16), rtol=1e-6)
+
+
+def test_gated_layer_prefill_then_decode_equals_one_pass():
+  """Logits of x[:n] then x[n:] (and token by token) with the carried state equal one pass; with
+  packed documents (resets) the same holds."""
+  _, cfg, run = _gated_model()
+  T = 37
+  toks = jax.random.randint(jax.random.key(3), (2, T), 0, cfg.vocab_size)
+  seg = jnp.asarray(np.repeat([[1] * 9 + [2] * 20 + [3] * 8], 2, axis=0), jnp.int32)
+  for segs in (None, seg):
+    ref, ref_state = run(toks, None, segs, 'parallel')
+    for form in ('chunkwise', 'recurrent'):
+      out, state = run(toks, None, segs, form)
+      assert rel_err(out, ref) <= 1e-4 and rel_err(state.layers, ref_state.layers) <= 1e-4, form
+    for n in (1, 16, 20, T - 1):
+      sl = lambda a, b: None if segs is None else segs[:, a:b]
+      first, state = run(toks[:, :n], None, sl(0, n), 'chunkwise')
+      second, state = run(toks[:, n:], state, sl(n, T), 'chunkwise')
+      assert rel_err(jnp.concatenate([first, second], 1), ref) <= 1e-4, n
+      assert rel_err(state.layers, ref_state.layers) <= 1e-4, n
+    first, state = run(toks[:, :20], None, None if segs is None else segs[:, :20], 'chunkwise')
+    outs = [first]
+    for t in range(20, T):
+      out, state = run(toks[:, t:t + 1], state, None if segs is None else segs[:, t:t + 1],
+                       'recurrent')
+      outs.append(out)
+    assert state.layers.shape[-2:] == (cfg.head_dim, cfg.value_head_dim)  # Constant-size state.
+    assert rel_err(jnp.concatenate(outs, 1), ref) <= 1e-4
+
+
+def test_gated_layer_gradient_reaches_the_gate():
+  model, cfg, _ = _gated_model()
+  toks = jax.random.randint(jax.random.key(4), (2, 21), 0, cfg.vocab_size)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params):
+    logits, _ = nnx.merge(graphdef, params)(toks)
+    return jnp.mean(logits**2)
+
+  grads = nnx.to_pure_dict(jax.grad(loss)(params))
+  g = np.asarray(grads['blocks']['retention']['wgamma'])
+  assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model__decay_row_norm': True}, 'decay_row_norm needs a fixed'),
+    ({'model__gate_temperature': 0.0}, 'gate_temperature must be positive'),
+    ({'model__gate_floor': 0.5}, 'gate_floor must be a log'),
+])
+def test_bad_gated_config_is_refused(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    util.model_config(model__gamma='gated', **overrides)
