@@ -311,3 +311,17 @@ def test_gated_layer_gradient_reaches_the_gate():
 def test_bad_gated_config_is_refused(overrides, message):
   with pytest.raises(ValueError, match=message):
     util.model_config(model__gamma='gated', **overrides)
+
+
+@pytest.mark.slow
+def test_gamma_ablation_reports_the_gate_spread(tmp_path):
+  """Two 2-step runs (retnet, gated): the table's gate column and γ table read the learned gates."""
+  from experiments import gamma_ablation  # pylint: disable=g-import-not-at-top
+  from tests.experiments_test import TINY  # pylint: disable=g-import-not-at-top
+  rows = gamma_ablation.run(str(tmp_path), quick=True, steps=2, schedules=('retnet', 'gated'),
+                            overrides=TINY)
+  assert [r['schedule'] for r in rows] == ['retnet', 'gated']
+  assert rows[0]['gate_spread'] == '' and rows[1]['gate_spread'].startswith('h0 0.')
+  with open(tmp_path / 'table.md') as f:
+    md = f.read()
+  assert 'gate γ_t per head' in md and 'gated (mean γ_t on held-out data' in md
