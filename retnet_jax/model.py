@@ -61,9 +61,11 @@ class ModelConfig:
   gamma_values: tuple[float, ...] = ()
   gamma_init: str = 'retnet'
   # gamma='gated' (decay.GATED): a per-token decay log γ_t = logsigmoid(x_t W_γ) / gate_temperature
-  # (YOCO's gated retention, fla's simple GLA), at least gate_floor (a log γ < 0) when set.
+  # (YOCO's gated retention, fla's simple GLA), at least gate_floor (a log γ < 0) when set;
+  # gate_bias adds a learned b_γ [H] to x_t W_γ (fla's SimpleGatedLinearAttention has one, YOCO not).
   gate_temperature: float = 16.0
   gate_floor: float | None = None
+  gate_bias: bool = False
   form: str = 'chunkwise'  # Default retention form: 'parallel' | 'chunkwise' | 'recurrent'.
   chunk_size: int = 64
   # Chunkwise implementation (retention_ops): 'auto' (the fused Pallas kernel on GPU/TPU where it
@@ -258,13 +260,17 @@ class MultiScaleRetention(nnx.Module):
     else:
       self.decay_log_rate = None
     # W_γ of gated retention (fla's gk_proj; no bias), torch's Linear initialisation as in fla.
-    self.wgamma = (_param(rngs, _TORCH_LINEAR, (D, H), ('embed', 'heads'), pd)
-                   if cfg.gamma == decay.GATED else None)
+    gated = cfg.gamma == decay.GATED
+    self.wgamma = _param(rngs, _TORCH_LINEAR, (D, H), ('embed', 'heads'), pd) if gated else None
+    self.bgamma = (nnx.Param(jnp.zeros((H,), pd), logical_axes=('heads',))
+                   if gated and cfg.gate_bias else None)
 
   def log_gamma(self, x_BTD=None):
     """log γ float32: per head [H], or per token [B, T, H] for gamma='gated' (from x [B, T, D])."""
     if self.wgamma is not None:
       logits_BTH = dense(x_BTD, self.wgamma[...], jnp.dtype(self.cfg.dtype), out_dtype=F32)
+      if self.bgamma is not None:
+        logits_BTH = logits_BTH + self.bgamma[...].astype(F32)
       log_gamma_BTH = decay.gate(logits_BTH, self.cfg.gate_temperature, self.cfg.gate_floor)
       return sharding.constrain(log_gamma_BTH, ('batch', 'length', 'heads'))
     if self.decay_log_rate is not None:

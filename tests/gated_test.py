@@ -290,7 +290,7 @@ def test_gated_layer_prefill_then_decode_equals_one_pass():
 
 
 def test_gated_layer_gradient_reaches_the_gate():
-  model, cfg, _ = _gated_model()
+  model, cfg, _ = _gated_model(model__gate_bias=True)
   toks = jax.random.randint(jax.random.key(4), (2, 21), 0, cfg.vocab_size)
   graphdef, params = nnx.split(model, nnx.Param)
 
@@ -299,8 +299,10 @@ def test_gated_layer_gradient_reaches_the_gate():
     return jnp.mean(logits**2)
 
   grads = nnx.to_pure_dict(jax.grad(loss)(params))
-  g = np.asarray(grads['blocks']['retention']['wgamma'])
-  assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
+  for name, shape in (('wgamma', (cfg.num_layers, cfg.embed_dim, cfg.num_heads)),
+                      ('bgamma', (cfg.num_layers, cfg.num_heads))):
+    g = np.asarray(grads['blocks']['retention'][name])
+    assert g.shape == shape and np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
 
 
 @pytest.mark.parametrize('overrides,message', [
