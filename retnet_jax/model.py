@@ -132,6 +132,8 @@ class ModelConfig:
     if self.kind == 'retnet' and self.gamma == decay.GATED:
       need(not self.decay_row_norm, "decay_row_norm needs a fixed γ per head; gamma='gated' "
            'decays per token (its per-head norm cancels the scale anyway).')
+      need(self.retention_impl != 'pallas',
+           "retention_impl='pallas': the kernel takes one γ per head, not gamma='gated'.")
     elif self.kind == 'retnet':
       self.gammas()  # Raises on an unknown or impossible schedule.
 

@@ -127,7 +127,7 @@ def _reset_weights(seg_BT, xi_BTH, zeta_BTH, carry_BH):
           carry_BH * (seg_BT[:, -1] == 0)[:, None])
 
 
-def weights(log_gamma, B, T, reset_BT=None):
+def _weights(log_gamma, B, T, reset_BT=None):
   """(D, ξ, ζ, carry) of one block of T tokens (see `_fixed_weights`), fixed or per token."""
   seg_BT = None if reset_BT is None else segments(reset_BT)
   if per_token(log_gamma):
@@ -140,7 +140,7 @@ def parallel(q, k, v, log_gamma, state=None, *, reset=None):
   B, T, H, K, V = check_shapes(q, k, v, log_gamma, state, reset)
   dtype = v.dtype
   scores_BHTS = jnp.einsum('bthk,bshk->bhts', q, k, preferred_element_type=F32)
-  decay_BHTS, xi_BTH, zeta_BTH, carry_BH = weights(log_gamma, B, T, reset)
+  decay_BHTS, xi_BTH, zeta_BTH, carry_BH = _weights(log_gamma, B, T, reset)
   o_BTHV = jnp.einsum('bhts,bshv->bthv', (scores_BHTS * decay_BHTS).astype(dtype), v,
                       preferred_element_type=F32)
   k_decayed_BTHK = k.astype(F32) * zeta_BTH[..., None]

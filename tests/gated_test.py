@@ -309,6 +309,7 @@ def test_gated_layer_gradient_reaches_the_gate():
     ({'model__decay_row_norm': True}, 'decay_row_norm needs a fixed'),
     ({'model__gate_temperature': 0.0}, 'gate_temperature must be positive'),
     ({'model__gate_floor': 0.5}, 'gate_floor must be a log'),
+    ({'model__retention_impl': 'pallas'}, 'the kernel takes one γ per head'),
 ])
 def test_bad_gated_config_is_refused(overrides, message):
   with pytest.raises(ValueError, match=message):
