@@ -8,9 +8,8 @@ S_{-1} = S_in (zero by default),
     S_t = γ_t · S_{t−1} + k_tᵀ v_t,      o_t = q_t · S_t                                (eq. 1–2)
         = Σ_{s≤t} (Π_{s<u≤t} γ_u) (q_t · k_s) v_s + (Π_{u≤t} γ_u) q_t S_in
 
-(γ_t = γ for a fixed decay: the products are γ^{t−s} and γ^{t+1}.)
-
-and returns (o [B, T, H, V] in the input dtype, S_{T−1} [B, H, K, V] float32). Products accumulate in
+(for a fixed γ the products are γ^{t−s} and γ^{t+1}) and returns (o [B, T, H, V] in the input dtype,
+S_{T−1} [B, H, K, V] float32). Products accumulate in
 float32 whatever the input dtype. There is no normalisation: the paper's D̃ and R̃ rescalings (§2.2) are
 per-(head, position) scalars that the layer's per-head norm cancels.
 
@@ -25,7 +24,8 @@ The kernels (`retention_pallas`) and the one dispatcher that picks a form and an
 (`retention_ops.retention`) sit above this module; it imports neither.
 
 The fixed and the per-token decay enter only through the weight helpers below (`_fixed_weights`,
-`_token_weights`); every form is otherwise one code path.
+`_token_weights`, their per-chunk versions) and the γ of `step`; every form is otherwise one code
+path, and the fixed γ keeps its own weights (the per-token ones are a separate branch).
 """
 
 from __future__ import annotations
