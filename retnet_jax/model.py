@@ -261,7 +261,7 @@ class MultiScaleRetention(nnx.Module):
       self.decay_log_rate = nnx.Param(jnp.asarray(theta, pd), logical_axes=('heads',))
     else:
       self.decay_log_rate = None
-    # W_γ of gated retention (fla's gk_proj; no bias), torch's Linear initialisation as in fla.
+    # W_γ of gated retention (fla's gk_proj) and its optional bias; torch's Linear initialisation.
     gated = cfg.gamma == decay.GATED
     self.wgamma = _param(rngs, _TORCH_LINEAR, (D, H), ('embed', 'heads'), pd) if gated else None
     self.bgamma = (nnx.Param(jnp.zeros((H,), pd), logical_axes=('heads',))
