@@ -23,7 +23,7 @@ the state then grows, and may overflow.
 The kernels (`retention_pallas`) and the one dispatcher that picks a form and an implementation
 (`retention_ops.retention`) sit above this module; it imports neither.
 
-The fixed and the per-token decay enter only through the weight helpers below (`_fixed_weights`,
+The fixed and the per-token decay enter only through the weight functions below (`_fixed_weights`,
 `_token_weights`, their per-chunk versions) and the γ of `step`; every form is otherwise one code
 path, and the fixed γ keeps its own weights (the per-token ones are a separate branch).
 """
