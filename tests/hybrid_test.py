@@ -181,3 +181,59 @@ def test_command_line_trains_evaluates_and_generates_a_hybrid(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(util.train_losses(str(tmp_path))) >= 2
   assert proc.stdout.strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# fla's RetNet with hybrid attention layers (fla's own model code on CPU, tests/fla_torch.py).
+
+FLA_HYBRIDS = {
+    'one_in_two_kv_grouped': dict(num_hidden_layers=4, num_heads=4, expand_v=2.0,
+                                  attn={'layers': [1, 3], 'num_heads': 4, 'num_kv_heads': 2}),
+    'irregular_windowed': dict(num_hidden_layers=3,
+                               attn={'layers': [1], 'num_heads': 3, 'window_size': 5}),
+}
+
+
+@pytest.mark.parametrize('name', sorted(FLA_HYBRIDS))
+def test_fla_hybrid_imports_at_logits_parity_and_exports_back(name, tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('fla.models')
+  from retnet_jax.convert import fla as fla_format
+  from tests import convert_fla_test as fla_test
+  from tests import convert_util
+  from tests import fla_torch
+  import fla.models as models
+  with fla_torch.patch():
+    fla = (models, 'cpu')
+    c = fla_test.fla_config(**FLA_HYBRIDS[name])
+    model = fla_test.build_fla(fla, c)
+    params, cfg = fla_test.import_cli(model, tmp_path)
+    toks = convert_util.tokens(cfg)
+    ref, _ = fla_test.fla_logits(fla, model, toks)
+  attn = c['attn']
+  mixers = ['attention' if i in attn['layers'] else 'retention' for i in range(cfg.num_layers)]
+  assert list(cfg.layer_mixers) == mixers and cfg.attention_window == attn.get('window_size')
+  for form in ('parallel', 'chunkwise', 'decode'):
+    assert util.rel_err(convert_util.our_logits(params, cfg, toks, form), ref) <= convert_util.TOL, form
+  sd, config = fla_format.to_fla(params, cfg)
+  original = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  assert set(sd) == set(original)
+  assert config['attn']['layers'] == attn['layers']
+  assert config['attn']['window_size'] == attn.get('window_size')
+  if attn.get('num_kv_heads', attn['num_heads']) == attn['num_heads']:  # Repeated heads stay repeated.
+    for key, value in sd.items():
+      np.testing.assert_allclose(value, original[key], rtol=1e-6, err_msg=key)
+
+
+def test_fla_hybrid_options_without_a_counterpart_are_refused_by_name():
+  from retnet_jax.convert import ConversionError
+  from retnet_jax.convert import fla as fla_format
+  from tests import convert_fla_test as fla_test
+  sd = fla_test.fla_state_dict(fla_test.fla_config())
+  for attn, words in (({'layers': [1], 'num_heads': 3, 'qkv_bias': True}, 'qkv_bias'),
+                      ({'layers': [1], 'num_heads': 1}, 'attn num_heads=1'),
+                      ({'layers': [1], 'num_heads': 3, 'rope_theta': 5e5}, 'rope_theta=500000'),
+                      ([{'layers': [0], 'num_heads': 3}, {'layers': [1], 'num_heads': 3,
+                                                          'window_size': 8}], '2 specs')):
+    with pytest.raises(ConversionError, match=words):
+      fla_format.from_fla(sd, fla_test.fla_config(attn=attn))
