@@ -237,3 +237,31 @@ def test_fla_hybrid_options_without_a_counterpart_are_refused_by_name():
                                                           'window_size': 8}], '2 specs')):
     with pytest.raises(ConversionError, match=words):
       fla_format.from_fla(sd, fla_test.fla_config(attn=attn))
+
+
+# ------------------------------------------------------------------------------------------------
+# The TPU ahead-of-time compile (libtpu on this host, no TPU needed).
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__('importlib').util.find_spec('libtpu') is None,
+                    reason='the TPU compiler (libtpu) is not installed')
+@pytest.mark.parametrize('pattern', ['attention', 'retention,attention'])
+def test_tpu_train_step_compiles_with_the_splash_kernel(pattern, tmp_path):
+  """The Transformer's and the hybrid's train step on v5e-4 call the splash-attention kernel (and
+  the hybrid the retention kernels too), as compile.json reports."""
+  from retnet_jax import aot
+  kind = 'transformer' if pattern == 'attention' else 'retnet'
+  c = util.config('retnet_tiny', model__kind=kind, model__layer_pattern=pattern,
+                  model__num_layers=2, model__embed_dim=256, model__num_heads=2,
+                  model__value_dim=512 if kind == 'retnet' else None, model__ffn_dim=512,
+                  model__chunk_size=64, model__dtype='bfloat16', model__attention_window=64,
+                  seq_len=256, batch_size=8, mesh__data=2, mesh__fsdp=2)
+  report = aot.compile_train(c, str(tmp_path), 'v5e-4')
+  attn = report['attention_impl_in_step']
+  assert attn['impl'] == 'splash' and attn['window'] == 64, attn
+  assert any(k.startswith('splash_mha_fwd') for k in attn['kernel_calls_in_step']), attn
+  assert any(k.startswith('splash_mha_dq') or k.startswith('splash_mha_dkv')
+             for k in attn['kernel_calls_in_step']), attn
+  retention = report['retention_impl_in_step']
+  assert retention['impl'] == ('pallas' if kind == 'retnet' else 'none'), retention
