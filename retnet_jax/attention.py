@@ -86,7 +86,7 @@ def choose(q_shape, dtype, *, impl: str = 'auto', platform: str | None = None) -
   if impl == 'xla':
     return Choice('xla', 'attention_impl="xla" asked for')
   if impl == 'splash':
-    return Choice('splash', f'attention_impl="splash" asked for, '
+    return Choice('splash', 'attention_impl="splash" asked for, '
                   + ('compiled for tpu' if platform == 'tpu' else f'interpreted on {platform}'),
                   platform != 'tpu')
   if impl == 'cudnn':
@@ -123,7 +123,7 @@ def attention(q_BTHK, k_BTHK, v_BTHK, *, segment_ids=None, window: int | None = 
   return xla(q_BTHK, k_BTHK, v_BTHK, mask_BTS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(T: int, H: int, window: int | None, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -140,7 +140,7 @@ def _splash_kernel(T: int, H: int, window: int | None, interpret: bool):
 def _splash(q_BTHK, k_BTHK, v_BTHK, segment_ids, window, interpret):
   """The splash kernel, per row ([H, T, K] operands), under a shard_map over the batch's mesh axes."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  B, T, H, K = q_BTHK.shape
+  B, T, _, K = q_BTHK.shape
   seg_BT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
   def rows(q, k, v, seg):  # One device's rows and heads; the kernel takes one row's [H, T, K].

@@ -419,7 +419,7 @@ class Attention(nnx.Module):
   def quadratic(cfg: ModelConfig, form: str) -> bool:
     return True
 
-  def init_state(self, batch: int, max_len: int | None = None) -> 'KVCache':
+  def init_state(self, batch: int, max_len: int | None = None) -> KVCache:
     """An empty cache: a ring of `attention_window` slots, else max_len positions (required)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     S = cfg.attention_window or max_len

@@ -198,11 +198,11 @@ FLA_HYBRIDS = {
 def test_fla_hybrid_imports_at_logits_parity_and_exports_back(name, tmp_path):
   pytest.importorskip('torch')
   pytest.importorskip('fla.models')
+  from fla import models
   from retnet_jax.convert import fla as fla_format
   from tests import convert_fla_test as fla_test
   from tests import convert_util
   from tests import fla_torch
-  import fla.models as models
   with fla_torch.patch():
     fla = (models, 'cpu')
     c = fla_test.fla_config(**FLA_HYBRIDS[name])
@@ -261,7 +261,6 @@ def test_tpu_train_step_compiles_with_the_splash_kernel(pattern, tmp_path):
   attn = report['attention_impl_in_step']
   assert attn['impl'] == 'splash' and attn['window'] == 64, attn
   assert any(k.startswith('splash_mha_fwd') for k in attn['kernel_calls_in_step']), attn
-  assert any(k.startswith('splash_mha_dq') or k.startswith('splash_mha_dkv')
-             for k in attn['kernel_calls_in_step']), attn
+  assert any(k.startswith(('splash_mha_dq', 'splash_mha_dkv')) for k in attn['kernel_calls_in_step'])
   retention = report['retention_impl_in_step']
   assert retention['impl'] == ('pallas' if kind == 'retnet' else 'none'), retention
