@@ -299,7 +299,8 @@ def compiler_flops(compiled) -> float | None:
   return None if value is None else float(value)
 
 
-_KERNEL_OP = re.compile(r'op_name="[^"]*?(retention_[a-z_]+?|splash_[a-z_]+?)_?\)*/pallas_call"')
+_KERNEL_OP = re.compile(r'op_name="[^"]*?(retention_[a-z_]+?)_?\)*/pallas_call"')
+_KERNEL_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?(splash_[a-z_]+?)(?:\.\d+)? = ')  # Named by the kernel.
 
 
 _KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"')
@@ -311,7 +312,7 @@ def kernels_in(compiled) -> dict[str, int]:
   for line in compiled.as_text().splitlines():
     if not any(t in line for t in _KERNEL_TARGETS):
       continue
-    m = _KERNEL_OP.search(line)
+    m = _KERNEL_OP.search(line) or _KERNEL_INSTRUCTION.search(line)
     name = m.group(1) if m else 'other'
     counts[name] = counts.get(name, 0) + 1
   return counts
