@@ -91,17 +91,17 @@ def context_state(setup, batch: int, context: int, new_tokens: int, key):
     def fill(path, s):
       name = getattr(path[-1], 'name', '') if path else ''
       # Slot i of a cache of S slots holds the latest position ≡ i (mod S) before `context`.
-      last, slots = context - 1, jnp.arange(s.shape[-1])
-      pos = last - (last - slots) % s.shape[-1]
+      S = s.shape[-2] if name == 'v' else s.shape[-1]  # v [R, B, H, S, K]; the others end in S.
+      last, slots = context - 1, jnp.arange(S)
+      pos = last - (last - slots) % S
       if name == 'positions':  # [R, S]; empty slots (pos < 0) lie past every query.
         return jnp.broadcast_to(jnp.where(pos >= 0, pos, model_lib.EMPTY_POSITION), s.shape)
       if name == 'segment_ids':  # [R, B, S]: the filled slots hold segment 1.
         return jnp.broadcast_to((pos >= 0).astype(s.dtype), s.shape)
       x = 0.1 * jax.random.normal(jax.random.fold_in(key, ('k', 'v').index(name) if name in ('k', 'v') else 2), s.shape, jnp.float32)
-      if name in ('k', 'v'):  # Only the first `context` cache positions are written.
-        # k [L, B, H, K, S], v [L, B, H, S, K] (model.KVCache).
-        pos = jnp.arange(context + new_tokens)
-        x = jnp.where((pos if name == 'k' else pos[:, None]) < context, x, 0.0)
+      if name in ('k', 'v'):  # Only the filled slots hold values.
+        # k [R, B, H, K, S], v [R, B, H, S, K] (model.KVCache).
+        x = jnp.where((pos >= 0) if name == 'k' else (pos >= 0)[:, None], x, 0.0)
       return x.astype(s.dtype)
 
     return shapes._replace(offset=jnp.asarray(context, jnp.int32),
