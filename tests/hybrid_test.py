@@ -264,3 +264,28 @@ def test_tpu_train_step_compiles_with_the_splash_kernel(pattern, tmp_path):
   assert any(k.startswith(('splash_mha_dq', 'splash_mha_dkv')) for k in attn['kernel_calls_in_step'])
   retention = report['retention_impl_in_step']
   assert retention['impl'] == ('pallas' if kind == 'retnet' else 'none'), retention
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark runner.
+
+
+@pytest.mark.slow
+def test_hybrid_benchmark_writes_tables_and_resumes(tmp_path):
+  from experiments import hybrid
+  tiny = ('model.embed_dim=32', 'model.value_dim=64', 'model.ffn_dim=64', 'seq_len=32',
+          'batch_size=4', 'data.num_eval_batches=1', 'log_every=1', 'mesh.data=1')
+  kwargs = dict(quick=True, steps=2, names=('retnet', 'hybrid_1in2_window'), overrides=tiny,
+                contexts=(16, 48))
+  rows = hybrid.run(str(tmp_path), **kwargs)
+  assert [r['model'] for r in rows] == ['retnet', 'hybrid_1in2_window']
+  assert all(np.isfinite(r['final_eval_loss']) for r in rows)
+  decode = (tmp_path / 'decode.md').read_text()
+  assert 'hybrid_1in2_window | 48 |' in decode and (tmp_path / 'decode.png').exists()
+  # The windowed hybrid's state does not grow with context; retention's never does.
+  with open(tmp_path / 'decode.csv') as f:
+    states = {(r['model'], r['context']): int(r['state_bytes']) for r in __import__('csv').DictReader(f)}
+  assert states[('hybrid_1in2_window', '16')] == states[('hybrid_1in2_window', '48')]
+  metrics = (tmp_path / 'runs' / 'retnet' / 'metrics.jsonl').stat().st_mtime
+  hybrid.run(str(tmp_path), **kwargs)  # Finished runs are skipped.
+  assert (tmp_path / 'runs' / 'retnet' / 'metrics.jsonl').stat().st_mtime == metrics
