@@ -9,7 +9,7 @@ a prefill without a cache) by the implementation `choose` picks, with its reason
 
 - 'xla': einsum + softmax over the [T, T] scores in float32 (the reference; every platform);
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` on GPU (16-bit inputs, head
-  dimensions cuDNN's fused kernel takes; segments as a boolean mask);
+  dimensions cuDNN's fused kernel takes; causal and window native, segments a boolean mask);
 - 'splash': the TPU splash-attention Pallas kernel (causal or local mask, segment ids), interpreted
   on other platforms when asked for by name.
 
@@ -114,13 +114,20 @@ def attention(q_BTHK, k_BTHK, v_BTHK, *, segment_ids=None, window: int | None = 
   choice = choose(q_BTHK.shape, q_BTHK.dtype, impl=impl)
   if choice.impl == 'splash':
     return _splash(q_BTHK, k_BTHK, v_BTHK, segment_ids, window, choice.interpret)
+  if choice.impl == 'cudnn':
+    return fused(q_BTHK, k_BTHK, v_BTHK, segment_ids, window, 'cudnn')
   seg_BT = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
   pos_T = jnp.arange(T)
-  mask_BTS = allowed(pos_T, pos_T, seg_BT, seg_BT, window)
-  if choice.impl == 'cudnn':
-    return jax.nn.dot_product_attention(
-        q_BTHK, k_BTHK, v_BTHK, mask=mask_BTS[:, None], implementation='cudnn')
-  return xla(q_BTHK, k_BTHK, v_BTHK, mask_BTS)
+  return xla(q_BTHK, k_BTHK, v_BTHK, allowed(pos_T, pos_T, seg_BT, seg_BT, window))
+
+
+def fused(q_BTHK, k_BTHK, v_BTHK, segment_ids, window, implementation):
+  """`jax.nn.dot_product_attention`: causal and the window native, documents a boolean mask."""
+  same_B1TS = None if segment_ids is None else (
+      segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return jax.nn.dot_product_attention(
+      q_BTHK, k_BTHK, v_BTHK, mask=same_B1TS, is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
 
 
 @functools.cache

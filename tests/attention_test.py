@@ -56,6 +56,15 @@ def test_splash_kernel_interpreted_matches_the_definition(window):
   assert rel_err(got, reference(q, k, v, seg, window)) <= 1e-4
 
 
+@pytest.mark.parametrize('window', [None, 7])
+def test_the_cudnn_call_means_the_definition(window):
+  """The arguments the cuDNN path passes to jax.nn.dot_product_attention, run by jax's own XLA
+  implementation (the cuDNN kernel needs a GPU)."""
+  q, k, v, seg = _inputs(2, 40, 2, 16, seed=3)
+  got = attention.fused(q, k, v, jnp.asarray(seg), window, 'xla')
+  assert rel_err(got, reference(q, k, v, seg, window)) <= 1e-5
+
+
 def test_bfloat16_inputs_keep_float32_scores():
   q, k, v, seg = _inputs(2, 19, 2, 16, seed=2)
   got = attention.attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)),
