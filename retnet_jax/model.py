@@ -14,8 +14,9 @@ last segment id, and per pattern position that mixer's state stacked over the pa
 so that the logits of x[:n] and then of x[n:] with the carried state equal those of x.
 
 A mixer is a class in `MIXERS` with `init_state(batch, max_len)`, `mixer(x, state, *, positions,
-segment_ids, prev_segment, form) -> (y, state)`, and static answers about itself (`Mixer`) that the
-trainer, generation, scoring and the cost models ask instead of branching on a kind.
+segment_ids, prev_segment, form) -> (y, state)`, and static answers about itself (`state_grows`,
+`state_bytes`, `matmul_params`, `mixing_flops`, `quadratic`) that `ModelConfig` sums over the layers
+for the trainer, generation, scoring and the cost models, which never branch on a kind.
 """
 
 from __future__ import annotations
