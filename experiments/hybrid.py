@@ -22,6 +22,8 @@ Then, per variant on this machine's default device: decode ms/token (batch 1, gr
 context: only shapes matter for time), and the decoding state's bytes per sequence.
 
 Writes into --output_dir: table.md, results.csv (loss), decode.md, decode.csv, decode.png.
+`--compile_depths=4,8,16,32` instead only times compiling the 1-in-4 hybrid's gradient at those
+depths (compile.md): the layers are scanned by repeats of the pattern, so it stays flat in depth.
 """
 
 from __future__ import annotations
@@ -183,15 +185,53 @@ def write_decode(output_dir: str, configs: dict, contexts: Sequence[int]) -> lis
   return rows
 
 
+def compile_seconds(num_layers: int, pattern: str = PATTERNS['hybrid_1in4']) -> float:
+  """Seconds to lower and compile the forward and backward pass of a small hybrid of num_layers."""
+  cfg = model_lib.ModelConfig(num_layers=num_layers, embed_dim=64, num_heads=4, ffn_dim=128,
+                              chunk_size=16, layer_pattern=pattern)
+  setup = model_lib.make_setup(cfg)
+  tokens = jax.ShapeDtypeStruct((2, 64), jnp.int32)
+  loss = lambda p, t: jnp.mean(model_lib.apply_model(setup, p, t)[0])
+  t0 = time.perf_counter()
+  jax.jit(jax.value_and_grad(loss)).lower(model_lib.abstract_params(cfg), tokens).compile()
+  return time.perf_counter() - t0
+
+
+def write_compile_times(output_dir: str, depths: Sequence[int]) -> list[dict]:
+  """compile.md: compile seconds of the 1-in-4 hybrid's gradient against depth (the layer scan)."""
+  rows = [{'layers': n, 'seconds': compile_seconds(n)} for n in depths]
+  device = jax.devices()[0]
+  lines = ['# Hybrid stacks: compile time against depth', '',
+           f'{time.strftime("%Y-%m-%d", time.gmtime())}, {device.platform} ({device.device_kind}), '
+           f'`python -m experiments.hybrid --compile_depths={",".join(map(str, depths))}`: '
+           'forward and backward, width 64, 2×64 tokens, pattern retention,retention,retention,attention',
+           '', '| layers | compile seconds |', '|---|---|']
+  lines += [f'| {r["layers"]} | {r["seconds"]:.1f} |' for r in rows]
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, 'compile.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return rows
+
+
 def main() -> None:
   shared = common.define_flags()
   names = flags.DEFINE_list('models', list(NAMES), 'Models to compare.')
   contexts = flags.DEFINE_list('contexts', None, 'Decode contexts (default 1024,8192,16384; '
                                '--quick: 256,1024).')
+  depths = flags.DEFINE_list('compile_depths', None, 'Only time compiling the 1-in-4 hybrid at '
+                             'these depths (e.g. 4,8,16,32) into compile.md.')
   seeds = common.define_seeds_flag()
-  app.run(lambda argv: common.main_from_flags(
-      run, shared, names=names.value, seeds=seeds.value,
-      contexts=None if contexts.value is None else [int(c) for c in contexts.value]))
+
+  def go(argv):
+    del argv
+    if depths.value:
+      common.setup_logging()
+      print(write_compile_times(shared['output_dir'].value or '.', [int(d) for d in depths.value]))
+      return
+    common.main_from_flags(run, shared, names=names.value, seeds=seeds.value,
+                           contexts=None if contexts.value is None else [int(c) for c in contexts.value])
+
+  app.run(go)
 
 
 if __name__ == '__main__':
