@@ -289,3 +289,18 @@ def test_hybrid_benchmark_writes_tables_and_resumes(tmp_path):
   metrics = (tmp_path / 'runs' / 'retnet' / 'metrics.jsonl').stat().st_mtime
   hybrid.run(str(tmp_path), **kwargs)  # Finished runs are skipped.
   assert (tmp_path / 'runs' / 'retnet' / 'metrics.jsonl').stat().st_mtime == metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh', ['data2_fsdp2_tensor2', 'data2_sequence4'])
+def test_hybrid_training_on_a_mesh_matches_one_device(mesh, tmp_path):
+  """Training losses of a windowed 1-in-2 hybrid with document resets, on 8 devices and on one."""
+  base = dict(model__layer_pattern='retention,attention', model__attention_window=12,
+              model__num_heads=4, model__value_dim=64, model__chunk_size=8, seq_len=64,
+              batch_size=8, total_steps=3, log_every=1, eval_every=3, checkpoint_every=100,
+              reset_at_doc_boundaries=True)
+  one = util.trained_losses(util.config(**base), tmp_path / 'one')
+  sizes = {f'mesh__{a}': n for a, n in MESHES[mesh].items()}
+  got = util.trained_losses(util.config(**base, **sizes), tmp_path / 'mesh')
+  assert len(got) == len(one) == 3
+  np.testing.assert_allclose(got, one, rtol=1e-5)
