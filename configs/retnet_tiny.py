@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       kind='retnet',  # or 'transformer' (configs/transformer_tiny.py)
       layer_pattern='',  # e.g. 'retention,retention,retention,attention'; '' = the kind's mixer
-      attention_window=None,  # attention layers see the last N positions; None = all
+      attention_window=ml_collections.config_dict.placeholder(int),  # last N positions; None = all
       attention_impl='auto',  # retnet_jax.attention.IMPLS; 'auto' picks by platform and shapes
       vocab_size=384,  # 259 byte-level ids, padded to a multiple of 128
       num_layers=4,
