@@ -165,7 +165,8 @@ def _disk_error(e: BaseException) -> OSError | None:
 
 
 # ModelConfig fields that leave the parameters as they are: changing them never blocks a resume.
-PARAMETER_FREE = ('form', 'chunk_size', 'remat', 'retention_impl', 'scan_layers', 'dropout', 'dtype')
+PARAMETER_FREE = ('form', 'chunk_size', 'remat', 'retention_impl', 'scan_layers', 'dropout', 'dtype',
+                  'attention_window', 'attention_impl')
 
 
 def model_differences(saved: model_lib.ModelConfig, current: model_lib.ModelConfig) -> list[str]:

@@ -14,6 +14,7 @@ import math
 import os
 import runpy
 import sys
+import typing
 
 import ml_collections
 
@@ -56,8 +57,13 @@ def parse_config_arg(arg: str | None, keys: tuple[str, ...] = (),
 
 def model_defaults(**changes) -> ml_collections.ConfigDict:
   """config.model: every ModelConfig field at its default, then `changes` (each a known field)."""
+  hints = typing.get_type_hints(model_lib.ModelConfig)
   values = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
             for f in dataclasses.fields(model_lib.ModelConfig)}
+  for name, value in values.items():
+    if value is None:  # A typed placeholder, so that the command line can set it.
+      kinds = [t for t in typing.get_args(hints[name]) if t is not type(None)]
+      values[name] = ml_collections.config_dict.placeholder(kinds[0])
   unknown = sorted(set(changes) - set(values))
   if unknown:
     raise ValueError(f'unknown model field(s) {unknown}; ModelConfig has {sorted(values)}.')

@@ -412,7 +412,7 @@ def test_fla_rejects_unsupported_features():
   sd = fla_state_dict(fla_config())
   for overrides, words in (({'use_short_conv': True}, 'use_short_conv'),
                            ({'num_kv_heads': 2}, 'num_kv_heads=2 must divide num_heads=3'),
-                           ({'attn': {'layers': [1], 'num_heads': 3}}, 'hybrid'),
+                           ({'attn': {'layers': [1], 'num_heads': 3, 'qkv_bias': True}}, 'qkv_bias'),
                            ({'feature_map': 'relu'}, "feature_map='relu'"),
                            ({'hidden_act': 'gelu'}, "hidden_act='gelu'"),
                            ({'attnres_block_size': 2}, 'attnres_block_size'),

@@ -44,7 +44,8 @@ def our_logits(params, cfg, toks_BT, mode):
   toks_BT = jnp.asarray(toks_BT)
   if mode != 'decode':
     return np.asarray(jitted(model, mode)(toks_BT, None)[0])
-  step, carry, outs = jitted(model, 'recurrent'), model.init_state(toks_BT.shape[0]), []
+  step, outs = jitted(model, 'recurrent'), []
+  carry = model.init_state(toks_BT.shape[0], toks_BT.shape[1])  # A length for a full KV cache.
   for t in range(toks_BT.shape[1]):
     out, carry = step(toks_BT[:, t:t + 1], carry)
     outs.append(np.asarray(out))

@@ -1,6 +1,6 @@
 """Torch stand-ins for the Triton calls of fla's RetNet, so fla's own model code runs on a CPU.
 
-`fla.models.RetNetForCausalLM` reaches Triton in five places; `patch()` replaces only those module
+`fla.models.RetNetForCausalLM` reaches Triton in five places (six in a hybrid); `patch()` replaces only those module
 attributes (where fla's layers look them up) and leaves everything else fla's own: projections,
 head layout, gating, norms' placement, rotary tables, the cache, generation.
 
@@ -9,6 +9,7 @@ head layout, gating, norms' placement, rotary tables, the cache, generation.
     fla.modules.norm.fused_norm_gate.rms_norm_gated  fla's layernorm_gated.rms_norm_ref (z = gate)
     fla.modules.mlp.swiglu, swiglu_linear            silu(x) · y (then the linear)
     fla.layers.multiscale_retention.*_retention      `retention` below (all four kernels)
+    fla.layers.attn.flash_attn_func                  `_attention`: a torch softmax reference
 
 `retention` is fla's naive formula (fla.ops.retention.naive.naive_retention: γ_h = 1 − 2^(−5−h),
 q scaled by K^−½, no normalisation) with an initial and a final state:
@@ -110,7 +111,27 @@ def retention(q, k, v, scale=None, initial_state=None, output_final_state=False,
   return o.to(q.dtype), final
 
 
+def _attention(q, k, v, causal=True, window_size=(-1, -1), **kwargs):
+  """fla.layers.attn.flash_attn_func: softmax(q·kᵀ / √K) v over keys s ≤ t (bottom-right aligned
+  when q is shorter than k, as in a cached step) and t − s ≤ window_size[0] (−1: no limit); kv
+  heads repeated to q's."""
+  del kwargs
+  assert causal
+  B, T, H, K = q.shape
+  S = k.shape[1]
+  k, v = (x.repeat_interleave(H // x.shape[2], dim=2) for x in (k, v))
+  scores = torch.einsum('bthk,bshk->bhts', q.double(), k.double()) * K**-0.5
+  t = torch.arange(T)[:, None] + (S - T)
+  s = torch.arange(S)[None, :]
+  ok = s <= t
+  if window_size[0] >= 0:
+    ok = ok & (t - s <= window_size[0])
+  probs = torch.softmax(scores.masked_fill(~ok, float('-inf')), dim=-1)
+  return torch.einsum('bhts,bshk->bthk', probs, v.double()).to(q.dtype)
+
+
 PATCHES = {
+    'fla.layers.attn': {'flash_attn_func': _attention},
     'fla.modules.rotary.ops': {'rotary_embedding': _rotary},
     'fla.modules.norm.layernorm': {'rms_norm': _rms_norm},
     'fla.modules.norm.fused_norm_gate': {'rms_norm_gated': _rms_norm_gated},

@@ -285,7 +285,7 @@ def test_gated_layer_prefill_then_decode_equals_one_pass():
       out, state = run(toks[:, t:t + 1], state, None if segs is None else segs[:, t:t + 1],
                        'recurrent')
       outs.append(out)
-    assert state.layers.shape[-2:] == (cfg.head_dim, cfg.value_head_dim)  # Constant-size state.
+    assert state.layers[0].shape[-2:] == (cfg.head_dim, cfg.value_head_dim)  # Constant-size state.
     assert rel_err(jnp.concatenate(outs, 1), ref) <= 1e-4
 
 

@@ -22,9 +22,15 @@ The variant: half-split rotary with standard frequencies (base 10000), γ_h = 1 
 'retnet' schedule, fixed), per-head RMSNorm (with affine when elementwise_affine) times swish(g),
 SwiGLU, no retention normalisation (decay_row_norm=False); fla scales q by K^−½ inside its kernel, we
 scale k: the same product. Grouped keys and values (num_kv_heads < num_heads) import exactly as
-repeated heads; fla options with no counterpart here (short convolutions, feature maps, hybrid
-softmax-attention layers, expand_k != 1, attention residuals, activations other than swish) are
-refused by name.
+repeated heads; fla options with no counterpart here (short convolutions, feature maps,
+expand_k != 1, attention residuals, activations other than swish) are refused by name.
+
+Hybrids: fla's `attn={'layers': [...], 'num_heads': H, 'num_kv_heads': ..., 'window_size': ...}`
+builds those layers as softmax attention (fla.layers.attn.Attention: q, k, v [·, D] with grouped kv
+heads, o [D, D], the same half-split rotary); they import as `attention` layers of the shortest
+`layer_pattern` that repeats to the layer list (blocks/<position>/attention/wq [R, D, H, K], kv heads
+repeated), `window_size` as `attention_window`. Refused by name: attention heads other than the
+model's, qkv_bias, qk_norm, rope_theta other than 10000, and specs that differ in heads or window.
 
 Exporting writes DIR/config.json (an fla RetNetConfig), DIR/model.safetensors (in the checkpoint's
 param dtype) and, when the checkpoint's meta holds a Hugging Face tokenizer, DIR/tokenizer.json and
@@ -76,7 +82,7 @@ def fla_settings(hf_config: dict) -> dict:
   if c['feature_map'] is not None:
     problems.append(f"feature_map={c['feature_map']!r} (a feature map on q and k)")
   if c['attn']:
-    problems.append('attn (hybrid softmax-attention layers)')
+    problems += _attention_problems(c)
   if float(c['expand_k']) != 1.0:
     problems.append(f"expand_k={c['expand_k']} (this model's q-k width is hidden_size)")
   if c['hidden_act'] != 'swish':
@@ -100,6 +106,56 @@ def fla_settings(hf_config: dict) -> dict:
   return c
 
 
+def _attention_specs(c: dict) -> list[dict]:
+  """fla's `attn` setting as a list of specs, with fla's defaults filled in."""
+  specs = [c['attn']] if isinstance(c['attn'], dict) else list(c['attn'] or [])
+  return [{'num_kv_heads': None, 'qkv_bias': False, 'window_size': None, 'rope_theta': 10000.0,
+           **spec} for spec in specs]
+
+
+def _attention_problems(c: dict) -> list[str]:
+  """What of fla's hybrid attention layers this model cannot express (empty: all of it)."""
+  problems, specs = [], _attention_specs(c)
+  H = int(c['num_heads'])
+  settings = {(s['num_heads'], s['num_kv_heads'] or s['num_heads'], s['window_size'])
+              for s in specs}
+  if len(settings) > 1:
+    problems.append(f'attn with {len(specs)} specs of different heads or windows (one attention '
+                    'layer kind per model)')
+  for s in specs:
+    if s['num_heads'] != H:
+      problems.append(f"attn num_heads={s['num_heads']} (attention layers use the model's "
+                      f'num_heads={H})')
+    if s['num_heads'] % (s['num_kv_heads'] or s['num_heads']):
+      problems.append(f"attn num_kv_heads={s['num_kv_heads']} (must divide num_heads)")
+    if s['qkv_bias']:
+      problems.append('attn qkv_bias (biases on q, k, v)')
+    if float(s['rope_theta']) != 10000.0:
+      problems.append(f"attn rope_theta={s['rope_theta']} (one rotary base, 10000, for every layer)")
+    if s.get('qk_norm'):
+      problems.append('attn qk_norm (norms on q and k)')
+  return problems
+
+
+def attention_layers(hf_config: dict) -> tuple[set[int], int, int | None]:
+  """(the layers fla builds as softmax attention, their kv heads, their window) of a config."""
+  c = {**FLA_DEFAULTS, **hf_config}
+  specs = _attention_specs(c)
+  layers = {int(i) for s in specs for i in s['layers']}
+  if not specs:
+    return layers, int(c['num_heads']), None
+  return layers, int(specs[0]['num_kv_heads'] or specs[0]['num_heads']), specs[0]['window_size']
+
+
+def layer_pattern(mixers: list[str]) -> str:
+  """The shortest pattern whose repeats give `mixers` (at worst all of them)."""
+  L = len(mixers)
+  for P in range(1, L + 1):
+    if L % P == 0 and all(mixers[i] == mixers[i % P] for i in range(L)):
+      return ','.join(mixers[:P])
+  return ','.join(mixers)
+
+
 def _norm_name(state_dict: dict, gate: bool, fuse_norm: bool) -> str:
   """The per-head norm's module name: fla calls it g_norm_swish_gate when it fuses norm and gate,
   else g_norm (older checkpoints may use either; both are the same RMSNorm times swish(g))."""
@@ -118,14 +174,21 @@ def expected_shapes(hf_config: dict, norm_name: str | None = None) -> dict[str, 
   norm_name = norm_name or ('g_norm_swish_gate' if gate and c['fuse_norm'] else 'g_norm')
   expected = {'model.embeddings.weight': (vocab, D), 'model.norm.weight': (D,),
               'lm_head.weight': (vocab, D)}
+  attn_layers, attn_kv, _ = attention_layers(c)
   for i in range(L):
     p = f'model.layers.{i}.'
     expected.update({
         p + 'attn_norm.weight': (D,), p + 'mlp_norm.weight': (D,),
-        p + 'attn.q_proj.weight': (D, D), p + 'attn.k_proj.weight': (D // G, D),
-        p + 'attn.v_proj.weight': (V // G, D), p + 'attn.o_proj.weight': (D, V),
         p + 'mlp.gate_proj.weight': (F, D), p + 'mlp.up_proj.weight': (F, D),
         p + 'mlp.down_proj.weight': (D, F)})
+    if i in attn_layers:  # fla.layers.attn.Attention: head dim D / H, kv heads attn_kv.
+      Ga = H // attn_kv
+      expected.update({p + 'attn.q_proj.weight': (D, D), p + 'attn.k_proj.weight': (D // Ga, D),
+                       p + 'attn.v_proj.weight': (D // Ga, D), p + 'attn.o_proj.weight': (D, D)})
+      continue
+    expected.update({
+        p + 'attn.q_proj.weight': (D, D), p + 'attn.k_proj.weight': (D // G, D),
+        p + 'attn.v_proj.weight': (V // G, D), p + 'attn.o_proj.weight': (D, V)})
     if gate:
       expected[p + 'attn.g_proj.weight'] = (V, D)
     if c['elementwise_affine']:
@@ -152,38 +215,55 @@ def from_fla(state_dict: dict, hf_config: dict, param_dtype: str = 'float32'):
   if D // H > MAX_HEAD_DIM:
     raise ConversionError(f'{where}: head dim {D // H} is above fla\'s limit of {MAX_HEAD_DIM}.')
 
+  attn_layers, attn_kv, window = attention_layers(c)
+  mixers = ['attention' if i in attn_layers else 'retention' for i in range(L)]
+  pattern = layer_pattern(mixers)
   cfg = model_lib.ModelConfig(
-      kind='retnet', vocab_size=vocab, num_layers=L, embed_dim=D, num_heads=H, value_dim=V,
+      kind='retnet', layer_pattern='' if pattern == 'retention' else pattern,
+      attention_window=window, vocab_size=vocab, num_layers=L, embed_dim=D, num_heads=H,
+      value_dim=V if 'retention' in mixers else None,
       ffn_dim=F, ffn_activation='swish', gamma='retnet', rotary='half', rotary_freqs='standard',
       rotary_base=10000.0, swish_gate=gate, group_norm=True, group_norm_affine=affine,
       decay_row_norm=False, norm_eps=float(c['norm_eps']), tie_embeddings=tied,
       param_dtype=param_dtype)
 
-  def grouped(w):  # [Hkv·X, D] -> [D, H, X]: kv head j serves heads j·G .. j·G + G − 1.
-    w_DHX = layout.in_heads(w, Hkv)
-    return w_DHX if Hkv == H else layout.xp(w_DHX).repeat(w_DHX, H // Hkv, axis=1)
+  def grouped(kv_heads):  # [Hkv·X, D] -> [D, H, X]: kv head j serves heads j·G .. j·G + G − 1.
+    def one(w):
+      w_DHX = layout.in_heads(w, kv_heads)
+      return w_DHX if kv_heads == H else layout.xp(w_DHX).repeat(w_DHX, H // kv_heads, axis=1)
+    return one
 
   sd, t = state_dict, 'model.layers.{}.'
-  retention = {
-      'wq': layout.stack(sd, t + 'attn.q_proj.weight', L, lambda w: layout.in_heads(w, H)),
-      'wk': layout.stack(sd, t + 'attn.k_proj.weight', L, grouped),
-      'wv': layout.stack(sd, t + 'attn.v_proj.weight', L, grouped),
-      'wo': layout.stack(sd, t + 'attn.o_proj.weight', L, lambda w: layout.out_heads(w, H)),
-  }
-  if gate:
-    retention['wg'] = layout.stack(sd, t + 'attn.g_proj.weight', L, lambda w: layout.in_heads(w, H))
-  if affine:
-    retention['norm'] = {'scale': layout.stack(sd, t + f'attn.{norm_name}.weight', L)}
+
+  def stack(name, layers, fn=lambda a: a):
+    arrays = [fn(sd[(t + name).format(i)]) for i in layers]
+    return layout.xp(arrays[0]).stack(arrays)
+
+  def block(mixer, layers):
+    """One pattern position's Block, stacked over `layers`."""
+    kv = Hkv if mixer == 'retention' else attn_kv
+    out = {'wq': stack('attn.q_proj.weight', layers, lambda w: layout.in_heads(w, H)),
+           'wk': stack('attn.k_proj.weight', layers, grouped(kv)),
+           'wv': stack('attn.v_proj.weight', layers, grouped(kv)),
+           'wo': stack('attn.o_proj.weight', layers, lambda w: layout.out_heads(w, H))}
+    if mixer == 'retention' and gate:
+      out['wg'] = stack('attn.g_proj.weight', layers, lambda w: layout.in_heads(w, H))
+    if mixer == 'retention' and affine:
+      out['norm'] = {'scale': stack(f'attn.{norm_name}.weight', layers)}
+    return {
+        mixer: out,
+        'ffn': {'w_gate': stack('mlp.gate_proj.weight', layers, layout.dense),
+                'w_up': stack('mlp.up_proj.weight', layers, layout.dense),
+                'w_down': stack('mlp.down_proj.weight', layers, layout.dense)},
+        'mixer_norm': {'scale': stack('attn_norm.weight', layers)},
+        'ffn_norm': {'scale': stack('mlp_norm.weight', layers)},
+    }
+
+  P = len(cfg.pattern)
+  blocks = [block(m, range(p, L, P)) for p, m in enumerate(cfg.pattern)]
   params = {
       'embed': sd['model.embeddings.weight'],
-      'blocks': {
-          'retention': retention,
-          'ffn': {'w_gate': layout.stack(sd, t + 'mlp.gate_proj.weight', L, layout.dense),
-                  'w_up': layout.stack(sd, t + 'mlp.up_proj.weight', L, layout.dense),
-                  'w_down': layout.stack(sd, t + 'mlp.down_proj.weight', L, layout.dense)},
-          'mixer_norm': {'scale': layout.stack(sd, t + 'attn_norm.weight', L)},
-          'ffn_norm': {'scale': layout.stack(sd, t + 'mlp_norm.weight', L)},
-      },
+      'blocks': blocks[0] if P == 1 else dict(enumerate(blocks)),
       'final_norm': {'scale': sd['model.norm.weight']},
   }
   if not tied:
@@ -197,7 +277,11 @@ def _fixed_log_gamma(params, cfg: model_lib.ModelConfig) -> np.ndarray:
   """log γ [L, H] float64 of a RetNet's parameters."""
   if cfg.gamma != 'learnable':
     return np.tile(np.log(cfg.gammas()), (cfg.num_layers, 1))
-  return -np.exp(np.asarray(params['blocks']['retention']['decay_log_rate'], np.float64))
+  P = len(cfg.pattern)
+  rates = [np.asarray((params['blocks'] if P == 1 else params['blocks'][p])['retention']
+                      ['decay_log_rate'], np.float64) for p, m in enumerate(cfg.pattern)
+           if m == 'retention']
+  return -np.exp(np.concatenate(rates))
 
 
 def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict[str, np.ndarray], dict]:
@@ -205,6 +289,8 @@ def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict[str, np.ndarray], d
   problems = []
   if cfg.kind != 'retnet':
     problems.append(f'kind={cfg.kind!r} (needs retnet)')
+  elif unknown := sorted(set(cfg.pattern) - {'retention', 'attention'}):
+    problems.append(f'mixers {unknown} (fla\'s RetNet has retention and attention layers)')
   else:
     if (cfg.rotary, cfg.rotary_freqs, cfg.rotary_base) != ('half', 'standard', 10000.0):
       problems.append(f'rotary={cfg.rotary!r}, rotary_freqs={cfg.rotary_freqs!r}, rotary_base='
@@ -227,25 +313,31 @@ def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict[str, np.ndarray], d
   D, H, L, V = cfg.embed_dim, cfg.num_heads, cfg.num_layers, cfg.values
   dtype = layout.NP_DTYPES[cfg.param_dtype]
   as_np = lambda a: np.asarray(a).astype(dtype)
-  blocks, ret = params['blocks'], params['blocks']['retention']
+  P = len(cfg.pattern)
   norm_name = 'g_norm_swish_gate' if cfg.swish_gate else 'g_norm'
   sd = {'model.embeddings.weight': as_np(params['embed']),
         'model.norm.weight': as_np(params['final_norm']['scale'])}
   if not cfg.tie_embeddings:
     sd['lm_head.weight'] = layout.dense(as_np(params['head']))
-  for i in range(L):
+  for i, mixer in enumerate(cfg.layer_mixers):
+    blocks, r = (params['blocks'] if P == 1 else params['blocks'][i % P]), i // P
+    mix = blocks[mixer]
     p = f'model.layers.{i}.'
-    for ours, theirs in (('wq', 'q_proj'), ('wk', 'k_proj'), ('wv', 'v_proj')) + (
-        (('wg', 'g_proj'),) if cfg.swish_gate else ()):
-      sd[p + f'attn.{theirs}.weight'] = layout.from_in_heads(as_np(ret[ours][i]))
-    sd[p + 'attn.o_proj.weight'] = layout.from_out_heads(as_np(ret['wo'][i]))
-    if cfg.group_norm_affine:
-      sd[p + f'attn.{norm_name}.weight'] = as_np(ret['norm']['scale'][i])
-    sd[p + 'attn_norm.weight'] = as_np(blocks['mixer_norm']['scale'][i])
-    sd[p + 'mlp_norm.weight'] = as_np(blocks['ffn_norm']['scale'][i])
-    sd[p + 'mlp.gate_proj.weight'] = layout.dense(as_np(blocks['ffn']['w_gate'][i]))
-    sd[p + 'mlp.up_proj.weight'] = layout.dense(as_np(blocks['ffn']['w_up'][i]))
-    sd[p + 'mlp.down_proj.weight'] = layout.dense(as_np(blocks['ffn']['w_down'][i]))
+    gate = (('wg', 'g_proj'),) if mixer == 'retention' and cfg.swish_gate else ()
+    for ours, theirs in (('wq', 'q_proj'), ('wk', 'k_proj'), ('wv', 'v_proj')) + gate:
+      sd[p + f'attn.{theirs}.weight'] = layout.from_in_heads(as_np(mix[ours][r]))
+    sd[p + 'attn.o_proj.weight'] = layout.from_out_heads(as_np(mix['wo'][r]))
+    if mixer == 'retention' and cfg.group_norm_affine:
+      sd[p + f'attn.{norm_name}.weight'] = as_np(mix['norm']['scale'][r])
+    sd[p + 'attn_norm.weight'] = as_np(blocks['mixer_norm']['scale'][r])
+    sd[p + 'mlp_norm.weight'] = as_np(blocks['ffn_norm']['scale'][r])
+    sd[p + 'mlp.gate_proj.weight'] = layout.dense(as_np(blocks['ffn']['w_gate'][r]))
+    sd[p + 'mlp.up_proj.weight'] = layout.dense(as_np(blocks['ffn']['w_up'][r]))
+    sd[p + 'mlp.down_proj.weight'] = layout.dense(as_np(blocks['ffn']['w_down'][r]))
+  attn_layers = [i for i, m in enumerate(cfg.layer_mixers) if m == 'attention']
+  attn = None if not attn_layers else {
+      'layers': attn_layers, 'num_heads': H, 'num_kv_heads': H, 'qkv_bias': False,
+      'window_size': cfg.attention_window, 'rope_theta': 10000.0}
   config = {
       'architectures': ['RetNetForCausalLM'], 'model_type': 'retnet', 'attn_mode': 'chunk',
       'hidden_size': D, 'num_hidden_layers': L, 'num_heads': H, 'num_kv_heads': None,
@@ -253,7 +345,7 @@ def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict[str, np.ndarray], d
       'use_output_gate': cfg.swish_gate, 'elementwise_affine': cfg.group_norm_affine,
       'norm_eps': cfg.norm_eps, 'vocab_size': cfg.vocab_size,
       'tie_word_embeddings': cfg.tie_embeddings, 'use_short_conv': False, 'feature_map': None,
-      'attn': None, 'fuse_norm': True, 'fuse_swiglu': True, 'fuse_cross_entropy': True,
+      'attn': attn, 'fuse_norm': True, 'fuse_swiglu': True, 'fuse_cross_entropy': True,
       'use_cache': True, 'dtype': cfg.param_dtype,
   }
   return sd, config
