@@ -19,7 +19,7 @@ from retnet_jax import config_lib
 from tests import util
 
 needs_libtpu = pytest.mark.skipif(
-    __import__('importlib').util.find_spec('libtpu') is None,
+    __import__('importlib').util.find_spec('libtpu') is None and not util.IN_CI,
     reason="the TPU compiler (libtpu) is not installed: pip install -e '.[tpu]'")
 
 

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
+from tests import util
+
+util.require('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
 
 from retnet_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from retnet_jax import generate
@@ -22,7 +24,6 @@ from retnet_jax import scoring
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from flax import nnx  # pylint: disable=g-bad-import-order
-from tests import util
 
 SEQ_LEN = 37  # util.SHRINK's: the training length (max_length), which no chunk size divides.
 MAX_GEN = 10
