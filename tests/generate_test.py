@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -231,3 +232,59 @@ def test_cli_errors(tmp_path):
   assert result.returncode == 1 and 'no prompt' in result.stderr
   with pytest.raises(ValueError, match='empty prompt'):
     generate.generate_text(util.config(), str(tmp_path), [''])
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampler on crafted logits: which tokens can be drawn, and how often.
+
+NUCLEUS_PROBS = np.array([0.5, 0.3, 0.15, 0.05, 0.0, 0.0])  # Tokens 4, 5 can never be drawn.
+DRAWS = 4000
+
+
+def draw(probs, *, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+  """Frequencies [V] of DRAWS independent draws (one a row) from logits log(probs)."""
+  logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -1e9)
+  logits_BV = jnp.asarray(np.tile(logits, (DRAWS, 1)), jnp.float32)
+  tokens = jax.jit(generate.sample)(logits_BV, jax.random.key(seed), temperature, top_k, top_p)
+  return np.bincount(np.asarray(tokens), minlength=len(probs)) / DRAWS
+
+
+def expected(probs, keep, temperature=1.0):
+  """probs ** (1/temperature) renormalised over the tokens in `keep`."""
+  p = np.where(np.isin(np.arange(len(probs)), keep), probs ** (1.0 / temperature), 0.0)
+  return p / p.sum()
+
+
+def assert_frequencies(freq, want):
+  assert set(np.flatnonzero(freq)) == set(np.flatnonzero(want)), (freq, want)
+  sigma = np.sqrt(want * (1 - want) / DRAWS)
+  assert np.all(np.abs(freq - want) <= 5 * sigma + 1e-9), (freq, want)
+
+
+@pytest.mark.parametrize('top_p, keep', [
+    (0.45, [0]), (0.6, [0, 1]), (0.9, [0, 1, 2]), (0.97, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_nucleus_keeps_the_smallest_set_reaching_top_p(top_p, keep):
+  """At p = 0.9 tokens 0-2 (mass 0.95) can be drawn and token 3 never; in proportion to their
+  probabilities renormalised over the nucleus."""
+  assert_frequencies(draw(NUCLEUS_PROBS, top_p=top_p), expected(NUCLEUS_PROBS, keep))
+
+
+def test_top_k_then_top_p():
+  """top_p applies to the probabilities renormalised over the top_k tokens: with k = 3 the
+  nucleus at 0.82 is {0, 1} (0.5/0.95 + 0.3/0.95 > 0.82); without k it is {0, 1, 2}."""
+  assert_frequencies(draw(NUCLEUS_PROBS, top_k=3, top_p=0.82), expected(NUCLEUS_PROBS, [0, 1]))
+  assert_frequencies(draw(NUCLEUS_PROBS, top_p=0.82), expected(NUCLEUS_PROBS, [0, 1, 2]))
+  assert_frequencies(draw(NUCLEUS_PROBS, top_k=2), expected(NUCLEUS_PROBS, [0, 1]))
+
+
+@pytest.mark.parametrize('temperature', [0.5, 2.0])
+def test_temperature_sharpens_or_flattens_before_the_cut(temperature):
+  """Frequencies ∝ p^(1/temperature); the nucleus is taken on the tempered probabilities (at 0.5
+  and p = 0.9 it is {0, 1}: 0.685 + 0.247 > 0.9)."""
+  assert_frequencies(draw(NUCLEUS_PROBS, temperature=temperature),
+                     expected(NUCLEUS_PROBS, [0, 1, 2, 3], temperature))
+  if temperature == 0.5:
+    assert_frequencies(draw(NUCLEUS_PROBS, temperature=0.5, top_p=0.9),
+                       expected(NUCLEUS_PROBS, [0, 1], 0.5))
+  greedy = draw(NUCLEUS_PROBS, temperature=0.0, top_p=0.9)
+  assert greedy[0] == 1.0
