@@ -234,3 +234,19 @@ def test_no_nan_at_16k_tokens_in_bfloat16(gamma):
   # And decoding onwards from that state stays finite.
   nxt, _ = model(toks[:, :1], state, form='recurrent')
   assert np.all(np.isfinite(np.asarray(nxt)))
+
+
+@pytest.mark.parametrize('form', ['parallel', 'chunkwise'])
+def test_segments_isolate_documents_without_groupnorm(form):
+  """Under Table 6's "− GroupNorm" (the D̃ row normalisation instead) a packed document also gets
+  the logits it has alone: its rows are normalised from its own first token."""
+  model, cfg = build(arg='ablation=no_groupnorm')
+  toks = tokens(cfg, B=1, seed=5)
+  cuts = [0, 9, 25, T]
+  seg = np.zeros((1, T), np.int32)
+  for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+    seg[:, a:b] = i + 1
+  packed, _ = model(toks, segment_ids=jnp.asarray(seg), form=form)
+  for a, b in zip(cuts[:-1], cuts[1:]):
+    alone, _ = model(toks[:, a:b], form=form)
+    assert util.rel_err_rows(packed[:, a:b], alone) <= 1e-4, (a, b)
