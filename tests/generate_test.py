@@ -4,6 +4,7 @@ tokens, shape buckets compile once, the matched Transformer config, and the CLI.
 import functools
 import importlib.util
 import io
+import json
 import os
 import subprocess
 import sys
@@ -196,12 +197,14 @@ def test_transformer_tiny_matches_retnet_tiny_in_size():
   assert abs(n_t / n_r - 1) < 0.05, (n_r, n_t)
 
 
+TRAINED = dict(total_steps=2, log_every=1, eval_every=2, checkpoint_every=1, seq_len=16,
+               batch_size=2, model__num_layers=1, data__num_eval_batches=1)
+
+
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('trained'))
-  config = util.config(total_steps=2, log_every=1, eval_every=2, checkpoint_every=2, seq_len=16,
-                       batch_size=2, model__num_layers=1, data__num_eval_batches=1)
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(util.config(**TRAINED), workdir)
   return workdir
 
 
@@ -288,3 +291,96 @@ def test_temperature_sharpens_or_flattens_before_the_cut(temperature):
                        expected(NUCLEUS_PROBS, [0, 1], 0.5))
   greedy = draw(NUCLEUS_PROBS, temperature=0.0, top_p=0.9)
   assert greedy[0] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line's other modes, on the trained fixture (copied where a run writes to it).
+
+
+def _trained_flags(**overrides):
+  """--config.* flags that make retnet_tiny the fixture's config (util.config(**TRAINED))."""
+  keys = {**util.SHRINK, **{k.replace('__', '.'): v for k, v in {**TRAINED, **overrides}.items()}}
+  return [f'--config.{k}={v}' for k, v in keys.items()]
+
+
+def _copy(workdir, tmp_path):
+  import shutil
+  return shutil.copytree(workdir, tmp_path / 'copy')
+
+
+def test_cli_eval_restores_and_reports(trained_workdir, tmp_path):
+  workdir = _copy(trained_workdir, tmp_path)
+  result = _main(f'--workdir={workdir}', '--mode=eval', *_trained_flags())
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r for r in map(json.loads, f) if r['split'] == 'eval']
+  # Training evaluated step 2; the eval mode appends the same numbers for the same checkpoint.
+  assert [r['step'] for r in evals] == [2, 2]
+  assert evals[1]['loss'] == pytest.approx(evals[0]['loss'], rel=1e-6)
+  assert evals[1]['bits_per_byte'] == pytest.approx(evals[0]['bits_per_byte'], rel=1e-6)
+
+
+def test_cli_step_resumes_from_an_earlier_checkpoint(trained_workdir, tmp_path):
+  """--step=1 trains on from checkpoint 1 (not the latest, 2) and replaces step 2."""
+  workdir = _copy(trained_workdir, tmp_path)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    first = [r for r in map(json.loads, f) if r['split'] == 'train']
+  result = _main(f'--workdir={workdir}', '--step=1', *_trained_flags())
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Resumed from the checkpoint at step 1' in result.stdout + result.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    again = [r for r in map(json.loads, f) if r['split'] == 'train'][len(first):]
+  assert [r['step'] for r in again] == [2]
+  assert again[0]['loss'] == first[1]['loss']  # The same step from the same state and data.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
+  result = _main(f'--workdir={workdir}', '--step=7', '--mode=eval', *_trained_flags())
+  assert result.returncode == 1 and result.stderr.count('error:') == 1 and '7' in result.stderr
+
+
+def test_cli_prompt_file_with_several_prompts(trained_workdir, tmp_path):
+  prompts = ['def f(x):', 'import os', 'class A:']
+  path = tmp_path / 'prompts.jsonl'
+  path.write_text('\n'.join([json.dumps(prompts[0]), json.dumps({'prompt': prompts[1]}), '',
+                             json.dumps({'text': prompts[2]})]) + '\n')
+  result = _main(f'--workdir={trained_workdir}', '--mode=generate', f'--prompt_file={path}',
+                 '--max_new_tokens=6', '--temperature=0')
+  assert result.returncode == 0, result.stderr[-2000:]
+  config = config_lib.load(os.path.join(util.ROOT, 'configs', 'retnet_tiny.py'))
+  out = io.StringIO()
+  texts = generate.generate_text(config, trained_workdir, prompts, max_new_tokens=6,
+                                 temperature=0.0, out=out)
+  assert len(texts) == 3 and result.stdout == out.getvalue()
+  assert result.stdout == '\n'.join(f'=== prompt {i + 1}/3 ===\n{p}{t}\n'
+                                    for i, (p, t) in enumerate(zip(prompts, texts)))
+
+
+def test_cli_compile_needs_a_topology(tmp_path):
+  for mode in ('compile', 'compile_generate'):
+    result = _main(f'--workdir={tmp_path}', f'--mode={mode}')
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'needs --topology' in errors[0], result.stderr[-2000:]
+
+
+_needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None and not util.IN_CI,
+                                   reason="the TPU compiler (libtpu) is not installed: the tpu extra")
+
+
+@_needs_libtpu
+@pytest.mark.slow
+def test_cli_compile_modes_on_a_tiny_config(tmp_path):
+  """--mode=compile writes its report; --mode=compile_generate parses --decode_batch, --prompt_len
+  and --max_new_tokens into the runs it compiles."""
+  flags = [f'--config.{k}={v}' for k, v in util.SHRINK.items()]
+  result = _main(f'--workdir={tmp_path / "train"}', '--mode=compile', '--topology=v5e-1', *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / 'train' / 'compile.json') as f:
+    report = json.load(f)
+  assert report['num_devices'] == 1 and report['batch_size'] == util.SHRINK['batch_size']
+  result = _main(f'--workdir={tmp_path / "gen"}', '--mode=compile_generate', '--topology=v5e-1',
+                 '--decode_batch=2,4', '--prompt_len=20', '--max_new_tokens=5', *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / 'gen' / 'generate_compile.json') as f:
+    runs = json.load(f)['runs']
+  assert [r['batch_size'] for r in runs] == [2, 4]
+  assert all(r['prompt_len'] == 32 and r['decode_out_len'] == 16 for r in runs)
