@@ -17,7 +17,6 @@ from tests import util
 util.require('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
 
 from retnet_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import lm_eval as rj_lm_eval
 from retnet_jax import scoring
