@@ -11,7 +11,8 @@ Mixed prompt lengths: the batch is left-padded to one length with segment ids 0 
 for the prompt; the model resets the retention state (masks attention) where the id changes, so no
 padding leaks into a prompt. Positions count from the start of the padding, which changes nothing:
 rotary angles are relative and the state before a prompt's first token is empty. (The one exception is
-`decay_row_norm`, which uses absolute positions; under `group_norm` it cancels.)
+`decay_row_norm`: decoding counts its normaliser from the start of the padding; under `group_norm` it
+cancels.)
 
 Compiled once per shape bucket. The prompt length is rounded up to a power of two (at least
 `min_bucket`), the batch to a power of two, the output buffer (max_new_tokens) to a power of two of at

@@ -293,7 +293,7 @@ class RetNetLM(lm_model.TemplateLM):
       if not self.carries:
         ids = ids[-max(1, self.max_length - max_new):]
       prompts.append(ids)
-    produced = [[] for _ in contexts]
+    produced, eos = [[] for _ in contexts], self.tok.eos_id
     texts = [''] * len(contexts)
     for block in generate.generate_stream(
         self.setup, self.params, prompts, max_new_tokens=max_new, stop_tokens=(self.tok.eos_id,),
@@ -301,7 +301,8 @@ class RetNetLM(lm_model.TemplateLM):
         block_size=GENERATE_BLOCK, **knobs):
       for i, new in enumerate(block):
         produced[i].extend(new)
-      texts = [self.tok_decode(ids) for ids in produced]
+      # The text ends before eos: a tokenizer may spell eos out ('</s>').
+      texts = [self.tok_decode(ids[:ids.index(eos)] if eos in ids else ids) for ids in produced]
       if until and all(any(u in t for u in until) or (ids and ids[-1] == self.tok.eos_id)
                        for t, ids in zip(texts, produced)):
         break

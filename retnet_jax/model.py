@@ -394,11 +394,17 @@ class MultiScaleRetention(nnx.Module):
         q_BTHK, k_BTHK, v_BTHV, log_gamma, state, reset=reset_BT, form=form,
         chunk_size=cfg.chunk_size, impl=impl, exchange=cfg.sequence_exchange)
     if cfg.decay_row_norm:
-      # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
-      n_T1 = jnp.asarray(positions, F32)[:, None] + 1.0
+      # Σ_{i<n} γ^i = (1 − γ^n) / (1 − γ), or n for γ = 1; n counts the tokens of t's document
+      # up to t (from the last reset in x, else from position 0).
+      n_BT = jnp.broadcast_to(jnp.asarray(positions, F32)[None, :] + 1.0, x_BTD.shape[:2])
+      if reset_BT is not None:
+        idx_T = jnp.arange(x_BTD.shape[1])
+        last_BT = jax.lax.cummax(jnp.where(reset_BT, idx_T[None, :], -1), axis=1)
+        n_BT = jnp.where(last_BT >= 0, (idx_T[None, :] - last_BT + 1).astype(F32), n_BT)
+      n_BT1 = n_BT[..., None]
       g_H = jnp.exp(log_gamma)
-      total_TH = jnp.where(g_H < 1.0, -jnp.expm1(n_T1 * log_gamma) / (1.0 - g_H), n_T1)
-      o_BTHV = (o_BTHV * jax.lax.rsqrt(total_TH)[None, :, :, None]).astype(o_BTHV.dtype)
+      total_BTH = jnp.where(g_H < 1.0, -jnp.expm1(n_BT1 * log_gamma) / (1.0 - g_H), n_BT1)
+      o_BTHV = (o_BTHV * jax.lax.rsqrt(total_BTH)[..., None]).astype(o_BTHV.dtype)
     if self.norm is not None:
       o_BTHV = self.norm(o_BTHV)
     if self.wg is not None:

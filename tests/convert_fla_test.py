@@ -30,8 +30,8 @@ FORMS = ('parallel', 'chunkwise', 'decode')
 @pytest.fixture(scope='module')
 def fla():
   """fla's model classes and the torch device, with fla's Triton calls on torch (or a skip)."""
-  torch = pytest.importorskip('torch')
-  models = pytest.importorskip('fla.models')
+  torch = util.require('torch')
+  models = util.require('fla.models')
   if os.environ.get('RETNET_JAX_FLA_KERNELS') == 'triton':
     if not torch.cuda.is_available():
       pytest.skip('RETNET_JAX_FLA_KERNELS=triton needs a CUDA GPU')
@@ -177,7 +177,7 @@ def fla_variant(**overrides):
 
 def hf_tokenizer_meta(vocab_size):
   """A converted checkpoint's meta entry for a small Hugging Face WordLevel tokenizer."""
-  tokenizers = pytest.importorskip('tokenizers')
+  tokenizers = util.require('tokenizers')
   vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, **{f'w{i}': i for i in range(3, vocab_size)}}
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<unk>'))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -219,7 +219,7 @@ def test_fla_export_loads_in_fla_and_generates(fla, tied, tmp_path, capsys):
 def check_generate(fla, model, params, cfg, toks, out):
   """transformers' tokenizer and greedy generate on an exported model, against our logits."""
   import torch  # pylint: disable=g-import-not-at-top
-  transformers = pytest.importorskip('transformers')
+  transformers = util.require('transformers')
   device = fla[1]
   tok = transformers.AutoTokenizer.from_pretrained(str(out))
   assert (tok.eos_token, tok.encode('w5 w7', add_special_tokens=False)) == ('</s>', [5, 7])
@@ -377,7 +377,7 @@ def fla_reference_logits(sd, c, toks_T):
 
 def test_fla_directory_cli_bf16_safetensors_and_tokenizer(tmp_path):
   """A hub-like directory: config.json, bf16 sharded safetensors, tokenizer.json; no torch."""
-  safetensors_numpy = pytest.importorskip('safetensors.numpy')
+  safetensors_numpy = util.require('safetensors.numpy')
   c = fla_config()
   sd = fla_state_dict(c, seed=5, dtype=ml_dtypes.bfloat16)
   names = sorted(sd)
@@ -388,7 +388,7 @@ def test_fla_directory_cli_bf16_safetensors_and_tokenizer(tmp_path):
     json.dump({'weight_map': {k: file for file, keys in shards.items() for k in keys}}, f)
   with open(tmp_path / 'config.json', 'w') as f:
     json.dump({**c, 'bos_token_id': 1, 'eos_token_id': 2}, f)
-  tokenizers = pytest.importorskip('tokenizers')
+  tokenizers = util.require('tokenizers')
   tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({'<unk>': 0, '<s>': 1, '</s>': 2, 'hi': 3},
                                                          unk_token='<unk>'))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
@@ -442,7 +442,7 @@ def test_cli_rejects_unknown_format_and_missing_config(tmp_path, capsys):
   assert "invalid choice: 'hf'" in capsys.readouterr().err
   with pytest.raises(convert.ConversionError, match='unknown source'):
     convert.import_checkpoint('hf', 'x', str(tmp_path / 'o'))
-  pytest.importorskip('safetensors')
+  util.require('safetensors')
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file(fla_state_dict(fla_config()), str(tmp_path / 'model.safetensors'))
   assert convert.main(['--from=fla', f'--input={tmp_path / "model.safetensors"}',

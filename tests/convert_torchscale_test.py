@@ -37,10 +37,10 @@ def torchscale_variant(**overrides):
 @pytest.fixture(scope='module')
 def ts():
   """torchscale's (RetNetConfig, RetNetDecoder) classes, or a skip."""
-  torch = pytest.importorskip('torch')
+  torch = util.require('torch')
   timm_stub.install()
-  config = pytest.importorskip('torchscale.architecture.config')
-  retnet = pytest.importorskip('torchscale.architecture.retnet')
+  config = util.require('torchscale.architecture.config')
+  retnet = util.require('torchscale.architecture.retnet')
   torch.manual_seed(0)
   return config.RetNetConfig, retnet.RetNetDecoder
 

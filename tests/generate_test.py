@@ -1,13 +1,16 @@
 """Generation: greedy decoding is the parallel form's argmax, padding never leaks, sampling knobs, stop
 tokens, shape buckets compile once, the matched Transformer config, and the CLI."""
 
+import importlib.util
 import functools
 import io
+import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -191,12 +194,14 @@ def test_transformer_tiny_matches_retnet_tiny_in_size():
   assert abs(n_t / n_r - 1) < 0.05, (n_r, n_t)
 
 
+TRAINED = dict(total_steps=2, log_every=1, eval_every=2, checkpoint_every=1, seq_len=16,
+               batch_size=2, model__num_layers=1, data__num_eval_batches=1)
+
+
 @pytest.fixture(scope='module')
 def trained_workdir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('trained'))
-  config = util.config(total_steps=2, log_every=1, eval_every=2, checkpoint_every=2, seq_len=16,
-                       batch_size=2, model__num_layers=1, data__num_eval_batches=1)
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(util.config(**TRAINED), workdir)
   return workdir
 
 
@@ -227,3 +232,152 @@ def test_cli_errors(tmp_path):
   assert result.returncode == 1 and 'no prompt' in result.stderr
   with pytest.raises(ValueError, match='empty prompt'):
     generate.generate_text(util.config(), str(tmp_path), [''])
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampler on crafted logits: which tokens can be drawn, and how often.
+
+NUCLEUS_PROBS = np.array([0.5, 0.3, 0.15, 0.05, 0.0, 0.0])  # Tokens 4, 5 can never be drawn.
+DRAWS = 4000
+
+
+def draw(probs, *, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+  """Frequencies [V] of DRAWS independent draws (one a row) from logits log(probs)."""
+  logits = np.where(probs > 0, np.log(np.maximum(probs, 1e-30)), -1e9)
+  logits_BV = jnp.asarray(np.tile(logits, (DRAWS, 1)), jnp.float32)
+  tokens = jax.jit(generate.sample)(logits_BV, jax.random.key(seed), temperature, top_k, top_p)
+  return np.bincount(np.asarray(tokens), minlength=len(probs)) / DRAWS
+
+
+def expected(probs, keep, temperature=1.0):
+  """probs ** (1/temperature) renormalised over the tokens in `keep`."""
+  p = np.where(np.isin(np.arange(len(probs)), keep), probs ** (1.0 / temperature), 0.0)
+  return p / p.sum()
+
+
+def assert_frequencies(freq, want):
+  assert set(np.flatnonzero(freq)) == set(np.flatnonzero(want)), (freq, want)
+  sigma = np.sqrt(want * (1 - want) / DRAWS)
+  assert np.all(np.abs(freq - want) <= 5 * sigma + 1e-9), (freq, want)
+
+
+@pytest.mark.parametrize('top_p, keep', [
+    (0.45, [0]), (0.6, [0, 1]), (0.9, [0, 1, 2]), (0.97, [0, 1, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_nucleus_keeps_the_smallest_set_reaching_top_p(top_p, keep):
+  """At p = 0.9 tokens 0-2 (mass 0.95) can be drawn and token 3 never; in proportion to their
+  probabilities renormalised over the nucleus."""
+  assert_frequencies(draw(NUCLEUS_PROBS, top_p=top_p), expected(NUCLEUS_PROBS, keep))
+
+
+def test_top_k_then_top_p():
+  """top_p applies to the probabilities renormalised over the top_k tokens: with k = 3 the
+  nucleus at 0.82 is {0, 1} (0.5/0.95 + 0.3/0.95 > 0.82); without k it is {0, 1, 2}."""
+  assert_frequencies(draw(NUCLEUS_PROBS, top_k=3, top_p=0.82), expected(NUCLEUS_PROBS, [0, 1]))
+  assert_frequencies(draw(NUCLEUS_PROBS, top_p=0.82), expected(NUCLEUS_PROBS, [0, 1, 2]))
+  assert_frequencies(draw(NUCLEUS_PROBS, top_k=2), expected(NUCLEUS_PROBS, [0, 1]))
+
+
+@pytest.mark.parametrize('temperature', [0.5, 2.0])
+def test_temperature_sharpens_or_flattens_before_the_cut(temperature):
+  """Frequencies ∝ p^(1/temperature); the nucleus is taken on the tempered probabilities (at 0.5
+  and p = 0.9 it is {0, 1}: 0.685 + 0.247 > 0.9)."""
+  assert_frequencies(draw(NUCLEUS_PROBS, temperature=temperature),
+                     expected(NUCLEUS_PROBS, [0, 1, 2, 3], temperature))
+  if temperature == 0.5:
+    assert_frequencies(draw(NUCLEUS_PROBS, temperature=0.5, top_p=0.9),
+                       expected(NUCLEUS_PROBS, [0, 1], 0.5))
+  greedy = draw(NUCLEUS_PROBS, temperature=0.0, top_p=0.9)
+  assert greedy[0] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line's other modes, on the trained fixture (copied where a run writes to it).
+
+
+def _trained_flags(**overrides):
+  """--config.* flags that make retnet_tiny the fixture's config (util.config(**TRAINED))."""
+  keys = {**util.SHRINK, **{k.replace('__', '.'): v for k, v in {**TRAINED, **overrides}.items()}}
+  return [f'--config.{k}={v}' for k, v in keys.items()]
+
+
+def _copy(workdir, tmp_path):
+  import shutil
+  return shutil.copytree(workdir, tmp_path / 'copy')
+
+
+def test_cli_eval_restores_and_reports(trained_workdir, tmp_path):
+  workdir = _copy(trained_workdir, tmp_path)
+  result = _main(f'--workdir={workdir}', '--mode=eval', *_trained_flags())
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r for r in map(json.loads, f) if r['split'] == 'eval']
+  # Training evaluated step 2; the eval mode appends the same numbers for the same checkpoint.
+  assert [r['step'] for r in evals] == [2, 2]
+  assert evals[1]['loss'] == pytest.approx(evals[0]['loss'], rel=1e-6)
+  assert evals[1]['bits_per_byte'] == pytest.approx(evals[0]['bits_per_byte'], rel=1e-6)
+
+
+def test_cli_step_resumes_from_an_earlier_checkpoint(trained_workdir, tmp_path):
+  """--step=1 trains on from checkpoint 1 (not the latest, 2) and replaces step 2."""
+  workdir = _copy(trained_workdir, tmp_path)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    first = [r for r in map(json.loads, f) if r['split'] == 'train']
+  result = _main(f'--workdir={workdir}', '--step=1', *_trained_flags())
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Resumed from the checkpoint at step 1' in result.stdout + result.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    again = [r for r in map(json.loads, f) if r['split'] == 'train'][len(first):]
+  assert [r['step'] for r in again] == [2]
+  assert again[0]['loss'] == first[1]['loss']  # The same step from the same state and data.
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
+  result = _main(f'--workdir={workdir}', '--step=7', '--mode=eval', *_trained_flags())
+  assert result.returncode == 1 and result.stderr.count('error:') == 1 and '7' in result.stderr
+
+
+def test_cli_prompt_file_with_several_prompts(trained_workdir, tmp_path):
+  prompts = ['def f(x):', 'import os', 'class A:']
+  path = tmp_path / 'prompts.jsonl'
+  path.write_text('\n'.join([json.dumps(prompts[0]), json.dumps({'prompt': prompts[1]}), '',
+                             json.dumps({'text': prompts[2]})]) + '\n')
+  result = _main(f'--workdir={trained_workdir}', '--mode=generate', f'--prompt_file={path}',
+                 '--max_new_tokens=6', '--temperature=0')
+  assert result.returncode == 0, result.stderr[-2000:]
+  config = config_lib.load(os.path.join(util.ROOT, 'configs', 'retnet_tiny.py'))
+  out = io.StringIO()
+  texts = generate.generate_text(config, trained_workdir, prompts, max_new_tokens=6,
+                                 temperature=0.0, out=out)
+  assert len(texts) == 3 and result.stdout == out.getvalue()
+  assert result.stdout == '\n'.join(f'=== prompt {i + 1}/3 ===\n{p}{t}\n'
+                                    for i, (p, t) in enumerate(zip(prompts, texts)))
+
+
+def test_cli_compile_needs_a_topology(tmp_path):
+  for mode in ('compile', 'compile_generate'):
+    result = _main(f'--workdir={tmp_path}', f'--mode={mode}')
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'needs --topology' in errors[0], result.stderr[-2000:]
+
+
+_needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None and not util.IN_CI,
+                                   reason="the TPU compiler (libtpu) is not installed: the tpu extra")
+
+
+@_needs_libtpu
+@pytest.mark.slow
+def test_cli_compile_modes_on_a_tiny_config(tmp_path):
+  """--mode=compile writes its report; --mode=compile_generate parses --decode_batch, --prompt_len
+  and --max_new_tokens into the runs it compiles."""
+  flags = [f'--config.{k}={v}' for k, v in util.SHRINK.items()]
+  result = _main(f'--workdir={tmp_path / "train"}', '--mode=compile', '--topology=v5e-1', *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / 'train' / 'compile.json') as f:
+    report = json.load(f)
+  assert report['num_devices'] == 1 and report['batch_size'] == util.SHRINK['batch_size']
+  result = _main(f'--workdir={tmp_path / "gen"}', '--mode=compile_generate', '--topology=v5e-1',
+                 '--decode_batch=2,4', '--prompt_len=20', '--max_new_tokens=5', *flags)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / 'gen' / 'generate_compile.json') as f:
+    runs = json.load(f)['runs']
+  assert [r['batch_size'] for r in runs] == [2, 4]
+  assert all(r['prompt_len'] == 32 and r['decode_out_len'] == 16 for r in runs)

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-pytest.importorskip('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
+from tests import util
+
+util.require('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
 
 from retnet_jax import checkpoint  # pylint: disable=g-import-not-at-top
 from retnet_jax import model as model_lib
@@ -21,7 +23,6 @@ from retnet_jax import scoring
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from flax import nnx  # pylint: disable=g-bad-import-order
-from tests import util
 
 SEQ_LEN = 37  # configs.PRESETS['test']'s: the training length (max_length), which no chunk size divides.
 MAX_GEN = 10
@@ -198,10 +199,11 @@ def check_scores(workdir, printed, samples, results, *, retnet):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('form', ['chunkwise', 'recurrent'])
-def test_retnet_through_lm_eval(retnet, tasks, form, tmp_path, capsys):
+def test_retnet_through_lm_eval(retnet, tasks, tmp_path, capsys):
+  """The harness once per model kind; the recurrent form is checked at the scorer below."""
   workdir, _ = retnet
-  check_scores(workdir, *run_lm_eval(workdir, tasks[0], str(tmp_path), form, capsys), retnet=True)
+  check_scores(workdir, *run_lm_eval(workdir, tasks[0], str(tmp_path), 'chunkwise', capsys),
+               retnet=True)
 
 
 @pytest.mark.slow
@@ -232,3 +234,101 @@ def test_scorer_buckets_and_carries_the_state(retnet):
   assert scoring.TRACES['score'] == 2
   with pytest.raises(ValueError, match='at least 2'):
     scorer.token_logprobs([[1]])
+
+
+def test_recurrent_scorer_matches_the_parallel_pass(retnet):
+  """form='recurrent' (what `form=recurrent` in model_args selects): the same log-probs, rows
+  longer than the chunk included."""
+  workdir, _ = retnet
+  params, cfg, _ = checkpoint.load_params(workdir)
+  scorer = scoring.Scorer(model_lib.make_setup(cfg), params, form='recurrent', chunk=SEQ_LEN,
+                          pad_id=256)
+  rng = np.random.default_rng(2)
+  seqs = [rng.integers(0, 256, n).tolist() for n in (6, SEQ_LEN + 9, 3)]
+  for (logp, _), (expected, _) in zip(scorer.token_logprobs(seqs, batch_size=2),
+                                      Hand(workdir).logprobs(seqs)):
+    np.testing.assert_allclose(logp, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# A converted checkpoint: its tokenizer and special ids from the checkpoint's meta.
+
+CONVERTED_WORDS = ['<unk>', '<s>', '</s>'] + WORDS[:13]  # 16 ids: the converted model's vocab.
+CONVERTED_SEQ_LEN = 24
+
+
+def _word_tokenizer(words, path):
+  tokenizers = util.require('tokenizers')
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)},
+                                                         unk_token='<unk>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(str(path))
+
+
+@pytest.fixture(scope='module')
+def converted(tmp_path_factory):
+  """An fla checkpoint (config.json with bos/eos ids, safetensors, tokenizer.json) converted into
+  <root>/ckpt, and <root>/config.json with the training length, as the experiment runners write."""
+  safetensors_numpy = util.require('safetensors.numpy')
+  from retnet_jax import convert  # pylint: disable=g-import-not-at-top
+  from tests.convert_fla_test import fla_config, fla_state_dict  # pylint: disable=g-import-not-at-top
+  src, root = tmp_path_factory.mktemp('fla'), tmp_path_factory.mktemp('converted')
+  c = fla_config(vocab_size=len(CONVERTED_WORDS), num_hidden_layers=1)
+  safetensors_numpy.save_file({k: np.asarray(v, np.float32) for k, v in fla_state_dict(c).items()},
+                              str(src / 'model.safetensors'))
+  with open(src / 'config.json', 'w') as f:
+    json.dump({**c, 'bos_token_id': 1, 'eos_token_id': 2}, f)
+  _word_tokenizer(CONVERTED_WORDS, src / 'tokenizer.json')
+  assert convert.main(['--from=fla', f'--input={src}', f'--output={root / "ckpt"}']) == 0
+  with open(root / 'config.json', 'w') as f:
+    json.dump({'seq_len': CONVERTED_SEQ_LEN}, f)
+  return str(root / 'ckpt'), root
+
+
+def test_converted_checkpoint_brings_its_tokenizer_and_length(converted):
+  workdir, root = converted
+  lm = rj_lm_eval.RetNetLM(workdir=workdir, batch_size=2)
+  assert lm.max_length == CONVERTED_SEQ_LEN  # From config.json beside the checkpoint.
+  assert lm.eot_token_id == 2  # The fla config's eos_token_id, kept in the meta.
+  assert lm.tok_encode('alpha beta nonsense') == [3, 4, 0]
+  assert lm.tok_decode([5, 6]) == 'gamma delta'
+  assert rj_lm_eval.RetNetLM(workdir=workdir, max_length=9).max_length == 9  # model_args win.
+  # tokenizer= replaces the recorded one: the same words under other ids.
+  _word_tokenizer(CONVERTED_WORDS[:3] + CONVERTED_WORDS[3:][::-1], root / 'other.json')
+  other = rj_lm_eval.RetNetLM(workdir=workdir, tokenizer=str(root / 'other.json'))
+  assert other.tok_encode('alpha beta') == [15, 14]
+
+
+def test_converted_checkpoint_generate_until_groups_and_a_string_until(converted):
+  """Two generation-argument groups interleaved, one with `until` a string (not a list of
+  characters): each answer is greedy decoding by hand, cut at its group's stop string."""
+  from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
+  workdir, _ = converted
+  lm = rj_lm_eval.RetNetLM(workdir=workdir, batch_size=2)
+  hand = Hand(workdir)
+
+  def greedy(context, n):
+    ids = lm.tok_encode(context)
+    start = len(ids)
+    for _ in range(n):
+      if len(ids) > start and ids[-1] == lm.eot_token_id:
+        break
+      ids.append(int(np.argmax(hand.logits([ids])[0][len(ids) - 1])))
+    new = ids[start:]
+    return lm.tok_decode(new[:new.index(2)] if 2 in new else new)
+
+  contexts = ['alpha beta gamma', 'delta', 'epsilon zeta eta theta', 'iota kappa']
+  first = greedy(contexts[0], 6)
+  stop = first.split(' ')[min(2, len(first.split(' ')) - 1)]  # A word it produces: cuts there.
+  assert len(stop) > 1
+  groups = [{'until': stop, 'max_gen_toks': 6, 'do_sample': False},
+            {'until': ['\n'], 'max_gen_toks': 3}]
+  requests = [Instance('generate_until', {}, (ctx, groups[i % 2]), i)
+              for i, ctx in enumerate(contexts)]
+  got = lm.generate_until(requests, disable_tqdm=True)
+  for i, (ctx, text) in enumerate(zip(contexts, got)):
+    g = groups[i % 2]
+    want = greedy(ctx, g['max_gen_toks'])
+    until = g['until'] if isinstance(g['until'], str) else g['until'][0]
+    assert text == (want[:want.index(until)] if until in want else want), (i, text, want)
+  assert got[0] == first[:first.index(stop)]

@@ -35,7 +35,7 @@ def write(directory, fmt, docs, name='part', field='text'):
     return os.path.join(directory, f'{name}*.txt')
   path = os.path.join(directory, f'{name}.{fmt}')
   if fmt == 'parquet':
-    pa = pytest.importorskip('pyarrow')
+    pa = util.require('pyarrow')
     import pyarrow.parquet as pq
     pq.write_table(pa.table({field: docs, 'id': list(range(len(docs)))}), path, row_group_size=7)
     return path
@@ -43,7 +43,7 @@ def write(directory, fmt, docs, name='part', field='text'):
   if fmt == 'jsonl.gz':
     lines = gzip.compress(lines)
   elif fmt == 'jsonl.zst':
-    zstandard = pytest.importorskip('zstandard')
+    zstandard = util.require('zstandard')
     lines = zstandard.ZstdCompressor().compress(lines)
   with open(path, 'wb') as f:
     f.write(lines)
@@ -176,7 +176,7 @@ def test_bad_input_is_counted_reported_and_never_fatal(tmp_path, capsys):
   (d / 'empty.txt').write_text('', encoding='utf-8')
   whole = gzip.compress(''.join(json.dumps({'text': t}) + '\n' for t in good[20:]).encode())
   (d / 'truncated.jsonl.gz').write_bytes(whole[:len(whole) // 2])
-  pa = pytest.importorskip('pyarrow')
+  pa = util.require('pyarrow')
   import pyarrow.parquet as pq
   pq.write_table(pa.table({'body': ['x', 'y']}), str(d / 'nocolumn.parquet'))
   pq.write_table(pa.table({'text': ['a parquet doc', None]}), str(d / 'nulls.parquet'))
@@ -229,7 +229,7 @@ def test_sample_is_bounded_and_spans_every_file(tmp_path):
 
 @pytest.mark.parametrize('kind', ['sentencepiece', 'bpe'])
 def test_trained_and_given_tokenizers(tmp_path, kind):
-  pytest.importorskip('sentencepiece' if kind == 'sentencepiece' else 'tokenizers')
+  util.require('sentencepiece' if kind == 'sentencepiece' else 'tokenizers')
   docs = make_docs(300, seed=3)
   inputs = write(tmp_path / 'in', 'jsonl', docs)
   meta = preprocess.run(args(inputs, tmp_path / 'trained', train_tokenizer=kind, vocab_size=320,

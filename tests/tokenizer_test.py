@@ -7,6 +7,7 @@ import pytest
 
 from retnet_jax import data
 from retnet_jax import tokenizer as tokenizer_lib
+from tests import util
 
 UNICODE_TEXT = 'def f(x):\n\treturn x  # héllo, 日本語, emoji 🙂, ß → ∑\r\n'
 
@@ -62,7 +63,7 @@ def _training_texts():
 
 
 def test_sentencepiece_round_trip_and_save_load(tmp_path):
-  pytest.importorskip('sentencepiece')
+  util.require('sentencepiece')
   model_path = str(tmp_path / 'sp' / 'tokenizer.model')
   tok = tokenizer_lib.SentencePieceTokenizer.train(_training_texts(), 320, model_path)
   assert tok.vocab_size == 320 and os.path.exists(model_path)
@@ -85,7 +86,7 @@ def test_sentencepiece_round_trip_and_save_load(tmp_path):
 
 
 def test_get_tokenizer_sentencepiece_trains_once_then_reloads(tmp_path, monkeypatch):
-  pytest.importorskip('sentencepiece')
+  util.require('sentencepiece')
   for i, text in enumerate(_training_texts()[:20]):
     (tmp_path / f'doc{i:02d}.txt').write_text(text, encoding='utf-8')
   config = {'source': 'files', 'files_glob': str(tmp_path / '*.txt'),
@@ -122,7 +123,7 @@ def test_smallest_dtype():
 
 
 def test_bpe_spec_round_trips_and_counts_bytes(tmp_path):
-  pytest.importorskip('tokenizers')
+  util.require('tokenizers')
   path = str(tmp_path / 'tokenizer.json')
   trained = tokenizer_lib.train_bpe(_training_texts(), 320, path)
   tok = tokenizer_lib.from_spec('hf:tokenizer.json', base_dir=str(tmp_path))
@@ -140,7 +141,7 @@ def test_bpe_spec_round_trips_and_counts_bytes(tmp_path):
 
 def test_hf_tokenizer_with_sentencepiece_style_pieces(tmp_path):
   """A Llama-like tokenizer.json: '▁' for spaces, <0xNN> byte fallback, <s> / </s> specials."""
-  tokenizers = pytest.importorskip('tokenizers')
+  tokenizers = util.require('tokenizers')
   vocab = {'<unk>': 0, '<s>': 1, '</s>': 2, '<0x0A>': 3, '▁hi': 4, 'é': 5, '▁': 6}
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token='<unk>',
                                                    byte_fallback=True))
@@ -156,7 +157,7 @@ def test_hf_tokenizer_with_sentencepiece_style_pieces(tmp_path):
 
 
 def test_sentencepiece_spec_loads_an_existing_model(tmp_path):
-  pytest.importorskip('sentencepiece')
+  util.require('sentencepiece')
   path = str(tmp_path / 'm.model')
   trained = tokenizer_lib.train_sentencepiece(_training_texts(), 320, path)
   for spec in (f'sentencepiece:{path}', 'sentencepiece:m.model'):

@@ -5,6 +5,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,11 +58,32 @@ def test_resume_gives_identical_losses(straight_run, tmp_path):
 
 def test_metrics_and_event_files(straight_run):
   workdir, result = straight_run
+  c = small()
+  peak, warmup, total = c.optim.learning_rate, c.optim.warmup_steps, c.total_steps
+  end = peak * c.optim.end_lr_fraction
+  vocab = config_lib.model_config(c).vocab_size
   for record in read_metrics(workdir, 'train'):
     for key in ('step', 'split', 'loss', 'learning_rate', 'tokens_per_second', 'bits_per_byte'):
       assert key in record, key
+    # The rate the record's step was taken at: step − 1 on the warm-up line, then the cosine.
+    n = record['step'] - 1
+    lr = peak * n / warmup if n < warmup else end + (peak - end) * 0.5 * (
+        1 + np.cos(np.pi * (n - warmup) / (total - warmup)))
+    assert record['learning_rate'] == pytest.approx(lr, rel=1e-5, abs=1e-12), record
+    # Near-uniform predictions over the vocabulary after a few steps. Byte tokens are 1 byte and
+    # the special ones 0, so bits per byte is loss / ln 2 times tokens / bytes: ≥ 1, and < 1.25
+    # with a document separator every few hundred bytes.
+    assert 0.5 * np.log(vocab) < record['loss'] < 1.5 * np.log(vocab), record
+    assert 1.0 <= record['bits_per_byte'] / (record['loss'] / np.log(2)) < 1.25, record
+    assert 0 < record['grad_norm'] < 1e3 and record['tokens_per_second'] > 0
+    assert record['steps_per_second'] == pytest.approx(
+        record['tokens_per_second'] / (c.batch_size * c.seq_len), rel=1e-6)
   evals = read_metrics(workdir, 'eval')
   assert evals and {'loss', 'bits_per_byte', 'perplexity'} <= set(evals[-1])
+  ev = evals[-1]
+  assert ev['perplexity'] == pytest.approx(np.exp(ev['loss']), rel=1e-6)
+  assert 0 <= ev['accuracy'] <= 1
+  assert 1.0 <= ev['bits_per_byte'] / (ev['loss'] / np.log(2)) < 1.25, ev
   assert result['eval']['loss'] == evals[-1]['loss']
   assert glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['3', '6']
@@ -132,8 +154,7 @@ def _tree_digest(directory):
 
 
 def test_corrupt_checkpoint(straight_run, tmp_path):
-  workdir = str(tmp_path / 'w')
-  train.train_and_evaluate(small(), workdir)  # Checkpoints at steps 3 and 6.
+  workdir = str(shutil.copytree(straight_run[0], tmp_path / 'w'))  # Checkpoints at steps 3 and 6.
   ckpts = os.path.join(workdir, 'checkpoints')
   earlier = _tree_digest(os.path.join(ckpts, '3'))
   for path in glob.glob(os.path.join(ckpts, '6', 'params', '**'), recursive=True):

@@ -49,8 +49,8 @@ def test_model_flops_count_the_form():
 
 
 def test_torchscale_comparison_runs(tmp_path):
-  pytest.importorskip('torch')
-  pytest.importorskip('torchscale')
+  util.require('torch')
+  util.require('torchscale')
   config = util.config(model__value_dim=96)
   rows = training_cost.run(config, str(tmp_path), seq_lens=(32,), forms=('chunkwise',),
                            tokens_per_step=64, steps=1, max_quadratic_len=32, vs_torchscale=True,

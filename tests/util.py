@@ -1,10 +1,12 @@
 """Shared test helpers: every test builds from a shrunk real config."""
 
+import importlib
 import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from retnet_jax import config_lib
 from retnet_jax import decay
@@ -37,8 +39,29 @@ def model_config(name='retnet_tiny', arg=None, **overrides):
 
 
 def rel_err(x, ref):
+  """max |x − ref| / max |ref| over the whole array."""
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
   return float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
+
+
+def rel_err_rows(x, ref, axes=(-1,)):
+  """The largest rel_err of any row: each slice over `axes` is scaled by its own max |ref|, so an
+  error in a small-valued head or row cannot hide behind a large one."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  axes = tuple(a % ref.ndim for a in axes)
+  scale = np.max(np.abs(ref), axis=axes, keepdims=True)
+  return float(np.max(np.max(np.abs(x - ref), axis=axes, keepdims=True) / np.maximum(scale, 1e-30)))
+
+
+IN_CI = os.environ.get('CI', '').lower() in ('true', '1')
+
+
+def require(module, reason=None):
+  """Imports an optional extra: skips the test when it is missing, but fails it in CI (CI=true),
+  where every extra is installed and a missing one is a broken install."""
+  if IN_CI:
+    return importlib.import_module(module)
+  return pytest.importorskip(module, reason=reason)
 
 
 # Retention inputs shared by the reference-form and kernel tests.
