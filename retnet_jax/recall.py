@@ -6,21 +6,23 @@
 Every example is plain ASCII text, so with the byte tokenizer its length in tokens is exact; it is a
 pure function of its arguments (np.random.default_rng(seed)).
 
-passkey      filler sentences with one needle " The pass key is 48213." at character
+passkey      filler sentences with one needle " The pass key is:48213." at character
              round(depth · F) of the F filler characters (depth 0: the start of the context, 1: just
-             before the question), then " What is the pass key? The pass key is " and the answer
+             before the question), then " What is the pass key? The pass key is:" and the answer
              "48213" and ".". The digits occur nowhere else in the text.
-associative  `num_pairs` key-value pairs " K=37." (K an upper-case letter absent from the filler,
+associative  `num_pairs` key-value pairs " K37." (K an upper-case letter absent from the filler,
 recall       a two-digit value) spread over the whole filler (pair i at a random depth inside
              [i/n, (i+1)/n)), then " Recall:" and every key queried once in a random order,
-             " K=37.", each value an answer.
+             " K37.", each value an answer.
+The token before each answer (':' of the passkey, the key letter) occurs once before it, in its
+needle: one induction step (find the earlier copy, read what follows) answers, as in Zoology's MQAR.
 
 `Example.spans` are the answers' character ranges; `Example.depths` their needles' depths.
 
 The data source `recall` (data.py) trains on a mix: with probability `recall_fraction` a row is a
 synthetic example of exactly seq_len + 1 tokens (a task of `recall_tasks` chosen at random, a depth
-drawn uniformly) whose loss mask covers the answer tokens only; otherwise it is a row of the stdlib
-text (as source='stdlib' cuts it). Row i is drawn from np.random.default_rng((seed, split, i)).
+drawn uniformly), scored on every token (the repeated filler teaches copying, the answers
+recall); otherwise it is a row of the stdlib text (as source='stdlib' cuts it). Row i is drawn from np.random.default_rng((seed, split, i)).
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ import numpy as np
 
 FILLER = ('The grass is green. The sky is blue. The sun is yellow. Here we go. '
           'There and back again. ')
-PASSKEY_QUESTION = ' What is the pass key? The pass key is '
+PASSKEY_QUESTION = ' What is the pass key? The pass key is:'
 RECALL_HEADER = ' Recall:'
-# Keys: upper-case letters in none of the fixed texts, so that "K=" is unique per key.
+# Keys: upper-case letters in none of the fixed texts, so that a key occurs only in its pair.
 KEYS = ''.join(c for c in 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
                if c not in FILLER + PASSKEY_QUESTION + RECALL_HEADER)
 TASKS = ('passkey', 'associative')
-DATA_DEFAULTS = dict(recall_fraction=0.5, recall_tasks='passkey,associative',
+DATA_DEFAULTS = dict(recall_fraction=0.75, recall_tasks='passkey,associative',
                      recall_num_pairs=4, recall_passkey_digits=5)
 _EVAL_SEED = 0  # The held-out rows do not depend on the run's seed, so runs compare.
 
@@ -74,7 +76,7 @@ def passkey(seed, length: int, depth: float, digits: int = 5) -> Example:
     raise ValueError(f'digits must be >= 1; got {digits}.')
   rng = np.random.default_rng(seed)
   key = str(int(rng.integers(1, 10))) + ''.join(str(d) for d in rng.integers(0, 10, digits - 1))
-  needle = f' The pass key is {key}.'
+  needle = f' The pass key is:{key}.'
   fixed = len(needle) + len(PASSKEY_QUESTION) + digits + 1
   if length < fixed:
     raise ValueError(f'a passkey example of {digits} digits needs length >= {fixed}; got {length}.')
@@ -93,7 +95,7 @@ def associative_recall(seed, length: int, num_pairs: int = 4) -> Example:
   rng = np.random.default_rng(seed)
   keys = [KEYS[i] for i in rng.permutation(len(KEYS))[:num_pairs]]
   values = [f'{v:02d}' for v in rng.integers(0, 100, num_pairs)]
-  pairs = [f' {k}={v}.' for k, v in zip(keys, values)]
+  pairs = [f' {k}{v}.' for k, v in zip(keys, values)]
   queries = rng.permutation(num_pairs)
   fixed = 2 * sum(map(len, pairs)) + len(RECALL_HEADER)
   if length < fixed:
@@ -112,7 +114,7 @@ def associative_recall(seed, length: int, num_pairs: int = 4) -> Example:
   text = ''.join(parts) + hay[prev:] + RECALL_HEADER
   spans = []
   for q in queries:
-    spans.append((len(text) + 3, len(text) + 5))  # ' K=' then the two digits.
+    spans.append((len(text) + 2, len(text) + 4))  # ' K' then the two digits.
     text += pairs[q]
   return Example(text, tuple(spans), tuple(float(depths[q]) for q in queries),
                  tuple(needles[q] for q in queries))
@@ -178,16 +180,13 @@ class MixedRows:
     task = self.tasks[int(rng.integers(len(self.tasks)))]
     ex = make(task, rng.integers(2**63), self.seq_len + 1, float(rng.random()),
               num_pairs=self.num_pairs, digits=self.digits)
-    tokens, spans = encode(ex, self.tokenizer)
+    tokens, _ = encode(ex, self.tokenizer)
     row = np.full(self.seq_len + 1, self.tokenizer.pad_id, np.int32)
     n = min(len(tokens), self.seq_len + 1)
     row[:n] = tokens[:n]
-    loss_mask = np.zeros(self.seq_len, np.float32)
-    for a, b in spans:  # Target t is token t + 1: the answer tokens a..b-1 are targets a-1..b-2.
-      loss_mask[max(a - 1, 0):min(b - 1, self.seq_len)] = 1.0
     position = np.arange(self.seq_len)
-    return dict(inputs=row[:-1], targets=row[1:],
-                segment_ids=(position < n).astype(np.int32), loss_mask=loss_mask)
+    return dict(inputs=row[:-1], targets=row[1:], segment_ids=(position < n).astype(np.int32),
+                loss_mask=(position < n - 1).astype(np.float32))
 
 
 def mixed_rows(cfg: dict, tokenizer, seq_len: int, seed: int, text_rows_fn):
