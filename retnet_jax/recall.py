@@ -192,5 +192,11 @@ class MixedRows:
 def mixed_rows(cfg: dict, tokenizer, seq_len: int, seed: int, text_rows_fn):
   """(train rows, eval rows) of the `recall` source; text_rows_fn(split) gives the text rows."""
   validate(cfg)
+  for task in parse_tasks(cfg['recall_tasks']):  # A training length too short: one clear error.
+    try:
+      make(task, 0, seq_len + 1, num_pairs=cfg['recall_num_pairs'],
+           digits=cfg['recall_passkey_digits'])
+    except ValueError as e:
+      raise ValueError(f'seq_len={seq_len} is too short for recall_tasks={task!r}: {e}') from e
   return (MixedRows(text_rows_fn('train'), tokenizer, seq_len, cfg, seed, 0),
           MixedRows(text_rows_fn('validation'), tokenizer, seq_len, cfg, _EVAL_SEED, 1))

@@ -114,6 +114,8 @@ def test_recall_source_mixes_in_stdlib_text():
   assert not any('pass key is:' in t or recall.RECALL_HEADER in t for t in texts)
   with pytest.raises(ValueError, match='recall_fraction'):
     _rows(1.5)
+  with pytest.raises(ValueError, match="seq_len=40 is too short for recall_tasks='passkey'"):
+    _rows(0.5, seq_len=40)
 
 
 @pytest.fixture(scope='module')
@@ -122,7 +124,7 @@ def tiny_run(tmp_path_factory):
   from retnet_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('recall_run'))
   config = util.config('retnet_tiny', total_steps=4, eval_every=4, checkpoint_every=4,
-                       data__source='recall')
+                       data__source='recall', seq_len=83)
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -132,9 +134,9 @@ def test_lm_eval_task_folder_scores_a_trained_model(tiny_run, tmp_path, capsys):
   from retnet_jax import lm_eval as rj_lm_eval  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / 'out')
   rj_lm_eval.main([
-      f'--model_args=workdir={tiny_run},batch_size=4,max_length=37',
+      f'--model_args=workdir={tiny_run},batch_size=4,max_length=83',
       '--tasks=recall_passkey,recall_associative', f'--include_path={TASK_DIR}',
-      '--metadata={"lengths": [60, 90], "num_examples": 1, "depths": [0, 1]}',
+      '--metadata={"lengths": [83, 130], "num_examples": 1, "depths": [0, 1]}',
       f'--output_path={out}', '--log_samples'])
   printed = capsys.readouterr().out
   assert 'recall_passkey' in printed and 'exact_match' in printed
@@ -148,7 +150,7 @@ def test_lm_eval_task_folder_scores_a_trained_model(tiny_run, tmp_path, capsys):
     with open(path) as f:
       samples = [json.loads(line) for line in f]
     assert len(samples) == docs
-    assert {s['doc']['length'] for s in samples} == {60, 90}
+    assert {s['doc']['length'] for s in samples} == {83, 130}
     # The score is the mean of per-document exact matches of the generated text.
     matches = [float(s['filtered_resps'][0].strip() == s['target']) for s in samples]
     assert score == pytest.approx(np.mean(matches))
