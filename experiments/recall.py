@@ -8,7 +8,8 @@ on the `recall` data source (retnet_jax/recall.py: stdlib text mixed with synthe
 associative-recall rows at the training length T), then evaluated at 1×, 2×, 4×, 8×, 16× T on
   passkey      a 5-digit number stated once in filler text at depth 0, ¼, ½, ¾, 1, asked for at
                the end; exact match of all digits (chance 1e-5)
-  associative  4 key-value pairs spread over the whole context, every key queried at the end;
+  associative  key-value pairs (data.recall_num_pairs: 8 quick, 4 full) spread over the whole
+               context, every key queried at the end;
                exact match of each 2-digit value (chance 0.01), binned by the pair's depth.
 Exact match is the greedy answer: every answer token is the argmax given the prompt and the answer's
 earlier tokens (one teacher-forced pass, scoring.Scorer; the same as greedy decoding's exact match).
@@ -60,11 +61,12 @@ MULTIPLES = (1, 2, 4, 8, 16)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TASKS = recall.TASKS
 CHANCE = {'passkey': 1e-5, 'associative': 0.01}
-# 4 layers (so that the 1-in-4 hybrid exists) of width 128 at T = 128: ~3 minutes a run on 2 CPUs.
-QUICK = ('model.num_layers=4', 'model.embed_dim=128', 'model.value_dim=256', 'model.ffn_dim=256',
-         'model.remat=none', 'seq_len=128', 'batch_size=16', 'total_steps=400', 'log_every=50',
-         'eval_every=200', 'checkpoint_every=200', 'data.num_eval_batches=4',
-         'optim.warmup_steps=40')
+# 2 layers of width 128 at T = 128 (common.TINY_QUICK), batch 16, 500 steps, 90% recall rows.
+QUICK = common.TINY_QUICK + (
+    'batch_size=16', 'total_steps=500', 'eval_every=250', 'checkpoint_every=250',
+    'optim.learning_rate=3e-3', 'data.recall_fraction=0.9', 'data.recall_num_pairs=8')
+# The quick models have 2 layers: their hybrid is one attention layer in two.
+QUICK_ARCHITECTURES = {'hybrid': {'model.layer_pattern': 'retention,attention'}}
 FULL = ('seq_len=256', 'total_steps=2000', 'eval_every=500', 'checkpoint_every=500')
 SHARED = ('data.source=recall',)
 QUICK_EXAMPLES, FULL_EXAMPLES = 8, 32  # Passkey examples per (length, depth); recall per length.
@@ -83,10 +85,11 @@ class EvalSettings:
     return hashlib.sha256(json.dumps(dataclasses.asdict(self)).encode()).hexdigest()[:12]
 
 
-def available(name: str, overrides: Sequence[str]) -> tuple[common.Variant | None, str]:
+def available(name: str, overrides: Sequence[str],
+              quick: bool = False) -> tuple[common.Variant | None, str]:
   """(the architecture's variant, '') or (None, why it is skipped)."""
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  arch = ARCHITECTURES[name]
+  arch = {**ARCHITECTURES[name], **(QUICK_ARCHITECTURES.get(name, {}) if quick else {})}
   fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
   missing = [k for k in arch if k.startswith('model.') and k.split('.', 1)[1] not in fields]
   if missing:
@@ -114,7 +117,7 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   for name in architectures:
     if name not in ARCHITECTURES:
       raise ValueError(f'unknown architecture {name!r}; one of {sorted(ARCHITECTURES)}.')
-    variant, why = available(name, overrides)
+    variant, why = available(name, overrides, quick)
     if variant is None:
       skipped[name] = why
       print(f'recall: skipping {name}: {why}.')
@@ -127,8 +130,10 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   names = [v.name for v in variants]
   results = common.run_variants(common.with_seeds(variants, seeds), runs, overrides=overrides,
                                 only=common.seeded_names(only, names, seeds))
-  settings = EvalSettings(examples=examples or (QUICK_EXAMPLES if quick else FULL_EXAMPLES))
   base = common.build_config(variants[0], overrides)
+  settings = EvalSettings(examples=examples or (QUICK_EXAMPLES if quick else FULL_EXAMPLES),
+                          num_pairs=base.data.recall_num_pairs,
+                          digits=base.data.recall_passkey_digits)
   records = {}  # (name, seed) -> per-example records
   for v in variants:
     for s in seeds:
