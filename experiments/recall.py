@@ -276,7 +276,8 @@ def grid(records, name, task, settings, seeds) -> np.ndarray:
 
 def recall_distance(records: Sequence[dict], task: str = 'passkey') -> float:
   """The needle-to-answer distance (tokens, power-of-two bins) below which accuracy is at least
-  half its value in the nearest bin: where recall fails (inf if it never falls that far)."""
+  half its value in the nearest bin: where recall fails (inf if it never falls that far; 0 if
+  the nearest bin is already below 0.5: the model does not recall at all)."""
   bins = {}
   for r in records:
     if r['task'] == task:
@@ -286,6 +287,8 @@ def recall_distance(records: Sequence[dict], task: str = 'passkey') -> float:
   if not edges:
     return math.nan
   top = np.mean(bins[edges[0]])
+  if top < 0.5:
+    return 0.0
   for e in edges:
     if np.mean(bins[e]) < 0.5 * top:
       return float(e)
@@ -301,7 +304,8 @@ def memory_table(records, variants, cfgs, base, seeds) -> str:
     cfg = cfgs[v.name]
     pooled = [r for s in seeds for r in records.get((v.name, s), [])]
     dist = recall_distance(pooled)
-    fails = '–' if math.isnan(dist) else ('not within 16×' if math.isinf(dist) else f'{dist:.0f}')
+    fails = ('–' if math.isnan(dist) else 'not within 16×' if math.isinf(dist) else
+             'no recall at any distance' if dist == 0 else f'{dist:.0f}')
     if cfg.kind != 'retnet' or cfg.gamma in ('gated', 'learnable'):
       lines.append(f'| {v.name} | – | – | {fails} |')
       continue

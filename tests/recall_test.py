@@ -179,3 +179,13 @@ def test_experiment_quick_path(tmp_path, capsys):
   experiment.run(str(tmp_path), quick=True, steps=2, seeds='0,1', examples=1, overrides=shrink,
                  architectures=('retnet', 'transformer'))
   assert os.path.getmtime(tmp_path / 'runs' / 'retnet_seed0' / 'recall_eval.json') == mtime
+
+
+def test_recall_distance_is_where_passkey_accuracy_halves():
+  from experiments import recall as experiment  # pylint: disable=g-import-not-at-top
+  rec = lambda d, c: dict(task='passkey', distance=d, correct=c)
+  # Bins 8, 64, 256, 512: accuracy 1, 1, 0.25, 0 -> fails from the 256 bin on.
+  records = [rec(9, 1), rec(70, 1), rec(300, 1), rec(301, 0), rec(302, 0), rec(303, 0), rec(600, 0)]
+  assert experiment.recall_distance(records) == 256
+  assert experiment.recall_distance([rec(9, 1), rec(700, 1)]) == float('inf')
+  assert experiment.recall_distance([rec(9, 0), rec(700, 0)]) == 0.0  # Never recalls.
