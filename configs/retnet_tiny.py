@@ -66,7 +66,10 @@ def base_config(args: dict):
       source='stdlib', tokenizer='byte', sp_vocab_size=4096, files_glob='', jsonl_text_field='text',
       path='',  # source='arrayrecord': a `python -m retnet_jax.preprocess` output directory
       val_fraction=0.03, shuffle=True, num_workers=0, prefetch_buffer_size=8, num_eval_batches=16,
-      mqar_num_kv_pairs=8, mqar_vocab_size=256))
+      mqar_num_kv_pairs=8, mqar_vocab_size=256,
+      # source='recall' (retnet_jax/recall.py): stdlib text mixed with synthetic recall rows.
+      recall_fraction=0.75, recall_tasks='passkey,associative', recall_num_pairs=4,
+      recall_passkey_digits=5))
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, schedule='cosine', end_lr_fraction=0.1, b1=0.9,

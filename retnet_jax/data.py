@@ -86,6 +86,7 @@ import grain
 import numpy as np
 
 from retnet_jax import preprocess
+from retnet_jax import recall
 from retnet_jax import tokenizer as tokenizer_lib
 
 DEFAULTS = dict(
@@ -102,8 +103,9 @@ DEFAULTS = dict(
     num_eval_batches=16,
     mqar_num_kv_pairs=8,
     mqar_vocab_size=256,
+    **recall.DATA_DEFAULTS,  # source='recall': see recall.py
 )
-SOURCES = ('stdlib', 'files', 'arrayrecord', 'mqar')
+SOURCES = ('stdlib', 'files', 'arrayrecord', 'mqar', 'recall')
 SPLITS = ('train', 'validation')
 BINARY_FRACTION = preprocess.BINARY_FRACTION
 _MQAR_EVAL_SEED = 0  # MQAR eval examples do not depend on the run's seed, so runs compare.
@@ -608,6 +610,12 @@ def create_datasets(data_config, *, tokenizer, seq_len: int, global_batch_size: 
     args = (seq_len, cfg['mqar_num_kv_pairs'], cfg['mqar_vocab_size'])
     train_rows, eval_rows = _MqarRows(*args, seed, 0), _MqarRows(*args, _MQAR_EVAL_SEED, 1)
     # Every index is a new random example: 2**62 of them is endless, nothing to shuffle or repeat.
+    train = grain.MapDataset.range(2**62)[shard]
+    eval_indices = np.arange(cfg['num_eval_batches'] * global_batch_size)
+  elif cfg['source'] == 'recall':  # stdlib rows mixed with synthetic recall rows (recall.py).
+    text = lambda split: _TextRows(tokenize_documents(load_texts(
+        {**cfg, 'source': 'stdlib'}, split), tokenizer), seq_len, tokenizer.pad_id, tokenizer.eos_id)
+    train_rows, eval_rows = recall.mixed_rows(cfg, tokenizer, seq_len, seed, text)
     train = grain.MapDataset.range(2**62)[shard]
     eval_indices = np.arange(cfg['num_eval_batches'] * global_batch_size)
   else:
