@@ -83,15 +83,20 @@ def context_state(setup, batch: int, context: int, new_tokens: int, key):
   """
   cfg = setup.model_config
   abstract = model_lib.abstract_model(cfg)
-  max_len = context + new_tokens if cfg.kind == 'transformer' else None
+  max_len = context + new_tokens if cfg.state_grows else None
   shapes = jax.eval_shape(lambda: abstract.init_state(batch, max_len))
 
   @jax.jit
   def make(key):
     def fill(path, s):
       name = getattr(path[-1], 'name', '') if path else ''
-      if name == 'segment_ids':  # [L, B, S]: the first `context` positions hold segment 1.
-        return jnp.broadcast_to((jnp.arange(s.shape[-1]) < context).astype(s.dtype), s.shape)
+      # Slot i of a cache of S slots holds the latest position ≡ i (mod S) before `context`.
+      last, slots = context - 1, jnp.arange(s.shape[-1])
+      pos = last - (last - slots) % s.shape[-1]
+      if name == 'positions':  # [R, S]; empty slots (pos < 0) lie past every query.
+        return jnp.broadcast_to(jnp.where(pos >= 0, pos, model_lib.EMPTY_POSITION), s.shape)
+      if name == 'segment_ids':  # [R, B, S]: the filled slots hold segment 1.
+        return jnp.broadcast_to((pos >= 0).astype(s.dtype), s.shape)
       x = 0.1 * jax.random.normal(jax.random.fold_in(key, ('k', 'v').index(name) if name in ('k', 'v') else 2), s.shape, jnp.float32)
       if name in ('k', 'v'):  # Only the first `context` cache positions are written.
         # k [L, B, H, K, S], v [L, B, H, S, K] (model.KVCache).

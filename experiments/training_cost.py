@@ -126,20 +126,12 @@ def matmul_peak_flops(sizes=(1024, 2048), repeats=5) -> float:
 
 def model_flops_per_token(cfg: model_lib.ModelConfig, form: str, seq_len: int) -> tuple[float, float]:
   """(total, dense) training FLOPs per token; see the module docstring."""
-  D, H, K, V, L = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.value_head_dim, cfg.num_layers
-  if cfg.kind == 'retnet':
-    mixer_params = D * H * K * 2 + D * H * V * (3 if cfg.swish_gate else 2)
-  else:
-    mixer_params = 4 * D * D
-  dense = L * (mixer_params + 3 * D * cfg.ffn_dim) + D * cfg.vocab_size
-  if cfg.kind == 'transformer' or form == 'parallel':
-    # QKᵀ and PV over the full (masked) T × T matrix; on average a row sees T / 2 tokens but the
-    # dense form computes all T.
-    mixer = 2 * seq_len * (K + (K if cfg.kind == 'transformer' else V))
-  else:
-    C = min(cfg.chunk_size, seq_len)
-    mixer = 2 * C * (K + V) + 4 * K * V
-  return 6.0 * dense + 3.0 * L * H * mixer, 6.0 * dense
+  # Each mixer reports its projection weights and its operator's forward FLOPs (attention and the
+  # parallel form over the full masked T × T matrix: a row sees T / 2 tokens on average, the dense
+  # form computes all T).
+  D, L = cfg.embed_dim, cfg.num_layers
+  dense = cfg.mixer_matmul_params() + L * 3 * D * cfg.ffn_dim + D * cfg.vocab_size
+  return 6.0 * dense + 3.0 * cfg.mixing_flops(seq_len, form), 6.0 * dense
 
 
 def _synthetic_batch(batch, seq_len, vocab, seed=0):

@@ -232,30 +232,15 @@ def check_mesh(mesh_config, num_devices: int, topology_name: str) -> dict[str, i
 def forward_flops_per_token(model_cfg, seq_len: int) -> float:
   """Matmul FLOPs (2 per multiply-add) of one token's forward pass through `model_cfg`.
 
-  Per layer: the projections (RetNet: q, k [D, D], v and the gate [D, V·H], out [V·H, D]; the
-  Transformer: q, k, v, out [D, D]) and the gated FFN (3 × [D, F]); plus the mixer itself as the
-  code computes it: chunkwise retention per head 2C(K + V) inside a chunk of C and 4KV across
-  chunks (Q S and the state update), parallel retention 2T(K + V), recurrent 4KV; attention over
-  the whole sequence (2T·D for the scores and 2T·D for the weighted values, the causal half not
-  subtracted). Plus the output head [D, vocab]. The embedding lookup and norms are not counted.
+  Per layer: its mixer's projections and operator as the mixer reports them
+  (`ModelConfig.mixer_matmul_params`, `mixing_flops`: retention's q, k, v, gate and out and its form;
+  attention's q, k, v, out and the [T, T] scores) and the gated FFN (3 × [D, F]); plus the output
+  head [D, vocab]. The embedding lookup and norms are not counted.
   """
-  D, F, L, H = model_cfg.embed_dim, model_cfg.ffn_dim, model_cfg.num_layers, model_cfg.num_heads
-  K = model_cfg.head_dim
-  ffn = 2 * 3 * D * F
-  if model_cfg.kind == 'retnet':
-    values, Vh = model_cfg.values, model_cfg.value_head_dim
-    proj = 2 * D * (2 * D + values * (2 if model_cfg.swish_gate else 1)) + 2 * values * D
-    if model_cfg.form == 'chunkwise':
-      C = min(model_cfg.chunk_size, seq_len)
-      mixer = H * (2 * C * (K + Vh) + 4 * K * Vh)
-    elif model_cfg.form == 'parallel':
-      mixer = H * 2 * seq_len * (K + Vh)
-    else:
-      mixer = H * 4 * K * Vh
-  else:
-    proj = 2 * 4 * D * D
-    mixer = 2 * 2 * seq_len * D
-  return float(L * (proj + ffn + mixer) + 2 * D * model_cfg.vocab_size)
+  D, F, L = model_cfg.embed_dim, model_cfg.ffn_dim, model_cfg.num_layers
+  proj = 2 * model_cfg.mixer_matmul_params()
+  mixer = model_cfg.mixing_flops(seq_len, model_cfg.form)
+  return float(proj + mixer + L * 2 * 3 * D * F + 2 * D * model_cfg.vocab_size)
 
 
 def train_flops_per_step(model_cfg, batch_size: int, seq_len: int) -> float:
@@ -266,6 +251,24 @@ def train_flops_per_step(model_cfg, batch_size: int, seq_len: int) -> float:
 
 # ------------------------------------------------------------------------------------------------
 # What the compiler reports.
+
+
+def attention_in_step(run, batch_rows: int) -> dict[str, Any]:
+  """What the attention layers' dispatcher (`attention.choose`) decides for the step's shapes on
+  this mesh, before compiling; 'none' when no layer attends."""
+  cfg = run.setup.model_config
+  if 'attention' not in cfg.pattern:
+    return {'impl': 'none', 'kernel': 'none (no attention layer)',
+            'reason': f'layer pattern {",".join(cfg.pattern)!r} has no attention'}
+  from retnet_jax import attention
+  from retnet_jax import sharding
+  q_shape = (batch_rows, run.config.seq_len, cfg.num_heads, cfg.head_dim)
+  with sharding.use_rules(run.mesh, run.rules):
+    choice = attention.choose(q_shape, jnp.dtype(cfg.dtype), impl=cfg.attention_impl)
+  kernel = {'splash': 'splash attention (Pallas Mosaic)', 'cudnn': 'cuDNN fused attention',
+            'xla': 'none: einsum + softmax (XLA)'}[choice.impl]
+  return {'impl': choice.impl, 'reason': choice.reason, 'kernel': kernel,
+          'window': cfg.attention_window}
 
 
 def memory_per_device(compiled, hbm_bytes: int) -> dict[str, Any]:
@@ -296,7 +299,7 @@ def compiler_flops(compiled) -> float | None:
   return None if value is None else float(value)
 
 
-_KERNEL_OP = re.compile(r'op_name="[^"]*?(retention_[a-z_]+?)_?\)*/pallas_call"')
+_KERNEL_OP = re.compile(r'op_name="[^"]*?(retention_[a-z_]+?|splash_[a-z_]+?)_?\)*/pallas_call"')
 
 
 _KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"')
@@ -318,9 +321,9 @@ def retention_in_step(run, batch_rows: int) -> dict[str, Any]:
   """What the layer's one retention call decides for these shapes on this mesh (the same
   `retention_ops.choose` the layer calls, under the same mesh), before compiling."""
   cfg = run.setup.model_config
-  if cfg.kind != 'retnet':
+  if 'retention' not in cfg.pattern:
     return {'impl': 'none', 'kernel': 'none (softmax attention)',
-            'reason': f'model kind {cfg.kind!r} has no retention'}
+            'reason': f'layer pattern {",".join(cfg.pattern)!r} has no retention'}
   try:
     from retnet_jax import retention_ops
   except ImportError:  # Before the one dispatcher lands: the compiled program says what ran.
@@ -398,6 +401,7 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
   step = train.make_train_step(run)
   accum = int(config.optim.get('grad_accum_steps', 1))
   retention = retention_in_step(run, config.batch_size // accum)
+  attention = attention_in_step(run, config.batch_size // accum)
   logging.info('Compiling the %s train step for %s (%s, %d chips), mesh %s ...', config.get('name'),
                topology_.name, topology_.libtpu_name, len(devices), _mesh_sizes(run.mesh))
   from retnet_jax import sharding
@@ -410,6 +414,7 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
   mem = memory_per_device(compiled, topology_.chip.hbm_bytes)
   kernels = kernels_in(compiled)
   retention['kernel_calls_in_step'] = kernels
+  attention['kernel_calls_in_step'] = {k: n for k, n in kernels.items() if k.startswith('splash_')}
   ran_kernel = any(k.startswith('retention_') for k in kernels)
   if retention['impl'] == 'pallas' and not ran_kernel:
     retention['impl'] = 'xla'
@@ -424,7 +429,8 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
   report = {
       **_slice(topology_, devices),
       'mesh': _mesh_sizes(run.mesh),
-      'model': {'name': config.get('name'), 'kind': cfg.kind, 'parameters': params,
+      'model': {'name': config.get('name'), 'kind': cfg.kind, 'layer_pattern': ','.join(cfg.pattern),
+                'attention_window': cfg.attention_window, 'parameters': params,
                 'dtype': cfg.dtype, 'param_dtype': cfg.param_dtype, 'remat': cfg.remat,
                 'form': cfg.form, 'chunk_size': cfg.chunk_size},
       'batch_size': config.batch_size, 'seq_len': config.seq_len, 'grad_accum_steps': accum,
@@ -442,12 +448,13 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
       'step_seconds_lower_bound': model_flops / peak,
       'tokens_per_second_upper_bound': tokens / (model_flops / peak),
       'retention_impl_in_step': retention,
+      'attention_impl_in_step': attention,
       'lower_seconds': round(t1 - t0, 2),
       'compile_seconds': round(t2 - t1, 2),
       'build_seconds': round(t0 - t_build, 2),
   }
   summary = '\n'.join([
-      f'{config.get("name")} train step ({params / 1e9:.2f}B parameters, {cfg.kind}) on '
+      f'{config.get("name")} train step ({params / 1e9:.2f}B parameters, {",".join(cfg.pattern)}) on '
       f'{topology_.name} ({devices[0].device_kind}, {len(devices)} chips, topology '
       f'{topology_.libtpu_name}); mesh {report["mesh"]}',
       f'  batch {config.batch_size} x {config.seq_len} = {tokens:,} tokens per step, '
@@ -457,6 +464,7 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
       f'({topology_.chip.peak_flops / 1e12:.0f} TFLOP/s each) a step takes at least '
       f'{report["step_seconds_lower_bound"]:.2f} s (a bound, not a measurement)',
       f'  retention: {retention["kernel"]}: {retention["reason"]}; kernel calls {kernels or "none"}',
+      f'  attention: {attention["kernel"]}: {attention["reason"]}',
       f'  lowered in {t1 - t0:.1f} s, compiled in {t2 - t1:.1f} s',
   ])
   _write(workdir, 'compile', report, summary)
@@ -487,7 +495,7 @@ def compile_generate(config, workdir: str, topology: str, *, batch_sizes: Sequen
   form = (config.get('generate') or {}).get('prefill_form', 'chunkwise')
   params = run.abstract(run.abstract_state['params'], run.state_sh['params'])
   replicated = NamedSharding(mesh, P())
-  max_len = P_len + out_len if cfg.kind == 'transformer' else None
+  max_len = P_len + out_len if cfg.state_grows else None
   rows = []
   for B in batch_sizes:
     dp = mesh.shape['data'] * mesh.shape['fsdp']
@@ -534,7 +542,7 @@ def compile_generate(config, workdir: str, topology: str, *, batch_sizes: Sequen
             'model': {'name': config.get('name'), 'kind': cfg.kind, 'parameters': params_count,
                       'param_dtype': cfg.param_dtype, 'dtype': cfg.dtype},
             'prefill_form': form, 'runs': rows}
-  lines = [f'{config.get("name")} decoding ({cfg.kind}, {params_count / 1e9:.2f}B parameters) on '
+  lines = [f'{config.get("name")} decoding ({",".join(cfg.pattern)}, {params_count / 1e9:.2f}B parameters) on '
            f'{topology_.name} ({devices[0].device_kind}, {len(devices)} chips); mesh '
            f'{report["mesh"]}; prompt {P_len} tokens, {out_len} new']
   for r in rows:

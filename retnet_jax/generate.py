@@ -98,7 +98,7 @@ def sample(logits_BV, key, temperature, top_k, top_p):
 def prefill(graphdef, params, tokens_BP, segments_BP, *, form='chunkwise', max_len=None):
   """Runs the left-padded prompts [B, P] from an empty state: (last logits [B, V], state).
 
-  max_len: the Transformer's KV cache length (None for RetNet, whose state has no length).
+  max_len: the positions a growing state holds (a full KV cache); None when it does not grow.
   """
   TRACES['prefill'] += 1
   model = nnx.merge(graphdef, params)
@@ -196,7 +196,7 @@ def _start(setup, params, prompts, *, max_new_tokens, pad_id, prefill_form, min_
     raise ValueError(f'max_new_tokens must be positive; got {max_new_tokens}.')
   tokens, segments = pad_prompts(prompts, cfg.vocab_size, pad_id, min_bucket)
   max_len = None
-  if cfg.kind == 'transformer':
+  if cfg.state_grows:
     max_len = tokens.shape[1] + next_power_of_two(max_new_tokens, MIN_NEW_BUCKET)
   logits_BV, state = prefill(setup.graphdef, params, jnp.asarray(tokens), jnp.asarray(segments),
                              form=prefill_form, max_len=max_len)

@@ -162,9 +162,11 @@ class RetNetLM(lm_model.TemplateLM):
     self.max_length = _int_arg('max_length', _max_length(workdir, cfg_dict, max_length), 1)
     self.form = form or ('chunkwise' if self.model_config.form == 'parallel' else
                          self.model_config.form)
-    self.is_retnet = self.model_config.kind == 'retnet'
     self.scorer = scoring.Scorer(self.setup, self.params, form=self.form, chunk=self.max_length,
                          pad_id=self.tok.pad_id)
+    # A state that does not grow with length (retention, windowed attention) carries a row longer
+    # than max_length through; a growing one (a full KV cache) keeps the row's last tokens.
+    self.carries = self.scorer.carries
     logger.info('retnet_jax: %s from %s (%s, form %s, max_length %d, batch %d, tokenizer %r).',
                 self.model_config.kind, workdir, f'step {meta.get("step")}', self.form,
                 self.max_length, self.batch_size, self.tok)
@@ -219,13 +221,13 @@ class RetNetLM(lm_model.TemplateLM):
     for _, context_enc, continuation_enc in requests:
       tokens = list(context_enc) + list(continuation_enc)
       n = len(continuation_enc)
-      if not self.is_retnet and len(tokens) > self.max_length + 1:
+      if not self.carries and len(tokens) > self.max_length + 1:
         tokens, truncated = tokens[-(self.max_length + 1):], truncated + 1
         n = min(n, self.max_length)
       rows.append((tokens, n))
     if truncated:
-      logger.warning('retnet_jax: the Transformer kept the last %d tokens of %d of %d requests '
-                     '(left truncation; RetNet carries its state instead).', self.max_length + 1,
+      logger.warning('retnet_jax: kept the last %d tokens of %d of %d requests (left truncation: '
+                     'the decoding state grows with length).', self.max_length + 1,
                      truncated, len(rows))
     results = self._scored_sums(rows, 'retnet_jax loglikelihood', disable_tqdm)
     for (pair, _, _), result in zip(requests, results):
@@ -239,7 +241,7 @@ class RetNetLM(lm_model.TemplateLM):
       if not tokens:
         rows.append(([self.prefix_token_id, self.prefix_token_id], 0))
         owner.append(index)
-      elif self.is_retnet:  # The whole document, state carried.
+      elif self.carries:  # The whole document, state carried.
         rows.append(([self.prefix_token_id] + tokens, len(tokens)))
         owner.append(index)
       else:
@@ -286,14 +288,14 @@ class RetNetLM(lm_model.TemplateLM):
     prompts = []
     for context in contexts:
       ids = self.tok_encode(context) or [self.prefix_token_id]
-      if not self.is_retnet:
+      if not self.carries:
         ids = ids[-max(1, self.max_length - max_new):]
       prompts.append(ids)
     produced = [[] for _ in contexts]
     texts = [''] * len(contexts)
     for block in generate.generate_stream(
         self.setup, self.params, prompts, max_new_tokens=max_new, stop_tokens=(self.tok.eos_id,),
-        pad_id=self.tok.pad_id, prefill_form=self.form if self.is_retnet else 'chunkwise',
+        pad_id=self.tok.pad_id, prefill_form=self.form if self.carries else 'chunkwise',
         block_size=GENERATE_BLOCK, **knobs):
       for i, new in enumerate(block):
         produced[i].extend(new)

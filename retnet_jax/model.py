@@ -3,30 +3,33 @@
     X ← X + MSR(RMSNorm(X));  X ← X + FFN(RMSNorm(X));  logits = W_head RMSNorm(X)        (eq. 9)
     MSR(X) = W_O (swish(X W_G) ⊙ GroupNorm_h(Retention_h(X)))                              (eq. 8)
 
-`kind='transformer'` swaps retention for causal softmax attention with a KV cache and keeps
-everything else (embedding, pre-norm, SwiGLU FFN, rotary positions, head).
+Each layer's token mixer is named by `layer_pattern` (a comma-separated list of `MIXERS` names
+repeated to fill `num_layers`); `kind='retnet'` is the pattern `retention`, `kind='transformer'`
+is `attention` (causal softmax attention with a KV cache, optionally in a local window). Everything
+else (embedding, pre-norm, SwiGLU FFN, rotary positions, head) is shared.
 
-Both run as `model(tokens, state=None, *, form=None, segment_ids=None, rng=None) -> (logits
-[B, T, vocab] float32, state)`, where `state` is a typed decoding state (`RetNetState`,
-`TransformerState`: the position offset, each row's last segment id and the stacked layers' mixer
-states), so that the logits of x[:n] and then of x[n:] with the carried state equal those of x.
+The model runs as `model(tokens, state=None, *, form=None, segment_ids=None, rng=None) -> (logits
+[B, T, vocab] float32, state)`, where `state` is a `DecodeState` (the position offset, each row's
+last segment id, and per pattern position that mixer's state stacked over the pattern's repeats),
+so that the logits of x[:n] and then of x[n:] with the carried state equal those of x.
 
-The two mixers, `MultiScaleRetention` and `Attention`, share one interface: `init_state(batch,
-max_len)` and `mixer(x, state, *, positions, segment_ids, prev_segment, form) -> (y, state)`; each
-builds its own resets or masks. `Block` and `Model` only look the mixer up by kind (`MIXERS`).
+A mixer is a class in `MIXERS` with `init_state(batch, max_len)`, `mixer(x, state, *, positions,
+segment_ids, prev_segment, form) -> (y, state)`, and static answers about itself (`Mixer`) that the
+trainer, generation, scoring and the cost models ask instead of branching on a kind.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retnet_jax import attention as attention_lib
 from retnet_jax import decay
 from retnet_jax import retention
 from retnet_jax import retention_ops
@@ -47,6 +50,10 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 class ModelConfig:
   """Architecture. Built from `config.model` by `ModelConfig(**config.model)`."""
   kind: str = 'retnet'
+  # Mixer names (MIXERS) repeated to fill num_layers; '' = the kind's own ('retention' / 'attention').
+  layer_pattern: str = ''
+  attention_window: int | None = None  # Attention layers see the last W positions; None: all.
+  attention_impl: str = 'auto'  # attention.IMPLS: 'auto' | 'xla' | 'cudnn' | 'splash'.
   vocab_size: int = 384
   num_layers: int = 2
   embed_dim: int = 128  # D; q and k are D wide, so the q-k head dim is K = D / H.
@@ -93,6 +100,18 @@ class ModelConfig:
       if not ok:
         raise ValueError(f'model config: {msg}')
     need(self.kind in KINDS, f'kind must be one of {KINDS}; got {self.kind!r}.')
+    names = [m.strip() for m in str(self.layer_pattern).split(',')] if self.layer_pattern else []
+    unknown = [m for m in names if m not in MIXERS]
+    need(not unknown, f'layer_pattern {self.layer_pattern!r} names {unknown}; mixers are '
+         f'{sorted(MIXERS)}.')
+    need(not names or self.num_layers % len(names) == 0,
+         f'layer_pattern {self.layer_pattern!r} has {len(names)} layers, which does not divide '
+         f'num_layers={self.num_layers}.')
+    need(self.attention_window is None or (isinstance(self.attention_window, int)
+                                           and self.attention_window > 0),
+         f'attention_window must be None or a positive integer; got {self.attention_window!r}.')
+    need(self.attention_impl in attention_lib.IMPLS,
+         f'attention_impl must be one of {attention_lib.IMPLS}; got {self.attention_impl!r}.')
     for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'ffn_dim', 'chunk_size'):
       need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
            f'{name} must be a positive integer; got {getattr(self, name)!r}.')
@@ -100,8 +119,8 @@ class ModelConfig:
          f'num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim}).')
     need(self.values % self.num_heads == 0,
          f'num_heads ({self.num_heads}) must divide value_dim ({self.values}).')
-    need(self.kind == 'retnet' or self.value_dim in (None, self.embed_dim),
-         'the transformer uses value_dim = embed_dim.')
+    need('retention' in self.pattern or self.value_dim in (None, self.embed_dim),
+         'attention uses value_dim = embed_dim.')
     need(self.rotary in ('interleaved', 'half', 'none'),
          f"rotary must be 'interleaved', 'half' or 'none'; got {self.rotary!r}.")
     need(self.rotary_freqs in ('torchscale', 'standard'),
@@ -120,8 +139,46 @@ class ModelConfig:
     need(self.dtype in DTYPES and self.param_dtype in DTYPES, f'dtypes must be among {DTYPES}.')
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1); got {self.dropout}.')
     need(isinstance(self.gamma_values, tuple), 'gamma_values must be a tuple.')
-    if self.kind == 'retnet':
+    if 'retention' in self.pattern:
       self.gammas()  # Raises on an unknown or impossible schedule.
+
+  @property
+  def pattern(self) -> tuple[str, ...]:
+    """The mixer of each position of the repeated pattern."""
+    if self.layer_pattern:
+      return tuple(m.strip() for m in self.layer_pattern.split(','))
+    return (KIND_MIXER[self.kind],)
+
+  @property
+  def repeats(self) -> int:
+    """How many times the pattern repeats (the length of the layer scan)."""
+    return self.num_layers // len(self.pattern)
+
+  @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer of every layer, in depth order."""
+    return self.pattern * self.repeats
+
+  @property
+  def state_grows(self) -> bool:
+    """Whether the decoding state grows with the tokens read (it then needs a `max_len`)."""
+    return any(MIXERS[m].state_grows(self) for m in self.pattern)
+
+  def state_bytes(self, batch: int, context: int) -> int:
+    """Bytes of the mixers' decoding states after `context` tokens of `batch` rows."""
+    return sum(MIXERS[m].state_bytes(self, batch, context) for m in self.layer_mixers)
+
+  def mixer_matmul_params(self) -> int:
+    """Weights every token multiplies by in the mixers' projections, over all layers."""
+    return sum(MIXERS[m].matmul_params(self) for m in self.layer_mixers)
+
+  def mixing_flops(self, seq_len: int, form: str) -> float:
+    """Forward FLOPs per token of the mixing operators themselves, over all layers."""
+    return float(sum(MIXERS[m].mixing_flops(self, seq_len, form) for m in self.layer_mixers))
+
+  def quadratic(self, form: str) -> bool:
+    """Whether some layer forms [T, T] products in `form` (the CPU dot library choice)."""
+    return any(MIXERS[m].quadratic(self, form) for m in self.pattern)
 
   @property
   def head_dim(self) -> int:
@@ -133,7 +190,7 @@ class ModelConfig:
     """Total value width."""
     if self.value_dim is not None:
       return self.value_dim
-    return 2 * self.embed_dim if self.kind == 'retnet' else self.embed_dim
+    return 2 * self.embed_dim if 'retention' in self.pattern else self.embed_dim
 
   @property
   def value_head_dim(self) -> int:
@@ -229,6 +286,34 @@ def apply_rotary(x_BTHK, sin_TK, cos_TK, style):
 class MultiScaleRetention(nnx.Module):
   """Gated multi-scale retention, one γ per head (§2.2)."""
 
+  @staticmethod
+  def state_grows(cfg: ModelConfig) -> bool:
+    return False
+
+  @staticmethod
+  def state_bytes(cfg: ModelConfig, batch: int, context: int) -> int:
+    return 4 * batch * cfg.num_heads * cfg.head_dim * cfg.value_head_dim  # [B, H, K, V] float32
+
+  @staticmethod
+  def matmul_params(cfg: ModelConfig) -> int:
+    D, V = cfg.embed_dim, cfg.values
+    return D * 2 * D + D * V * (2 if cfg.swish_gate else 1) + V * D  # q, k; v (and gate); out
+
+  @staticmethod
+  def mixing_flops(cfg: ModelConfig, seq_len: int, form: str) -> float:
+    """Chunkwise 2C(K + V) inside a chunk and 4KV across chunks; parallel 2T(K + V); recurrent 4KV."""
+    H, K, V = cfg.num_heads, cfg.head_dim, cfg.value_head_dim
+    if form == 'chunkwise':
+      C = min(cfg.chunk_size, seq_len)
+      return H * (2 * C * (K + V) + 4 * K * V)
+    if form == 'parallel':
+      return H * 2 * seq_len * (K + V)
+    return H * 4 * K * V
+
+  @staticmethod
+  def quadratic(cfg: ModelConfig, form: str) -> bool:
+    return form == 'parallel'
+
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     D, H, K, V = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.value_head_dim
@@ -297,7 +382,8 @@ class MultiScaleRetention(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Causal softmax attention with rotary positions and a KV cache (the Transformer baseline)."""
+  """Causal softmax attention with rotary positions and a KV cache; with `attention_window` W, each
+  token sees the last W positions and the cache is a ring buffer of W slots (constant memory)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -309,26 +395,53 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, init, (D, H, K), ('embed', 'heads', 'kv'), pd)
     self.wo = _param(rngs, _xavier(1.0, (0, 1), 2), (H, K, D), ('heads', 'kv', 'embed'), pd)
 
+  @staticmethod
+  def state_grows(cfg: ModelConfig) -> bool:
+    return cfg.attention_window is None
+
+  @staticmethod
+  def state_bytes(cfg: ModelConfig, batch: int, context: int) -> int:
+    S = context if cfg.attention_window is None else cfg.attention_window
+    per_slot = 2 * cfg.num_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize + 4  # k, v, segment
+    return batch * S * per_slot + 4 * S  # and each slot's position
+
+  @staticmethod
+  def matmul_params(cfg: ModelConfig) -> int:
+    return 4 * cfg.embed_dim * cfg.embed_dim
+
+  @staticmethod
+  def mixing_flops(cfg: ModelConfig, seq_len: int, form: str) -> float:
+    """2S·K for the scores and 2S·K for the weighted values per head, over the S = T keys the
+    [T, T] form computes (the causal half and the window not subtracted)."""
+    return cfg.num_heads * 2 * 2 * seq_len * cfg.head_dim
+
+  @staticmethod
+  def quadratic(cfg: ModelConfig, form: str) -> bool:
+    return True
+
   def init_state(self, batch: int, max_len: int | None = None) -> 'KVCache':
-    """An empty KV cache of max_len positions (required: the cache has a length)."""
-    if max_len is None:
-      raise ValueError('the Transformer needs max_len to allocate its KV cache.')
+    """An empty cache: a ring of `attention_window` slots, else max_len positions (required)."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+    S = cfg.attention_window or max_len
+    if S is None:
+      raise ValueError('full attention needs max_len to allocate its KV cache.')
     bh = (batch, cfg.num_heads)
-    return KVCache(k=jnp.zeros(bh + (cfg.head_dim, max_len), dt),
-                   v=jnp.zeros(bh + (max_len, cfg.head_dim), dt),
-                   segment_ids=jnp.zeros((batch, max_len), jnp.int32))
+    return KVCache(k=jnp.zeros(bh + (cfg.head_dim, S), dt), v=jnp.zeros(bh + (S, cfg.head_dim), dt),
+                   segment_ids=jnp.zeros((batch, S), jnp.int32),
+                   positions=jnp.full((S,), EMPTY_POSITION, jnp.int32))
 
   def __call__(self, x_BTD, state, *, positions, segment_ids, prev_segment, form=None):
     """Returns (y [B, T, D], the cache after x).
 
-    state: None (attend within x; the returned cache holds x's tokens only) or a `KVCache`: attends
-    over it with x written at [positions[0], positions[0] + T). segment_ids [B, T] or None (all
-    tokens continue prev_segment [B]): tokens attend only within their segment. form: unused.
+    state: None (attend within x; the returned cache holds x's tokens only) or a `KVCache`: x
+    attends over it and itself, and is written at its positions (modulo the ring's length).
+    segment_ids [B, T] or None (all tokens continue prev_segment [B]): tokens attend only within
+    their segment. form: unused.
     """
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
     positions_T = positions
     B, T = x_BTD.shape[:2]
+    given_segments = segment_ids is not None
     if segment_ids is None:
       segment_ids = jnp.broadcast_to(prev_segment[:, None], (B, T))
     sin, cos = rotary_angles(cfg, positions_T)
@@ -337,40 +450,60 @@ class Attention(nnx.Module):
     k_BTHK = apply_rotary(proj(self.wk), sin, cos, cfg.rotary)
     v_BTHK = proj(self.wv)
     new = KVCache(k=k_BTHK.transpose(0, 2, 3, 1), v=v_BTHK.transpose(0, 2, 1, 3),
-                  segment_ids=segment_ids)
-    if state is None:  # Training: attend within x, in x's own layout.
-      cache = new
-      scores_BHTS = jnp.einsum('bthk,bshk->bhts', q_BTHK, k_BTHK, preferred_element_type=F32)
-      attend = lambda p_BHTS: jnp.einsum('bhts,bshk->bthk', p_BHTS, v_BTHK)
-      valid_TS = jnp.tril(jnp.ones((T, T), bool))
-    else:
+                  segment_ids=segment_ids, positions=positions_T.astype(jnp.int32))
+    if state is None:  # Training and scoring: attend within x, by the dispatcher's choice.
+      o_BTHK = attention_lib.attention(
+          q_BTHK, k_BTHK, v_BTHK, segment_ids=segment_ids if given_segments else None,
+          window=cfg.attention_window, impl=cfg.attention_impl)
+      return dense(o_BTHK, self.wo[...], dt, in_dims=2), new
+    if cfg.attention_window is None:  # Write, then attend over the cache.
       cache = write_cache(state, new, positions_T[0])
-      k_BHKS, v_BHSK = cache.k.astype(dt), cache.v.astype(dt)
-      scores_BHTS = jnp.einsum('bthk,bhks->bhts', q_BTHK, k_BHKS, preferred_element_type=F32)
-      attend = lambda p_BHTS: jnp.einsum('bhts,bhsk->bthk', p_BHTS, v_BHSK)
-      valid_TS = jnp.arange(cache.segment_ids.shape[1])[None, :] <= positions_T[:, None]
-    mask_BTS = valid_TS[None] & (segment_ids[:, :, None] == cache.segment_ids[:, None, :])
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5, -1e30)
+      keys = cache
+    else:  # Attend over the ring and x, then keep x's last W tokens in the ring.
+      keys = KVCache(jnp.concatenate([state.k, new.k.astype(state.k.dtype)], 3),
+                     jnp.concatenate([state.v, new.v.astype(state.v.dtype)], 2),
+                     jnp.concatenate([state.segment_ids, new.segment_ids], 1),
+                     jnp.concatenate([state.positions, new.positions], 0))
+      cache = write_ring(state, new)
+    mask_BTS = attention_lib.allowed(positions_T, keys.positions, segment_ids, keys.segment_ids,
+                                     cfg.attention_window)
+    scores_BHTS = jnp.einsum('bthk,bhks->bhts', q_BTHK, keys.k.astype(dt), preferred_element_type=F32)
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS * cfg.head_dim**-0.5,
+                            attention_lib.MASKED)
     probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    o_BTHK = attend(probs_BHTS.astype(dt))
-    y_BTD = dense(o_BTHK, self.wo[...], dt, in_dims=2)
-    return y_BTD, cache
+    o_BTHK = jnp.einsum('bhts,bhsk->bthk', probs_BHTS.astype(dt), keys.v.astype(dt))
+    return dense(o_BTHK, self.wo[...], dt, in_dims=2), cache
+
+
+EMPTY_POSITION = 2**30  # An empty cache slot's position: after every query, so never visible.
 
 
 class KVCache(NamedTuple):
   """One attention layer's cache: k [B, H, K, S], v [B, H, S, K] (the layouts a decoding step's two
-  matmuls read without a transpose) and each position's segment id [B, S] int32."""
+  matmuls read without a transpose), each slot's segment id [B, S] int32 and position [S] int32."""
   k: jax.Array
   v: jax.Array
   segment_ids: jax.Array
+  positions: jax.Array
 
 
 def write_cache(cache: KVCache, new: KVCache, offset) -> KVCache:
-  """Writes T new tokens into a KV cache at positions [offset, offset + T) (a stacked [L, ...]
-  cache works alike)."""
+  """Writes T new tokens into a KV cache at slots [offset, offset + T)."""
   write = lambda c, x, axis: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), offset, axis)
-  return KVCache(k=write(cache.k, new.k, cache.k.ndim - 1), v=write(cache.v, new.v, cache.v.ndim - 2),
-                 segment_ids=write(cache.segment_ids, new.segment_ids, cache.segment_ids.ndim - 1))
+  return KVCache(k=write(cache.k, new.k, 3), v=write(cache.v, new.v, 2),
+                 segment_ids=write(cache.segment_ids, new.segment_ids, 1),
+                 positions=write(cache.positions, new.positions, 0))
+
+
+def write_ring(cache: KVCache, new: KVCache) -> KVCache:
+  """Writes the last min(T, S) new tokens into a ring of S slots, token at position n in slot n % S."""
+  S, T = cache.positions.shape[0], new.positions.shape[0]
+  keep = min(S, T)
+  slots = new.positions[T - keep:] % S
+  return KVCache(k=cache.k.at[:, :, :, slots].set(new.k[..., T - keep:].astype(cache.k.dtype)),
+                 v=cache.v.at[:, :, slots].set(new.v[:, :, T - keep:].astype(cache.v.dtype)),
+                 segment_ids=cache.segment_ids.at[:, slots].set(new.segment_ids[:, T - keep:]),
+                 positions=cache.positions.at[slots].set(new.positions[T - keep:]))
 
 
 class FeedForward(nnx.Module):
@@ -394,26 +527,28 @@ class FeedForward(nnx.Module):
     return dense(h_BTF, self.w_down[...], dt)
 
 
-# The mixer of each kind: (its attribute name in a Block, its class). The attribute names are the
-# parameter paths ('blocks/retention/wq') that checkpoints and the converters use.
-MIXERS = {'retnet': ('retention', MultiScaleRetention), 'transformer': ('attention', Attention)}
+# The mixers by name. The name is a Block's attribute, so parameter paths read 'blocks/retention/wq'
+# (checkpoints and the converters use them). A new mixer is a class with Attention's interface
+# (init_state, __call__ and the static answers), added here.
+MIXERS = {'retention': MultiScaleRetention, 'attention': Attention}
+KIND_MIXER = {'retnet': 'retention', 'transformer': 'attention'}
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: the kind's mixer (retention or attention), then the FFN."""
+  """Pre-norm residual block: its mixer (`MIXERS[mixer]`), then the FFN."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, mixer: str, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    self.mixer_name = mixer
     pd = jnp.dtype(cfg.param_dtype)
     self.mixer_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pd)
-    name, mixer_class = MIXERS[cfg.kind]
-    setattr(self, name, mixer_class(cfg, rngs=rngs))
+    setattr(self, mixer, MIXERS[mixer](cfg, rngs=rngs))
     self.ffn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pd)
     self.ffn = FeedForward(cfg, rngs=rngs)
 
   @property
   def mixer(self):
-    return getattr(self, MIXERS[self.cfg.kind][0])
+    return getattr(self, self.mixer_name)
 
   def __call__(self, x_BTD, layer_state, ctx, dropout_key=None):
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
@@ -423,23 +558,13 @@ class Block(nnx.Module):
     return sharding.constrain(x_BTD, ('batch', 'length', 'embed')), layer_state
 
 
-class RetNetState(NamedTuple):
-  """RetNet's decoding state: offset [] int32 (tokens so far), segment [B] int32 (each row's last
-  segment id), layers [L, B, H, K, V] float32 (each layer's retention state)."""
+class DecodeState(NamedTuple):
+  """Every model's decoding state: offset [] int32 (tokens so far), segment [B] int32 (each row's
+  last segment id), layers: per pattern position, that mixer's state stacked over the pattern's
+  repeats (retention [R, B, H, K, V] float32; attention a `KVCache` of [R, ...] arrays)."""
   offset: jax.Array
   segment: jax.Array
-  layers: jax.Array
-
-
-class TransformerState(NamedTuple):
-  """The Transformer's decoding state: offset, segment as in `RetNetState`; layers: a `KVCache`
-  stacked over layers (k [L, B, H, K, S], v [L, B, H, S, K], segment_ids [L, B, S])."""
-  offset: jax.Array
-  segment: jax.Array
-  layers: KVCache
-
-
-STATES = {'retnet': RetNetState, 'transformer': TransformerState}
+  layers: tuple
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,7 +572,9 @@ STATES = {'retnet': RetNetState, 'transformer': TransformerState}
 
 
 class Model(nnx.Module):
-  """Embedding, `num_layers` stacked blocks, final RMSNorm, LM head."""
+  """Embedding, `num_layers` blocks (the pattern's blocks stacked over its repeats), final RMSNorm,
+  LM head. A one-mixer pattern stacks Blocks ('blocks/retention/wq' [L, ...]); a longer one stacks
+  lists of them ('blocks/1/attention/wq' [R, ...] for pattern position 1)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -455,10 +582,11 @@ class Model(nnx.Module):
     normal = jax.nn.initializers.normal(D**-0.5)
     self.embed = _param(rngs, normal, (cfg.vocab_size, D), ('vocab', 'embed'), pd)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.split_rngs(splits=cfg.repeats)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def stacked(rngs):
-      return Block(cfg, rngs=rngs)
+      blocks = [Block(cfg, m, rngs=rngs) for m in cfg.pattern]
+      return blocks[0] if len(blocks) == 1 else nnx.List(blocks)
 
     self.blocks = stacked(rngs)
     for _, var in nnx.iter_graph(self.blocks):
@@ -468,14 +596,20 @@ class Model(nnx.Module):
     self.head = None if cfg.tie_embeddings else _param(rngs, normal, (D, cfg.vocab_size),
                                                         ('embed', 'vocab'), pd)
 
-  def init_state(self, batch: int, max_len: int | None = None):
-    """The empty decoding state (`STATES[kind]`). RetNet needs no max_len; the Transformer's cache
-    holds max_len positions."""
+  def init_state(self, batch: int, max_len: int | None = None) -> DecodeState:
+    """The empty decoding state. max_len: the positions a growing state (full attention's cache)
+    holds; None when `cfg.state_grows` is False."""
     cfg = self.cfg
-    one = self.blocks.mixer.init_state(batch, max_len)
-    layers = jax.tree.map(lambda x: jnp.zeros((cfg.num_layers,) + x.shape, x.dtype), one)
-    return STATES[cfg.kind](offset=jnp.zeros((), jnp.int32),
-                            segment=jnp.zeros((batch,), jnp.int32), layers=layers)
+    layers = []
+    for block in self._pattern_blocks():
+      one = block.mixer.init_state(batch, max_len)
+      layers.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.repeats,) + x.shape), one))
+    return DecodeState(offset=jnp.zeros((), jnp.int32), segment=jnp.zeros((batch,), jnp.int32),
+                       layers=tuple(layers))
+
+  def _pattern_blocks(self) -> list:
+    """The (stacked) Block of each pattern position."""
+    return [self.blocks] if len(self.cfg.pattern) == 1 else list(self.blocks)
 
   def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None):
     """Logits [B, T, vocab] float32 and the state after the last token.
@@ -516,18 +650,29 @@ class Model(nnx.Module):
     x_BTD = self.final_norm(x_BTD)
     head = self.embed[...].T if self.head is None else self.head[...]
     logits_BTV = dense(x_BTD, head, x_BTD.dtype, out_dtype=F32)
-    new_state = STATES[cfg.kind](offset=offset + T, segment=last_B, layers=layers)
+    new_state = DecodeState(offset=offset + T, segment=last_B, layers=layers)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
 
   def _run_blocks(self, x_BTD, layer_states, ctx, rng):
-    """Applies the stacked blocks, as a lax.scan over layers or a Python loop."""
-    cfg, L = self.cfg, self.cfg.num_layers
+    """Applies the blocks, as a lax.scan over the pattern's repeats or a Python loop.
+
+    layer_states: None or a tuple (one per pattern position) of [R, ...] states; returns the same.
+    """
+    cfg, R, P = self.cfg, self.cfg.repeats, len(self.cfg.pattern)
     graphdef, params = nnx.split(self.blocks)
-    keys = None if rng is None else jax.random.split(rng, L)
+    keys = None if rng is None else jax.random.split(rng, (R, P))
+    if layer_states is None:
+      layer_states = (None,) * P
 
     def body(x, xs):
-      layer_params, layer_state, key = xs
-      return nnx.merge(graphdef, layer_params)(x, layer_state, ctx, key)
+      unit_params, states, key = xs
+      unit = nnx.merge(graphdef, unit_params)
+      blocks = [unit] if P == 1 else list(unit)
+      out = []
+      for i, block in enumerate(blocks):
+        x, state = block(x, states[i], ctx, None if key is None else key[i])
+        out.append(state)
+      return x, tuple(out)
 
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none':
@@ -535,8 +680,8 @@ class Model(nnx.Module):
     if cfg.scan_layers:
       return jax.lax.scan(body, x_BTD, (params, layer_states, keys))
     outputs = []
-    for i in range(L):
-      x_BTD, out = body(x_BTD, jax.tree.map(lambda a: a[i], (params, layer_states, keys)))
+    for r in range(R):
+      x_BTD, out = body(x_BTD, jax.tree.map(lambda a: a[r], (params, layer_states, keys)))
       outputs.append(out)
     return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *outputs)
 

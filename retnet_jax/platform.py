@@ -52,11 +52,12 @@ def step_compiler_options(model_cfg, platform: str | None = None) -> dict | None
   """XLA options for jitting the train and eval steps of `model_cfg` on `platform` (default: the
   default backend's), or None.
 
-  On CPU the chunkwise form compiles without YNNPACK, so its small batched dots run in Eigen; the
-  Transformer's and the parallel form's [T, T] products keep YNNPACK's.
+  On CPU a model whose mixers form no [T, T] products (chunkwise retention) compiles without
+  YNNPACK, so its small batched dots run in Eigen; attention's and the parallel form's [T, T]
+  products keep YNNPACK's.
   """
   platform = jax.default_backend() if platform is None else platform
-  if platform != 'cpu' or model_cfg.kind != 'retnet' or model_cfg.form != 'chunkwise':
+  if platform != 'cpu' or model_cfg.quadratic(model_cfg.form):
     return None
   return dict(EIGEN_DOTS)
 

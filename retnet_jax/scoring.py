@@ -54,8 +54,9 @@ def score(graphdef, params, state, tokens_BC, targets_BC, *, form):
 class Scorer:
   """Per-token log-probabilities of token sequences under a model, in length buckets.
 
-  chunk: the most tokens per forward pass. RetNet runs longer rows in chunks of `chunk` with the
-  state carried; None runs every row in one pass (the Transformer always does).
+  chunk: the most tokens per forward pass. A model whose decoding state does not grow with length
+  (retention, windowed attention) runs longer rows in chunks of `chunk` with the state carried;
+  None runs every row in one pass (a model with a full KV cache always does).
   """
 
   def __init__(self, setup, params, *, form: str = 'chunkwise', chunk: int | None = None,
@@ -69,7 +70,7 @@ class Scorer:
     # params restore onto its training mesh, whose sharding the outputs would inherit: a retrace).
     params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), params)
     self.setup, self.params, self.form, self.pad_id = setup, params, form, int(pad_id)
-    self.carries = cfg.kind == 'retnet'
+    self.carries = not cfg.state_grows
     self.chunk = chunk if self.carries else None
     self.min_bucket = min_bucket
     self._model = nnx.merge(setup.graphdef, params)
