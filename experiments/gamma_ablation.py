@@ -1,4 +1,5 @@
-r"""Decay (γ) schedule ablation: one training per schedule of decay.SCHEDULES, one table.
+r"""Decay (γ) schedule ablation: one training per schedule of decay.SCHEDULES and gated retention
+(decay.GATED, a γ per token from the input), one table.
 
   python -m experiments.gamma_ablation --quick --output_dir=/tmp/gamma_quick  # 4-9 min, 2 CPUs
   python -m experiments.gamma_ablation --output_dir=/tmp/gamma                # the full tiny config
@@ -15,7 +16,9 @@ difference to `retnet` (paired by seed), results_seeds.csv every seed's value, a
 spread (loss_curves.png: mean and ± std band; loss_by_schedule.png: mean ± std with the seeds).
 
 Writes into --output_dir:
-  table.md, results.csv   schedule, final eval loss (nats/token), bits per byte, steps
+  table.md, results.csv   schedule, final eval loss (nats/token), bits per byte, steps; with `gated`,
+                          also gate_spread: per head, the mean [5th, 95th percentile] of the learned
+                          γ_t over every layer and real token of the held-out batches
   loss_curves.png         train (lines) and eval (dots) loss per schedule
   decay_per_head.png      γ per head and the effective memory 1/(1−γ) of each schedule
   learnable_gamma.png     for `learnable`: γ of every layer and head against steps (its checkpoints)
@@ -31,12 +34,20 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from experiments import common
+from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import decay
+from retnet_jax import train
 
 CONFIG = 'configs/retnet_tiny.py'
-SCHEDULES = decay.SCHEDULES  # retnet, lm, uniform, none, learnable, custom
+SCHEDULES = decay.SCHEDULES + (decay.GATED,)  # retnet, lm, uniform, none, learnable, custom, gated
+GATE_COLUMN = common.Column('gate_spread', 'gate γ_t per head: mean [p5, p95]')
+GATE_BATCHES = 4  # Held-out batches the gate statistics read.
 COLUMNS = (common.Column('schedule', 'schedule'),
            common.Column('final_eval_loss', 'final eval loss (nats)', '{:.4f}'),
            common.Column('bits_per_byte', 'bits/byte', '{:.4f}'),
@@ -92,9 +103,16 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   configs = {v.name: common.build_config(v, overrides) for v in todo if v.name in results}
   trajectory = (common.learned_gamma_trajectory(os.path.join(runs, 'learnable'))
                 if 'learnable' in results else None)  # (steps, γ [steps, layers, heads])
-  gammas = {name: trajectory[1][-1] if name == 'learnable' else
-            config_lib.model_config(c).gammas()[None, :] for name, c in configs.items()}
-  text = common.write_table(output_dir, rows, COLUMNS, title='Decay (γ) schedule ablation',
+  gammas, columns = {}, COLUMNS
+  for name, c in configs.items():
+    if name == 'learnable':
+      gammas[name] = trajectory[1][-1]
+    elif name == decay.GATED:
+      gammas[name], spread = gate_spread(os.path.join(runs, name), c)
+      columns = _with_gate_column(rows, columns, spread)
+    else:
+      gammas[name] = config_lib.model_config(c).gammas()[None, :]
+  text = common.write_table(output_dir, rows, columns, title='Decay (γ) schedule ablation',
                             notes=[_setup_note(config, base)],
                             extra_markdown=gamma_table(gammas))
   common.plot_curves({n: common.read_metrics(os.path.join(runs, n)) for n in results},
@@ -115,18 +133,26 @@ def run_seeds(output_dir, todo, runs, base, seeds, *, overrides, only, config) -
            'delta_mean': r['delta_mean'], 'delta_std': r['delta_std'], 'seeds': r['seeds'],
            'steps': max(x['steps'] for x in grouped[r['name']].values())} for r in loss]
   configs = {v.name: common.build_config(v, overrides) for v in todo if v.name in grouped}
-  gammas, trajectory = {}, None
+  gammas, trajectory, columns = {}, None, SEED_COLUMNS
   for name, c in configs.items():
     if name == 'learnable':
       trajectory = common.learned_gamma_trajectory(
           os.path.join(runs, common.seed_run_name(name, min(grouped[name]))))
       gammas[name] = trajectory[1][-1]
+    elif name == decay.GATED:
+      lowest = min(grouped[name])
+      gammas[name], spread = gate_spread(os.path.join(runs, common.seed_run_name(name, lowest)),
+                                         common.build_config(common.with_seeds(
+                                             [v for v in todo if v.name == name], [lowest])[0],
+                                             overrides))
+      columns = _with_gate_column(rows, columns, spread)
     else:
       gammas[name] = config_lib.model_config(c).gammas()[None, :]
   note = (f'{_setup_note(config, base)} Mean ± sample std over seeds '
           f'{",".join(map(str, seeds))}; Δ: the mean and std of the per-seed differences to retnet '
-          '(same seed: same initialisation draw and data order). learnable γ: the lowest seed.')
-  text = common.write_table(output_dir, rows, SEED_COLUMNS,
+          '(same seed: same initialisation draw and data order). learnable and gated γ: the lowest '
+          'seed.')
+  text = common.write_table(output_dir, rows, columns,
                             title='Decay (γ) schedule ablation, over seeds', notes=[note],
                             extra_markdown=gamma_table(gammas))
   common.write_seed_csv(output_dir, loss)
@@ -155,6 +181,58 @@ def _finish(output_dir, rows, results, gammas, trajectory, base, text) -> list[d
   return rows
 
 
+def _with_gate_column(rows, columns, spread: str):
+  """Adds the gate-spread cell to every row (blank but for `gated`) and its column."""
+  for row in rows:
+    row['gate_spread'] = spread if row['schedule'] == decay.GATED else ''
+  return tuple(columns) + (GATE_COLUMN,)
+
+
+def learned_gates(setup, params, tokens, segment_ids):
+  """γ_t of every layer on one batch, [L, B, T, H] float32: the model's layers applied one by one,
+  each layer's gate read from its normalised input (the stacked blocks' own modules)."""
+  model = nnx.merge(setup.graphdef, params)
+  cfg = setup.model_config
+  graphdef, stacked = nnx.split(model.blocks)
+  B, T = tokens.shape
+  x = jnp.take(model.embed[...], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+  ctx = dict(positions=jnp.arange(T, dtype=jnp.int32), segment_ids=segment_ids,
+             prev_segment=segment_ids[:, 0], form='chunkwise')
+  out = []
+  for i in range(cfg.num_layers):
+    block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))
+    out.append(jnp.exp(block.mixer.log_gamma(block.mixer_norm(x))))
+    x, _ = block(x, None, ctx)
+  return jnp.stack(out)
+
+
+def gate_spread(run_dir: str, config) -> tuple[np.ndarray, str]:
+  """(mean γ_t [L, H], 'h0 0.95 [0.90, 0.99] · h1 ...'): the learned gates of a gated run's final
+  checkpoint on GATE_BATCHES held-out batches, over real tokens (segment id > 0)."""
+  run = train.Run(config, run_dir, for_training=False)
+  try:
+    step = run.checkpoint_step()
+    params = checkpoint.restore(
+        run.ckpt, step, check=False,
+        abstract_params=run.abstract(run.abstract_state['params'], run.state_sh['params']))['params']
+    gates = jax.jit(lambda p, t, s: learned_gates(run.setup, p, t, s))
+    per_batch = []
+    for i, batch in enumerate(run.eval_batches()):
+      if i == GATE_BATCHES:
+        break
+      segment_ids = jnp.asarray(batch['segment_ids'])
+      g_LBTH = np.asarray(gates(params, jnp.asarray(batch['inputs']), segment_ids))
+      per_batch.append(g_LBTH[:, np.asarray(segment_ids) > 0])  # [L, tokens, H]
+  finally:
+    run.ckpt.close()
+  g_LNH = np.concatenate(per_batch, axis=1)
+  g_NH = g_LNH.reshape(-1, g_LNH.shape[-1])
+  p5, p95 = np.percentile(g_NH, [5, 95], axis=0)
+  cells = [f'h{h} {m:.3f} [{a:.3f}, {b:.3f}]' for h, (m, a, b) in
+           enumerate(zip(g_NH.mean(0), p5, p95))]
+  return g_LNH.mean(axis=1), ' · '.join(cells)
+
+
 def gamma_table(gammas: dict[str, np.ndarray]) -> str:
   """Markdown: γ and 1/(1−γ) per head of each schedule (learnable: learned, mean over layers)."""
   lines = ['### γ per head (effective memory 1/(1−γ) in tokens)', '',
@@ -162,7 +240,9 @@ def gamma_table(gammas: dict[str, np.ndarray]) -> str:
   for name, g_LH in gammas.items():
     g = g_LH.mean(axis=0)
     memory = ', '.join('∞' if not np.isfinite(m) else f'{m:.0f}' for m in decay.effective_memory(g))
-    label = f'{name} (learned, mean of {g_LH.shape[0]} layers)' if name == 'learnable' else name
+    label = {'learnable': f'{name} (learned, mean of {g_LH.shape[0]} layers)',
+             decay.GATED: f'{name} (mean γ_t on held-out data, mean of {g_LH.shape[0]} layers)'
+             }.get(name, name)
     lines.append(f'| {label} | {", ".join(f"{x:.5f}" for x in g)} | {memory} |')
   return '\n'.join(lines) + '\n'
 

@@ -6,14 +6,31 @@
 - `none`:      γ = 1                                               (Table 6, "− γ decay")
 - `learnable`: trained as log(−log γ), so γ stays inside (0, 1); initialised from `init`
 - `custom`:    an explicit list of H values
+
+and, outside these fixed schedules, `gated` (GATED): a γ per token and head computed from the input,
+log γ_t = logsigmoid(x_t W_γ) / τ (YOCO, Sun et al. 2024; fla's simple GLA), see `gate`.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 SCHEDULES = ('retnet', 'lm', 'uniform', 'none', 'learnable', 'custom')
+GATED = 'gated'
 UNIFORM_DEFAULT = 1.0 - 2.0**-6.5
+
+
+def gate(logits, temperature: float = 16.0, floor: float | None = None):
+  """log γ_t = max(logsigmoid(logits) / temperature, floor), float32; logits [..., H] = x_t W_γ.
+
+  Always ≤ 0 (γ_t ∈ (0, 1)); with τ = 16 (YOCO) logits near 0 give γ_t ≈ 2^(−1/16) ≈ 0.96, and no
+  logit gives less than exp(logsigmoid(logit) / 16). floor (a log γ < 0, optional) keeps a head
+  from forgetting faster than γ = exp(floor); its gradient is zero where it binds.
+  """
+  log_gamma = jax.nn.log_sigmoid(jnp.asarray(logits, jnp.float32)) / temperature
+  return log_gamma if floor is None else jnp.maximum(log_gamma, floor)
 
 
 def gammas(schedule: str, num_heads: int, *, value: float | None = None,
@@ -32,6 +49,8 @@ def gammas(schedule: str, num_heads: int, *, value: float | None = None,
     if len(values) != H:
       raise ValueError(f'gamma schedule "custom" needs one value per head ({H}); got {len(values)}.')
     g = np.asarray(values, np.float64)
+  elif schedule == GATED:
+    raise ValueError('gamma schedule "gated" decays per token: it has no fixed γ per head.')
   elif schedule == 'learnable':
     if init in ('learnable', 'none'):
       raise ValueError(f'a learnable γ cannot start from schedule {init!r}: it needs γ < 1.')

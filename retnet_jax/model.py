@@ -67,6 +67,10 @@ class ModelConfig:
   gamma_value: float | None = None
   gamma_values: tuple[float, ...] = ()
   gamma_init: str = 'retnet'
+  # gamma='gated' (decay.GATED): a per-token decay log γ_t = logsigmoid(x_t W_γ) / gate_temperature
+  # (YOCO's gated retention, fla's simple GLA), at least gate_floor (a log γ < 0) when set.
+  gate_temperature: float = 16.0
+  gate_floor: float | None = None
   form: str = 'chunkwise'  # Default retention form: 'parallel' | 'chunkwise' | 'recurrent'.
   chunk_size: int = 64
   # Chunkwise implementation (retention_ops): 'auto' (the fused Pallas kernel on GPU/TPU where it
@@ -139,7 +143,13 @@ class ModelConfig:
     need(self.dtype in DTYPES and self.param_dtype in DTYPES, f'dtypes must be among {DTYPES}.')
     need(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1); got {self.dropout}.')
     need(isinstance(self.gamma_values, tuple), 'gamma_values must be a tuple.')
-    if 'retention' in self.pattern:
+    need(self.gate_temperature > 0, f'gate_temperature must be positive; got {self.gate_temperature}.')
+    need(self.gate_floor is None or self.gate_floor < 0,
+         f'gate_floor must be a log γ < 0 (or None); got {self.gate_floor}.')
+    if 'retention' in self.pattern and self.gamma == decay.GATED:
+      need(not self.decay_row_norm, "decay_row_norm needs a fixed γ per head; gamma='gated' "
+           'decays per token (its per-head norm cancels the scale anyway).')
+    elif 'retention' in self.pattern:
       self.gammas()  # Raises on an unknown or impossible schedule.
 
   @property
@@ -284,7 +294,8 @@ def apply_rotary(x_BTHK, sin_TK, cos_TK, style):
 
 
 class MultiScaleRetention(nnx.Module):
-  """Gated multi-scale retention, one γ per head (§2.2)."""
+  """Gated multi-scale retention (§2.2): one γ per head, or one per token and head (gamma='gated',
+  YOCO's gated retention)."""
 
   @staticmethod
   def state_grows(cfg: ModelConfig) -> bool:
@@ -331,9 +342,16 @@ class MultiScaleRetention(nnx.Module):
       self.decay_log_rate = nnx.Param(jnp.asarray(theta, pd), logical_axes=('heads',))
     else:
       self.decay_log_rate = None
+    # W_γ of gated retention (fla's gk_proj; no bias), torch's Linear initialisation as in fla.
+    self.wgamma = (_param(rngs, _TORCH_LINEAR, (D, H), ('embed', 'heads'), pd)
+                   if cfg.gamma == decay.GATED else None)
 
-  def log_gamma(self):
-    """log γ per head [H] float32."""
+  def log_gamma(self, x_BTD=None):
+    """log γ float32: per head [H], or per token [B, T, H] for gamma='gated' (from x [B, T, D])."""
+    if self.wgamma is not None:
+      logits_BTH = dense(x_BTD, self.wgamma[...], jnp.dtype(self.cfg.dtype), out_dtype=F32)
+      log_gamma_BTH = decay.gate(logits_BTH, self.cfg.gate_temperature, self.cfg.gate_floor)
+      return sharding.constrain(log_gamma_BTH, ('batch', 'length', 'heads'))
     if self.decay_log_rate is not None:
       return -jnp.exp(self.decay_log_rate[...].astype(F32))
     return jnp.asarray(np.log(self.cfg.gammas()), F32)
@@ -362,16 +380,16 @@ class MultiScaleRetention(nnx.Module):
     v_BTHV = proj(self.wv)
     q_BTHK, k_BTHK, v_BTHV = (sharding.constrain(a, ('batch', 'length', 'heads', 'kv'))
                               for a in (q_BTHK, k_BTHK, v_BTHV))
-    log_gamma_H = self.log_gamma()
+    log_gamma = self.log_gamma(x_BTD)  # [H], or [B, T, H] when gated.
     impl = cfg.retention_impl if form == 'chunkwise' or cfg.retention_impl == 'skip' else 'auto'
     o_BTHV, state_BHKV = retention_ops.retention(
-        q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state, reset=reset_BT, form=form,
+        q_BTHK, k_BTHK, v_BTHV, log_gamma, state, reset=reset_BT, form=form,
         chunk_size=cfg.chunk_size, impl=impl, exchange=cfg.sequence_exchange)
     if cfg.decay_row_norm:
       # Σ_{i≤t} γ^i = (1 − γ^{t+1}) / (1 − γ), or t + 1 for γ = 1.
       n_T1 = jnp.asarray(positions_T, F32)[:, None] + 1.0
-      g_H = jnp.exp(log_gamma_H)
-      total_TH = jnp.where(g_H < 1.0, -jnp.expm1(n_T1 * log_gamma_H) / (1.0 - g_H), n_T1)
+      g_H = jnp.exp(log_gamma)
+      total_TH = jnp.where(g_H < 1.0, -jnp.expm1(n_T1 * log_gamma) / (1.0 - g_H), n_T1)
       o_BTHV = (o_BTHV * jax.lax.rsqrt(total_TH)[None, :, :, None]).astype(o_BTHV.dtype)
     if self.norm is not None:
       o_BTHV = self.norm(o_BTHV)

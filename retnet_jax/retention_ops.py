@@ -14,14 +14,15 @@ through (zero without one), so that a cost benchmark times everything else in th
 
 Sequence parallelism: where the rules map 'length' to a mesh axis of size n > 1 ('sequence'),
 device j of that axis holds tokens [jL, (j+1)L). It runs the chunkwise form (XLA or the kernel) on
-its block from a zero state, giving o_loc and U_j; with a_j = γ^L (0 if the block holds a reset),
+its block from a zero state, giving o_loc and U_j; with a_j = γ^L, or exp(Σ log γ_t over the block)
+for a per-token decay (0 if the block holds a reset),
 the state entering block j is S_j = a_{j−1} S_{j−1} + U_{j−1}, S_0 = the initial state. The
 default exchange='scan' composes the maps S -> a_j S + U_j by a log-depth (Hillis–Steele) prefix
 scan over `ppermute`: ⌈log2 n⌉ + 1 sends of one state per device; exchange='all_gather' gathers
-every (U, a) (n − 1 states received per device) and folds them locally (docs/results.md has both
-measured). The device then adds the cross term γ^{t+1} q_t S_j (zero from its block's first reset
-on). Gradients flow through the collectives (a ppermute transposes to the reverse ppermute, an
-all-gather to a reduce-scatter).
+every (U, a) (n − 1 states received per device) and folds them locally (docs/results.md has
+both measured). The device then adds the cross term γ^{t+1} q_t S_j, or exp(c_t) q_t S_j with c the
+block's cumulative sum of log γ (zero from its block's first reset on). Gradients flow through the
+collectives (a ppermute transposes to the reverse ppermute, an all-gather to a reduce-scatter).
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ class Choice(NamedTuple):
 
 
 def choose(q_shape, v_shape, dtype, *, form='chunkwise', chunk_size=64, impl='auto',
-           platform=None) -> Choice:
+           platform=None, per_token_decay=False) -> Choice:
   """The implementation of a retention call with q [B, T, H, K], v [B, T, H, V] of `dtype`.
 
   platform: that of the devices the call is placed on; by default `sharding.platform()`.
+  per_token_decay: log_gamma is [B, T, H] (gated), which the kernel does not take.
   """
   if form not in ref.FORMS:
     raise ValueError(f'Unknown retention form {form!r}; expected one of {sorted(ref.FORMS)}.')
@@ -65,6 +67,11 @@ def choose(q_shape, v_shape, dtype, *, form='chunkwise', chunk_size=64, impl='au
     return Choice('xla', None, 'impl="xla" asked for')
   if form != 'chunkwise':
     return Choice('xla', None, f'form {form!r} has no kernel')
+  if per_token_decay:
+    why = retention_pallas.unsupported(0, 0, 0, chunk_size, dtype, 'gpu', per_token_decay=True)
+    if impl == 'pallas':
+      raise ValueError(f'impl="pallas" cannot run {why}.')
+    return Choice('xla', None, f'the kernel does not support {why}')
   platform = platform or sharding.platform()
   on_accelerator = platform in retention_pallas.TARGETS
   target = platform if on_accelerator else 'gpu'
@@ -84,7 +91,8 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
               impl='auto', exchange='scan'):
   """Retention in `form` by the implementation `choose` picks; (o [B, T, H, V], state [B, H, K, V]).
 
-  Shapes as in `retention`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H]; state f32 or None
+  Shapes as in `retention`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] or [B, T, H] (per
+  token; always the XLA forms); state f32 or None
   (zero); reset [B, T] bool or None. exchange: how blocks pass states under a sequence axis,
   'scan' or 'all_gather' (see above).
   """
@@ -92,7 +100,8 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
     raise ValueError(f'Unknown sequence exchange {exchange!r}; expected one of '
                      f'{sorted(EXCHANGE_FNS)}.')
   B, T, H, K, V = ref.check_shapes(q, k, v, log_gamma, state, reset)
-  choice = choose(q.shape, v.shape, v.dtype, form=form, chunk_size=chunk_size, impl=impl)
+  choice = choose(q.shape, v.shape, v.dtype, form=form, chunk_size=chunk_size, impl=impl,
+                  per_token_decay=ref.per_token(log_gamma))
   if choice.impl == 'skip':
     return v, (ref.zero_state(B, H, K, V) if state is None else state)
   axis, n = sharding.sequence_axis()
@@ -175,18 +184,23 @@ def _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_
   L = T // n
   local = _local(choice, chunk_size)
   with_state, with_reset = state is not None, reset is not None
+  gated = ref.per_token(log_gamma)
 
-  def block(q_BLHK, k_BLHK, v_BLHV, log_gamma_H, *rest):
+  def block(q_BLHK, k_BLHK, v_BLHV, log_gamma, *rest):
     rest = list(rest)
     s_in_BHKV = rest.pop(0) if with_state else None
     reset_BL = rest.pop(0) if with_reset else None
     b, _, h, kd = q_BLHK.shape
     zero = ref.zero_state(b, h, kd, v_BLHV.shape[-1])
-    o_BLHV, u_BHKV = local(q_BLHK, k_BLHK, v_BLHV, log_gamma_H, zero, reset_BL)
-    g_H = log_gamma_H.astype(jnp.float32)
-    carry_BH = jnp.broadcast_to(jnp.exp(L * g_H), (b, h))
-    t_L = jnp.arange(L, dtype=jnp.float32)
-    q_weight_BLH = jnp.broadcast_to(jnp.exp((t_L[:, None] + 1) * g_H), (b, L, h))
+    o_BLHV, u_BHKV = local(q_BLHK, k_BLHK, v_BLHV, log_gamma, zero, reset_BL)
+    if gated:  # a_j = exp(Σ log γ over the block); the cross term's weight exp(c_t).
+      c_BLH = jnp.cumsum(log_gamma.astype(jnp.float32), axis=1)
+      carry_BH, q_weight_BLH = jnp.exp(c_BLH[:, -1]), jnp.exp(c_BLH)
+    else:
+      g_H = log_gamma.astype(jnp.float32)
+      carry_BH = jnp.broadcast_to(jnp.exp(L * g_H), (b, h))
+      t_L = jnp.arange(L, dtype=jnp.float32)
+      q_weight_BLH = jnp.broadcast_to(jnp.exp((t_L[:, None] + 1) * g_H), (b, L, h))
     if reset_BL is not None:
       open_BL = ref.segments(reset_BL) == 0  # Tokens before the block's first reset.
       carry_BH = carry_BH * open_BL[:, -1:]
@@ -203,8 +217,9 @@ def _sequence_parallel(q, k, v, log_gamma, state, reset, choice, axis, n, chunk_
                                                   sharding.active_mesh(), x.shape)
   bthk = ('batch', 'length', 'heads', None)
   bhkv = ('batch', 'heads', None, None)
+  gamma_axes = ('batch', 'length', 'heads') if gated else ('heads',)
   args, in_specs = [q, k, v, log_gamma], [spec(bthk, q), spec(bthk, k), spec(bthk, v),
-                                          spec(('heads',), log_gamma)]
+                                          spec(gamma_axes, log_gamma)]
   if with_state:
     args.append(state)
     in_specs.append(spec(bhkv, state))

@@ -96,8 +96,11 @@ def default_block_v(V, target):
   return min(V, GPU_MAX_BLOCK_V)
 
 
-def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
+def unsupported(H, K, V, chunk_size, dtype, target, block_v=None, per_token_decay=False
+                ) -> str | None:
   """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); None when it can."""
+  if per_token_decay:
+    return 'a per-token decay log_gamma [B, T, H] (the kernel takes one γ per head)'
   bv = block_v or default_block_v(V, target)
   if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'

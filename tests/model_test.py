@@ -19,6 +19,7 @@ VARIANTS = {
     'no_multiscale': {'arg': 'ablation=no_multiscale'},
     'small_head': {'arg': 'ablation=small_head', 'model__num_heads': 6},
     'learnable_lm': {'arg': 'gamma=learnable', 'model__gamma_init': 'lm'},
+    'gated': {'model__gamma': 'gated', 'model__gate_floor': -1.0},
     'fla_like': {'model__rotary': 'half', 'model__rotary_freqs': 'standard',
                  'model__group_norm_affine': True},
     'torchscale_gelu_tied': {'model__ffn_activation': 'gelu', 'model__tie_embeddings': True},
