@@ -36,7 +36,7 @@ from retnet_jax import retention_ops
 from retnet_jax import sharding
 
 F32 = jnp.float32
-KINDS = ('retnet', 'transformer')
+KINDS = ('retnet', 'transformer', 'yoco')
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -54,6 +54,12 @@ class ModelConfig:
   layer_pattern: str = ''
   attention_window: int | None = None  # Attention layers see the last W positions; None: all.
   attention_impl: str = 'auto'  # attention.IMPLS: 'auto' | 'xla' | 'cudnn' | 'splash'.
+  # kind='yoco' (yoco.py): the first num_self_decoder_layers layers are the self-decoder
+  # ('gated_retention' | 'swa', attention in attention_window), the rest the cross-decoder, which
+  # attends to one shared KV cache of num_kv_heads heads (default num_heads).
+  num_self_decoder_layers: int = 1
+  self_decoder: str = 'gated_retention'
+  num_kv_heads: int | None = None
   vocab_size: int = 384
   num_layers: int = 2
   embed_dim: int = 128  # D; q and k are D wide, so the q-k head dim is K = D / H.
@@ -114,6 +120,8 @@ class ModelConfig:
     need(self.attention_window is None or (isinstance(self.attention_window, int)
                                            and self.attention_window > 0),
          f'attention_window must be None or a positive integer; got {self.attention_window!r}.')
+    if self.kind == 'yoco':
+      _check_yoco(self, need)
     need(self.attention_impl in attention_lib.IMPLS,
          f'attention_impl must be one of {attention_lib.IMPLS}; got {self.attention_impl!r}.')
     for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'ffn_dim', 'chunk_size'):
@@ -154,7 +162,9 @@ class ModelConfig:
 
   @property
   def pattern(self) -> tuple[str, ...]:
-    """The mixer of each position of the repeated pattern."""
+    """The mixer of each position of the repeated pattern (YOCO: of its self-decoder)."""
+    if self.kind == 'yoco':
+      return (_yoco().self_mixer(self),)
     if self.layer_pattern:
       return tuple(m.strip() for m in self.layer_pattern.split(','))
     return (KIND_MIXER[self.kind],)
@@ -162,6 +172,8 @@ class ModelConfig:
   @property
   def repeats(self) -> int:
     """How many times the pattern repeats (the length of the layer scan)."""
+    if self.kind == 'yoco':
+      return self.num_layers  # Not scanned as one pattern: yoco.YOCO scans each half.
     return self.num_layers // len(self.pattern)
 
   @property
@@ -172,23 +184,31 @@ class ModelConfig:
   @property
   def state_grows(self) -> bool:
     """Whether the decoding state grows with the tokens read (it then needs a `max_len`)."""
+    if self.kind == 'yoco':
+      return True
     return any(MIXERS[m].state_grows(self) for m in self.pattern)
 
   def state_bytes(self, batch: int, context: int) -> int:
     """Bytes of the mixers' decoding states after `context` tokens of `batch` rows."""
+    if self.kind == 'yoco':
+      return _yoco().state_bytes(self, batch, context)
     return sum(MIXERS[m].state_bytes(self, batch, context) for m in self.layer_mixers)
 
   def mixer_matmul_params(self) -> int:
     """Weights every token multiplies by in the mixers' projections, over all layers."""
+    if self.kind == 'yoco':
+      return _yoco().matmul_params(self)
     return sum(MIXERS[m].matmul_params(self) for m in self.layer_mixers)
 
   def mixing_flops(self, seq_len: int, form: str) -> float:
     """Forward FLOPs per token of the mixing operators themselves, over all layers."""
+    if self.kind == 'yoco':
+      return _yoco().mixing_flops(self, seq_len, form)
     return float(sum(MIXERS[m].mixing_flops(self, seq_len, form) for m in self.layer_mixers))
 
   def quadratic(self, form: str) -> bool:
     """Whether some layer forms [T, T] products in `form` (the CPU dot library choice)."""
-    return any(MIXERS[m].quadratic(self, form) for m in self.pattern)
+    return self.kind == 'yoco' or any(MIXERS[m].quadratic(self, form) for m in self.pattern)
 
   @property
   def head_dim(self) -> int:
@@ -200,7 +220,7 @@ class ModelConfig:
     """Total value width."""
     if self.value_dim is not None:
       return self.value_dim
-    return 2 * self.embed_dim if 'retention' in self.pattern else self.embed_dim
+    return 2 * self.embed_dim if 'retention' in self.pattern and self.kind != 'yoco' else self.embed_dim
 
   @property
   def value_head_dim(self) -> int:
@@ -210,6 +230,31 @@ class ModelConfig:
     """Initial (or fixed) γ per head, float64 [H]."""
     return decay.gammas(self.gamma, self.num_heads, value=self.gamma_value,
                         values=tuple(self.gamma_values), init=self.gamma_init)
+
+
+def _yoco():
+  from retnet_jax import yoco  # pylint: disable=g-import-not-at-top (yoco builds on this module)
+  return yoco
+
+
+def _check_yoco(cfg: ModelConfig, need) -> None:
+  need(not cfg.layer_pattern, "kind='yoco' takes self_decoder, not layer_pattern.")
+  need(cfg.self_decoder in _yoco().SELF_DECODERS,
+       f'self_decoder must be one of {sorted(_yoco().SELF_DECODERS)}; got {cfg.self_decoder!r}.')
+  need(cfg.self_decoder != 'swa' or cfg.attention_window is not None,
+       "self_decoder='swa' needs attention_window.")
+  need(isinstance(cfg.num_self_decoder_layers, int)
+       and 0 < cfg.num_self_decoder_layers < cfg.num_layers,
+       f'num_self_decoder_layers must be in [1, num_layers={cfg.num_layers}); '
+       f'got {cfg.num_self_decoder_layers!r}.')
+  G = cfg.num_heads if cfg.num_kv_heads is None else cfg.num_kv_heads
+  need(isinstance(G, int) and G > 0 and cfg.num_heads % G == 0,
+       f'num_kv_heads ({cfg.num_kv_heads}) must divide num_heads ({cfg.num_heads}).')
+
+
+def build(cfg: ModelConfig, rngs: nnx.Rngs) -> 'Model':
+  """The model of `cfg`: `Model`, or `yoco.YOCO` for kind='yoco'."""
+  return _yoco().YOCO(cfg, rngs=rngs) if cfg.kind == 'yoco' else Model(cfg, rngs=rngs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -709,7 +754,7 @@ def count_params(tree) -> int:
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Model:
-  return Model(cfg, rngs=nnx.Rngs(seed))
+  return build(cfg, nnx.Rngs(seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -732,7 +777,7 @@ class Setup:
 
 def abstract_model(model_config: ModelConfig) -> Model:
   """The Model with ShapeDtypeStructs for arrays (nnx.eval_shape): shapes, metadata, graphdef."""
-  return nnx.eval_shape(lambda: Model(model_config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: build(model_config, nnx.Rngs(0)))
 
 
 def make_setup(model_config: ModelConfig, *, use_segments: bool = True,
@@ -754,7 +799,7 @@ def apply_model(setup: Setup, params, tokens, **kwargs):
 
 def init_params(model_config: ModelConfig, key) -> dict:
   """Freshly initialised parameters as a pure dict."""
-  model = Model(model_config, rngs=nnx.Rngs(params=key))
+  model = build(model_config, nnx.Rngs(params=key))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
