@@ -674,7 +674,8 @@ class Model(nnx.Module):
     """The (stacked) Block of each pattern position."""
     return [self.blocks] if len(self.cfg.pattern) == 1 else list(self.blocks)
 
-  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None):
+  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None,
+               last_only: bool = False):
     """Logits [B, T, vocab] float32 and the state after the last token.
 
     tokens [B, T] int. state: None (empty) or this model's decoding state (`init_state`).
@@ -682,6 +683,8 @@ class Model(nnx.Module):
     segment_ids [B, T] int: document ids; the state resets (attention is masked) where the id
       changes, also against the last id of the carried state. Left-padded prompts use 0 for padding.
     rng: a PRNG key for dropout (None: deterministic).
+    last_only: logits of the last position only ([B, 1, vocab]; a prefill's), skipping what only
+      the other positions' logits need.
     """
     cfg, tokens_BT = self.cfg, tokens
     form = cfg.form if form is None else form
@@ -708,7 +711,9 @@ class Model(nnx.Module):
 
     ctx = dict(positions=positions_T, segment_ids=segment_ids_BT, prev_segment=prev_B, form=form)
     layer_states = None if state is None else state.layers
-    x_BTD, layers = self._run_blocks(x_BTD, layer_states, ctx, keys[1])
+    x_BTD, layers = self._run_blocks(x_BTD, layer_states, ctx, keys[1], last_only)
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
 
     x_BTD = self.final_norm(x_BTD)
     head = self.embed[...].T if self.head is None else self.head[...]
@@ -716,10 +721,11 @@ class Model(nnx.Module):
     new_state = DecodeState(offset=offset + T, segment=last_B, layers=layers)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
 
-  def _run_blocks(self, x_BTD, layer_states, ctx, rng):
+  def _run_blocks(self, x_BTD, layer_states, ctx, rng, last_only=False):
     """Applies the blocks, as a lax.scan over the pattern's repeats or a Python loop.
 
     layer_states: None or a tuple (one per pattern position) of [R, ...] states; returns the same.
+    last_only: unused (every block's state needs every position).
     """
     cfg, R, P = self.cfg, self.cfg.repeats, len(self.cfg.pattern)
     graphdef, params = nnx.split(self.blocks)

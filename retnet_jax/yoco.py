@@ -207,8 +207,12 @@ class YOCO(model_lib.Model):
     return model_lib.DecodeState(offset=jnp.zeros((), jnp.int32),
                                  segment=jnp.zeros((batch,), jnp.int32), layers=(own, cache))
 
-  def _run_blocks(self, x_BTD, layer_states, ctx, rng):
-    """Self-decoder, KV builder, cross-decoder; returns (y, (self states, shared cache))."""
+  def _run_blocks(self, x_BTD, layer_states, ctx, rng, last_only=False):
+    """Self-decoder, KV builder, cross-decoder; returns (y, (self states, shared cache)).
+
+    last_only: the cross-decoder runs at the last position only (y [B, 1, D]): a prefill builds the
+    whole shared cache but needs one position's logits.
+    """
     cfg = self.cfg
     x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.embed_dim), x_BTD.dtype)
     Ls, Lc = cfg.num_self_decoder_layers, num_cross_layers(cfg)
@@ -230,10 +234,12 @@ class YOCO(model_lib.Model):
               else segment_ids)
     new = model_lib.KVCache(k=k_BTGK.transpose(0, 2, 3, 1), v=v_BTGK.transpose(0, 2, 1, 3),
                             segment_ids=seg_BT, positions=positions_T.astype(jnp.int32))
-    if cache is None:
+    if cache is None and not last_only:
       shared, cache = ('self', k_BTGK, v_BTGK, segment_ids), new
     else:
-      cache = model_lib.write_cache(cache, new, positions_T[0])
+      cache = new if cache is None else model_lib.write_cache(cache, new, positions_T[0])
+      if last_only:
+        x_BTD, positions_T, seg_BT = x_BTD[:, -1:], positions_T[-1:], seg_BT[:, -1:]
       mask_BTS = attention_lib.allowed(positions_T, cache.positions, seg_BT, cache.segment_ids, None)
       shared = ('cache', cache, mask_BTS)
 
