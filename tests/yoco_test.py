@@ -208,3 +208,22 @@ def test_answers_and_bad_configs():
       small(**bad)
   with pytest.raises(ValueError, match='max_len'):
     model_lib.create(cfg).init_state(1)
+
+
+@pytest.mark.slow
+def test_yoco_tiny_trains_evaluates_and_generates(tmp_path):
+  """configs/yoco_tiny.py (shrunk by its `test` argument): what `python -m retnet_jax.main` runs in
+  its train, eval and generate modes, with the scoring path of eval and the generation loop."""
+  import io  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from retnet_jax import train  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(os.path.join(util.ROOT, 'configs', 'yoco_tiny.py') + ':test')
+  assert config_lib.model_config(config).kind == 'yoco'
+  workdir = str(tmp_path / 'w')
+  result = train.train_and_evaluate(config, workdir)
+  assert result['step'] == config.total_steps
+  evaluated = train.evaluate(config, workdir)
+  assert evaluated['step'] == config.total_steps and np.isfinite(evaluated['eval']['loss'])
+  texts = generate.generate_text(config, workdir, ['def f('], max_new_tokens=6, out=io.StringIO())
+  assert len(texts) == 1 and texts[0]
