@@ -227,3 +227,18 @@ def test_yoco_tiny_trains_evaluates_and_generates(tmp_path):
   assert evaluated['step'] == config.total_steps and np.isfinite(evaluated['eval']['loss'])
   texts = generate.generate_text(config, workdir, ['def f('], max_new_tokens=6, out=io.StringIO())
   assert len(texts) == 1 and texts[0]
+
+
+@pytest.mark.parametrize('mesh', ['data2_fsdp2_tensor2', 'data2_sequence4'])
+def test_logits_on_meshes_equal_one_device(mesh):
+  """Parallel, chunkwise and prefill-then-decode on a mesh of the 8 virtual CPU devices, to 1e-4 of
+  one device's parallel form (tests/hybrid_test.py's harness and rules)."""
+  from tests import hybrid_test  # pylint: disable=g-import-not-at-top
+  cfg = small(vocab_size=97, embed_dim=32, chunk_size=8)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  tokens, segments = hybrid_test._tokens(4, 40, cfg.vocab_size)  # pylint: disable=protected-access
+  run = hybrid_test._forms_and_decoding  # pylint: disable=protected-access
+  ref = run(cfg, params, tokens, segments, prompt=32)['parallel']
+  got = run(cfg, params, tokens, segments, prompt=32, mesh=hybrid_test.MESHES[mesh])
+  for name, x in got.items():
+    assert util.rel_err(x, ref[:, :x.shape[1]]) <= TOL, name
