@@ -162,9 +162,10 @@ class ModelConfig:
 
   @property
   def pattern(self) -> tuple[str, ...]:
-    """The mixer of each position of the repeated pattern (YOCO: of its self-decoder)."""
+    """The mixer of each position of the repeated pattern (YOCO: its self-decoder's mixer, then the
+    cross-decoder's attention)."""
     if self.kind == 'yoco':
-      return (_yoco().self_mixer(self),)
+      return (_yoco().self_mixer(self), 'attention')
     if self.layer_pattern:
       return tuple(m.strip() for m in self.layer_pattern.split(','))
     return (KIND_MIXER[self.kind],)

@@ -242,3 +242,25 @@ def test_logits_on_meshes_equal_one_device(mesh):
   got = run(cfg, params, tokens, segments, prompt=32, mesh=hybrid_test.MESHES[mesh])
   for name, x in got.items():
     assert util.rel_err(x, ref[:, :x.shape[1]]) <= TOL, name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__('importlib').util.find_spec('libtpu') is None,
+                    reason='the TPU compiler (libtpu) is not installed')
+def test_train_step_and_decoding_compile_for_tpu(tmp_path):
+  """--mode=compile and --mode=compile_generate of yoco_tiny:test on v5e-4 (batch over 4 chips):
+  the decoding state per chip is the self-decoder's states and the one shared cache, split by batch."""
+  import os  # pylint: disable=g-import-not-at-top
+  from retnet_jax import aot  # pylint: disable=g-import-not-at-top
+  from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load(os.path.join(util.ROOT, 'configs', 'yoco_tiny.py') + ':test',
+                           ['mesh.data=4'])
+  report = aot.compile_train(config, str(tmp_path / 'train'), 'v5e-4')
+  assert report['fits'] and report['attention_impl_in_step']['impl'] == 'xla'
+  report = aot.compile_generate(config, str(tmp_path / 'gen'), 'v5e-4', batch_sizes=(8,),
+                                prompt_len=100, max_new_tokens=20)
+  (run,) = report['runs']
+  cfg = config_lib.model_config(config)
+  per_chip = cfg.state_bytes(8, run['prompt_len'] + run['decode_out_len']) / 4
+  assert 0.9 * per_chip <= run['decode_state_bytes_per_device'] <= per_chip + 4096
+  assert run['decode']['fits'] and run['prefill']['fits']
