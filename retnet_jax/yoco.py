@@ -109,7 +109,7 @@ class CrossBlock(nnx.Module):
     self.ffn_norm = model_lib.RMSNorm(D, cfg.norm_eps, param_dtype=pd)
     self.ffn = model_lib.FeedForward(cfg, rngs=rngs)
 
-  def attend(self, x_BTD, shared, positions_T, dropout_key):
+  def attend(self, x_BTD, shared, positions_T):
     """shared: ('self', k [B, T, Hkv, K], v, segment_ids or None) to attend within x (training,
     scoring), or ('cache', KVCache, mask [B, T, S])."""
     cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
@@ -133,7 +133,7 @@ class CrossBlock(nnx.Module):
 
   def __call__(self, x_BTD, shared, positions_T, dropout_key=None):
     keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    h = self.attend(self.mixer_norm(x_BTD), shared, positions_T, keys[0])
+    h = self.attend(self.mixer_norm(x_BTD), shared, positions_T)
     x_BTD = x_BTD + model_lib._dropout(h, self.cfg.dropout, keys[0])
     x_BTD = x_BTD + model_lib._dropout(self.ffn(self.ffn_norm(x_BTD)), self.cfg.dropout, keys[1])
     return sharding.constrain(x_BTD, ('batch', 'length', 'embed'))
