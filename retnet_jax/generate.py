@@ -133,7 +133,7 @@ def prefill(graphdef, params, tokens_BP, segments_BP, *, form='chunkwise', max_l
   TRACES['prefill'] += 1
   model = nnx.merge(graphdef, params)
   state = model.init_state(tokens_BP.shape[0], max_len)
-  logits_BPV, state = model(tokens_BP, state, form=form, segment_ids=segments_BP)
+  logits_BPV, state = model(tokens_BP, state, form=form, segment_ids=segments_BP, last_only=True)
   return logits_BPV[:, -1], state
 
 

@@ -37,7 +37,7 @@ from retnet_jax import retention_ops
 from retnet_jax import sharding
 
 F32 = jnp.float32
-KINDS = ('retnet', 'transformer')
+KINDS = ('retnet', 'transformer', 'yoco')
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -55,6 +55,12 @@ class ModelConfig:
   layer_pattern: str = ''
   attention_window: int | None = None  # Attention layers see the last W positions; None: all.
   attention_impl: str = 'auto'  # attention.IMPLS: 'auto' | 'xla' | 'cudnn' | 'splash'.
+  # kind='yoco' (yoco.py): the first num_self_decoder_layers layers are the self-decoder
+  # ('gated_retention' | 'swa', attention in attention_window), the rest the cross-decoder, which
+  # attends to one shared KV cache of num_kv_heads heads (default num_heads).
+  num_self_decoder_layers: int = 1
+  self_decoder: str = 'gated_retention'
+  num_kv_heads: int | None = None
   vocab_size: int = 384
   num_layers: int = 2
   embed_dim: int = 128  # D; q and k are D wide, so the q-k head dim is K = D / H.
@@ -117,6 +123,8 @@ class ModelConfig:
     need(self.attention_window is None or (isinstance(self.attention_window, int)
                                            and self.attention_window > 0),
          f'attention_window must be None or a positive integer; got {self.attention_window!r}.')
+    if self.kind == 'yoco':
+      _check_yoco(self, need)
     need(self.attention_impl in attention_lib.IMPLS,
          f'attention_impl must be one of {attention_lib.IMPLS}; got {self.attention_impl!r}.')
     for name in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'ffn_dim', 'chunk_size'):
@@ -159,7 +167,10 @@ class ModelConfig:
 
   @property
   def pattern(self) -> tuple[str, ...]:
-    """The mixer of each position of the repeated pattern."""
+    """The mixer of each position of the repeated pattern (YOCO: its self-decoder's mixer, then the
+    cross-decoder's attention)."""
+    if self.kind == 'yoco':
+      return (_yoco().self_mixer(self), 'attention')
     if self.layer_pattern:
       return tuple(m.strip() for m in self.layer_pattern.split(','))
     return (KIND_MIXER[self.kind],)
@@ -167,6 +178,8 @@ class ModelConfig:
   @property
   def repeats(self) -> int:
     """How many times the pattern repeats (the length of the layer scan)."""
+    if self.kind == 'yoco':
+      return self.num_layers  # Not scanned as one pattern: yoco.YOCO scans each half.
     return self.num_layers // len(self.pattern)
 
   @property
@@ -177,23 +190,31 @@ class ModelConfig:
   @property
   def state_grows(self) -> bool:
     """Whether the decoding state grows with the tokens read (it then needs a `max_len`)."""
+    if self.kind == 'yoco':
+      return True
     return any(MIXERS[m].state_grows(self) for m in self.pattern)
 
   def state_bytes(self, batch: int, context: int) -> int:
     """Bytes of the mixers' decoding states after `context` tokens of `batch` rows."""
+    if self.kind == 'yoco':
+      return _yoco().state_bytes(self, batch, context)
     return sum(MIXERS[m].state_bytes(self, batch, context) for m in self.layer_mixers)
 
   def mixer_matmul_params(self) -> int:
     """Weights every token multiplies by in the mixers' projections, over all layers."""
+    if self.kind == 'yoco':
+      return _yoco().matmul_params(self)
     return sum(MIXERS[m].matmul_params(self) for m in self.layer_mixers)
 
   def mixing_flops(self, seq_len: int, form: str) -> float:
     """Forward FLOPs per token of the mixing operators themselves, over all layers."""
+    if self.kind == 'yoco':
+      return _yoco().mixing_flops(self, seq_len, form)
     return float(sum(MIXERS[m].mixing_flops(self, seq_len, form) for m in self.layer_mixers))
 
   def quadratic(self, form: str) -> bool:
     """Whether some layer forms [T, T] products in `form` (the CPU dot library choice)."""
-    return any(MIXERS[m].quadratic(self, form) for m in self.pattern)
+    return self.kind == 'yoco' or any(MIXERS[m].quadratic(self, form) for m in self.pattern)
 
   @property
   def head_dim(self) -> int:
@@ -205,7 +226,7 @@ class ModelConfig:
     """Total value width."""
     if self.value_dim is not None:
       return self.value_dim
-    return 2 * self.embed_dim if 'retention' in self.pattern else self.embed_dim
+    return 2 * self.embed_dim if 'retention' in self.pattern and self.kind != 'yoco' else self.embed_dim
 
   @property
   def value_head_dim(self) -> int:
@@ -215,6 +236,31 @@ class ModelConfig:
     """Initial (or fixed) γ per head, float64 [H]."""
     return decay.gammas(self.gamma, self.num_heads, value=self.gamma_value,
                         values=tuple(self.gamma_values), init=self.gamma_init)
+
+
+def _yoco():
+  from retnet_jax import yoco  # pylint: disable=g-import-not-at-top (yoco builds on this module)
+  return yoco
+
+
+def _check_yoco(cfg: ModelConfig, need) -> None:
+  need(not cfg.layer_pattern, "kind='yoco' takes self_decoder, not layer_pattern.")
+  need(cfg.self_decoder in _yoco().SELF_DECODERS,
+       f'self_decoder must be one of {sorted(_yoco().SELF_DECODERS)}; got {cfg.self_decoder!r}.')
+  need(cfg.self_decoder != 'swa' or cfg.attention_window is not None,
+       "self_decoder='swa' needs attention_window.")
+  need(isinstance(cfg.num_self_decoder_layers, int)
+       and 0 < cfg.num_self_decoder_layers < cfg.num_layers,
+       f'num_self_decoder_layers must be in [1, num_layers={cfg.num_layers}); '
+       f'got {cfg.num_self_decoder_layers!r}.')
+  G = cfg.num_heads if cfg.num_kv_heads is None else cfg.num_kv_heads
+  need(isinstance(G, int) and G > 0 and cfg.num_heads % G == 0,
+       f'num_kv_heads ({cfg.num_kv_heads}) must divide num_heads ({cfg.num_heads}).')
+
+
+def build(cfg: ModelConfig, rngs: nnx.Rngs) -> 'Model':
+  """The model of `cfg`: `Model`, or `yoco.YOCO` for kind='yoco'."""
+  return _yoco().YOCO(cfg, rngs=rngs) if cfg.kind == 'yoco' else Model(cfg, rngs=rngs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -642,7 +688,8 @@ class Model(nnx.Module):
     """The (stacked) Block of each pattern position."""
     return [self.blocks] if len(self.cfg.pattern) == 1 else list(self.blocks)
 
-  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None):
+  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None,
+               last_only: bool = False):
     """Logits [B, T, vocab] float32 and the state after the last token.
 
     tokens [B, T] int. state: None (empty) or this model's decoding state (`init_state`).
@@ -650,6 +697,8 @@ class Model(nnx.Module):
     segment_ids [B, T] int: document ids; the state resets (attention is masked) where the id
       changes, also against the last id of the carried state. Left-padded prompts use 0 for padding.
     rng: a PRNG key for dropout (None: deterministic).
+    last_only: logits of the last position only ([B, 1, vocab]; a prefill's), skipping what only
+      the other positions' logits need.
     """
     cfg, tokens_BT = self.cfg, tokens
     form = cfg.form if form is None else form
@@ -676,7 +725,9 @@ class Model(nnx.Module):
 
     ctx = dict(positions=positions_T, segment_ids=segment_ids_BT, prev_segment=prev_B, form=form)
     layer_states = None if state is None else state.layers
-    x_BTD, layers = self._run_blocks(x_BTD, layer_states, ctx, keys[1])
+    x_BTD, layers = self._run_blocks(x_BTD, layer_states, ctx, keys[1], last_only)
+    if last_only:
+      x_BTD = x_BTD[:, -1:]
 
     x_BTD = self.final_norm(x_BTD)
     head = self.embed[...].T if self.head is None else self.head[...]
@@ -684,10 +735,11 @@ class Model(nnx.Module):
     new_state = DecodeState(offset=offset + T, segment=last_B, layers=layers)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
 
-  def _run_blocks(self, x_BTD, layer_states, ctx, rng):
+  def _run_blocks(self, x_BTD, layer_states, ctx, rng, last_only=False):
     """Applies the blocks, as a lax.scan over the pattern's repeats or a Python loop.
 
     layer_states: None or a tuple (one per pattern position) of [R, ...] states; returns the same.
+    last_only: unused (every block's state needs every position).
     """
     cfg, R, P = self.cfg, self.cfg.repeats, len(self.cfg.pattern)
     graphdef, params = nnx.split(self.blocks)
@@ -722,7 +774,7 @@ def count_params(tree) -> int:
 
 
 def create(cfg: ModelConfig, seed: int = 0) -> Model:
-  return Model(cfg, rngs=nnx.Rngs(seed))
+  return build(cfg, nnx.Rngs(seed))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -745,7 +797,7 @@ class Setup:
 
 def abstract_model(model_config: ModelConfig) -> Model:
   """The Model with ShapeDtypeStructs for arrays (nnx.eval_shape): shapes, metadata, graphdef."""
-  return nnx.eval_shape(lambda: Model(model_config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: build(model_config, nnx.Rngs(0)))
 
 
 def make_setup(model_config: ModelConfig, *, use_segments: bool = True,
@@ -767,7 +819,7 @@ def apply_model(setup: Setup, params, tokens, **kwargs):
 
 def init_params(model_config: ModelConfig, key) -> dict:
   """Freshly initialised parameters as a pure dict."""
-  model = Model(model_config, rngs=nnx.Rngs(params=key))
+  model = build(model_config, nnx.Rngs(params=key))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

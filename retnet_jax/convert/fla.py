@@ -50,6 +50,7 @@ import numpy as np
 from retnet_jax import decay
 from retnet_jax import model as model_lib
 from retnet_jax.convert import checks
+from retnet_jax.convert import fla_yoco
 from retnet_jax.convert import layout
 from retnet_jax.convert import reading
 from retnet_jax.convert.checks import check_names_and_shapes
@@ -387,7 +388,7 @@ def export_weights(params, cfg: model_lib.ModelConfig, output: str, meta: dict |
     from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConversionError('exporting to fla needs the safetensors package.') from e
-  state_dict, config = to_fla(params, cfg)
+  state_dict, config = (fla_yoco.to_fla if cfg.kind == 'yoco' else to_fla)(params, cfg)
   checks.check_output_dir(output)
   os.makedirs(output, exist_ok=True)
   with_tokenizer = _write_tokenizer(meta, output, config)
@@ -407,5 +408,6 @@ def import_weights(input_path: str, config_json: str | None = None, param_dtype:
                           '--config_json).')
   hf_config = reading.read_json(path)
   state_dict, _ = reading.read_state_dict(input_path, trust_pickle)
-  params, cfg = from_fla(state_dict, hf_config, param_dtype)
+  importer = fla_yoco.from_fla if hf_config.get('model_type') == 'yoco' else from_fla
+  params, cfg = importer(state_dict, hf_config, param_dtype)
   return params, cfg, hf_config
