@@ -30,6 +30,7 @@ from retnet_jax import optim
 from retnet_jax import platform
 from retnet_jax import preemption
 from retnet_jax import sharding
+from retnet_jax import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
 
@@ -124,7 +125,17 @@ class Run:
     self.rules = config_lib.mesh_rules(config)
     self.for_training, self.read_data = for_training, read_data
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
-    if read_data or data_lib.resolve_config(config.data)['tokenizer'] == 'byte':
+    self.ckpt = None
+    if read_data:
+      checkpoint.check_workdir(workdir)
+      self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
+                                     max_to_keep=config.checkpoint.max_to_keep)
+    # What the run's own checkpoints carry on (tokenizer, warm start), else what init_from gives.
+    self.carried_meta = self._carried_meta() if read_data else {}
+    tokenizer_spec = data_lib.resolve_config(config.data)['tokenizer']
+    if self.carried_meta.get('tokenizer') and tokenizer_spec == 'byte':
+      self.tokenizer = _meta_tokenizer(self.carried_meta['tokenizer'])
+    elif read_data or tokenizer_spec == 'byte':
       self.tokenizer = data_lib.get_tokenizer(config.data, workdir)
     else:
       self.tokenizer = None  # A SentencePiece model would be trained on the data.
@@ -144,7 +155,6 @@ class Run:
       self.train_iter, self.eval_batches = data_lib.create_datasets(
           config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
           global_batch_size=config.batch_size, seed=config.seed)
-      checkpoint.check_workdir(workdir)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
     self.params_axes = model_lib.param_logical_axes(cfg)
     key = jax.random.key(config.seed)
@@ -159,15 +169,66 @@ class Run:
     self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     self._init = jax.jit(init_state, out_shardings=self.state_sh)
     self._key = key
-    self.ckpt = None
-    if read_data:
-      self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=config.checkpoint.max_to_keep)
     self.compiler_options = platform.step_compiler_options(
         cfg, self.mesh.devices.flat[0].platform)
     self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
                            in_shardings=(self.state_sh['params'], self.batch_sh),
                            compiler_options=self.compiler_options)
+
+  def _carried_meta(self) -> dict:
+    """The tokenizer and warm-start record of the run's latest checkpoint; without one, those of
+    config.init_from (its tokenizer, and {'init_from': {'path', 'step'}} until the warm start
+    records what it loaded)."""
+    if self.ckpt.latest_step() is not None:
+      meta = checkpoint.read_meta(self.ckpt, self.ckpt.latest_step())
+      return {k: meta[k] for k in ('tokenizer', 'init_from') if k in meta}
+    source = self.config.get('init_from') or ''
+    if not source:
+      return {}
+    mgr = checkpoint.open_read_only(source)
+    step = checkpoint.choose_step(mgr, self.config.get('init_from_step'))
+    if step is None:
+      raise ValueError(f'config.init_from: no checkpoint in {mgr.directory}.')
+    meta = checkpoint.read_meta(mgr, step)
+    mgr.close()
+    out = {'init_from': {'path': os.path.abspath(source), 'step': step}}
+    if meta.get('tokenizer'):
+      out['tokenizer'] = meta['tokenizer']
+    return out
+
+  def warm_start_params(self, params):
+    """`params` (freshly initialised, in the run's shardings) with the leaves of config.init_from
+    put in their place, restored straight into the same shardings and dtypes. Raises ValueError
+    naming the first mismatches unless config.init_from_strict is False; records in
+    `carried_meta['init_from']` what was loaded and what stayed fresh."""
+    record = self.carried_meta['init_from']
+    strict = bool(self.config.get('init_from_strict', True))
+    mgr = checkpoint.open_read_only(record['path'])
+    saved_cfg = checkpoint.model_config_from_dict(
+        checkpoint.read_meta(mgr, record['step'])['model_config'])
+    saved = model_lib.abstract_params(saved_cfg)
+    target = self.abstract(self.abstract_state['params'], self.state_sh['params'])
+    loadable, problems = checkpoint.match_params(saved, target)
+    where = f"config.init_from {record['path']} (step {record['step']})"
+    if problems and strict:
+      more = f' and {len(problems) - 3} more' if len(problems) > 3 else ''
+      raise ValueError(f"{where} does not match the model: {'; '.join(problems[:3])}{more}. "
+                       'Set config.init_from_strict=False to load the matching part.')
+    if not loadable:
+      raise ValueError(f'{where} has no parameter of the model\'s names and shapes.')
+    differences = [d for d in checkpoint.model_differences(saved_cfg, self.setup.model_config)
+                   if not d.startswith('param_dtype ')]  # Cast on restore.
+    if differences:
+      logging.warning('%s was saved by a model with other settings: %s.', where,
+                      '; '.join(differences))
+    loaded = checkpoint.restore_matching(mgr, record['step'], saved, target, loadable)
+    mgr.close()
+    fresh = sorted(set(checkpoint.flat_paths(params)) - set(loaded))
+    record.update(strict=strict, loaded=sorted(loaded), fresh=fresh)
+    logging.info('Initialised from %s: %d parameters loaded%s.', where, len(loaded),
+                 f', fresh: {fresh}' if fresh else '')
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, x: loaded.get(checkpoint.path_name(keys), x), params)
 
   def abstract(self, tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
@@ -206,7 +267,10 @@ class Run:
     step = self.checkpoint_step(step)
     if step is None:
       with sharding.use_rules(self.mesh, self.rules):
-        return self._init(self._key)
+        state = self._init(self._key)
+      if 'init_from' in self.carried_meta:
+        state['params'] = self.warm_start_params(state['params'])
+      return state
     restored = checkpoint.restore(
         self.ckpt, step,
         abstract_params=self.abstract(self.abstract_state['params'], self.state_sh['params']),
@@ -232,7 +296,17 @@ class Run:
       self.ckpt.delete(step)
     checkpoint.save(self.ckpt, step, params=state['params'],
                     opt_state=state['opt_state'], data_iterator=self.train_iter,
-                    model_config=self.setup.model_config)
+                    model_config=self.setup.model_config, extra_meta=self.carried_meta)
+
+
+def _meta_tokenizer(info: dict):
+  """The Hugging Face tokenizer a converted checkpoint's meta carries (convert.reading)."""
+  tok = (tokenizer_lib.HFTokenizer(info['json'], info.get('path')) if 'json' in info
+         else tokenizer_lib.HFTokenizer.load(info['path']))
+  for key, attr in (('eos_token_id', 'eos_id'), ('bos_token_id', 'bos_id'), ('pad_token_id', 'pad_id')):
+    if info.get(key) is not None:
+      setattr(tok, attr, int(info[key]))
+  return tok
 
 
 def make_train_step(run: Run, **overrides) -> Callable:
