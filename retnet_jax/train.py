@@ -53,10 +53,21 @@ def loss_fn(params, setup: model_lib.Setup, batch, rng):
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
 
-def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_steps: int, base_key):
-  """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches."""
+def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_steps: int, base_key,
+               trainable=None):
+  """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches.
+
+  trainable: a tree of bools like the parameters (optim.trainable_mask); the gradients of the
+  others are dropped at once, so the compiler never computes them."""
   rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def grad_fn(*args):
+    (loss, stats), grads = value_and_grad(*args)
+    if trainable is not None:
+      grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, trainable)
+    return (loss, stats), grads
+
   if accum_steps == 1:
     (_, stats), grads = grad_fn(state['params'], setup, batch, rng)
   else:
@@ -318,6 +329,9 @@ def make_train_step(run: Run, **overrides) -> Callable:
   kwargs = dict(setup=run.setup, tx=run.tx, schedule=run.schedule,
                 accum_steps=run.config.optim.get('grad_accum_steps', 1),
                 base_key=jax.random.key(run.config.seed + 1))
+  if run.config.optim.get('trainable'):
+    kwargs['trainable'] = optim.trainable_mask(run.config.optim.trainable,
+                                               run.abstract_state['params'])
   kwargs.update(overrides)
   return jax.jit(functools.partial(train_step, **kwargs),
                  in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),

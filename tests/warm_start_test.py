@@ -128,3 +128,42 @@ def test_converted_tokenizer_is_used_and_must_fit_the_vocabulary(tmp_path):
   assert run.tokenizer.eos_id == 2
   with pytest.raises(ValueError, match='the data needs 500 token ids but model.vocab_size is 384'):
     train.Run(util.config(init_from=str(tmp_path / 'too_big')), str(tmp_path / 'b'))
+
+
+# ------------------------------------------------------------------------------------------------
+# optim.trainable
+
+
+def test_trainable_updates_only_matching_parameters_and_keeps_no_state_for_others(tmp_path):
+  config = util.config(optim__trainable='retention/w[qk]|final_norm', total_steps=2,
+                       checkpoint_every=2, eval_every=2)
+  run = train.Run(config, None, read_data=False)
+  before = checkpoint.flat_paths(jax.device_get(run.initial_state()['params']))
+  moments = [x.size for x in jax.tree.leaves(run.abstract_state['opt_state']) if x.ndim > 0]
+  trained = {'blocks/retention/wq', 'blocks/retention/wk', 'final_norm/scale'}
+  assert sorted(moments) == sorted(2 * [before[p].size for p in trained])  # AdamW's mu and nu.
+  train.train_and_evaluate(config, str(tmp_path))
+  after, _, _ = checkpoint.load_params(str(tmp_path))
+  for path, value in checkpoint.flat_paths(after).items():
+    changed = not np.array_equal(np.asarray(value), before[path])
+    assert changed == (path in trained), path
+  with pytest.raises(ValueError, match="trainable 'nothing_here' matches no parameter"):
+    train.Run(util.config(optim__trainable='nothing_here'), None, read_data=False)
+
+
+def compiled_memory(pattern):
+  from retnet_jax import sharding  # pylint: disable=g-import-not-at-top
+  run = train.Run(util.config(optim__trainable=pattern), None, read_data=False)
+  with sharding.use_rules(run.mesh, run.rules):
+    compiled = train.make_train_step(run).lower(run.abstract_train_state(),
+                                                run.abstract_batch()).compile()
+  return compiled.memory_analysis(), run
+
+
+def test_frozen_parameters_save_their_optimizer_state_in_the_compiled_step():
+  full, run = compiled_memory('')
+  part, _ = compiled_memory('retention')
+  frozen = sum(x.size * x.dtype.itemsize for p, x in
+               checkpoint.flat_paths(run.abstract_state['params']).items() if 'retention' not in p)
+  assert full.argument_size_in_bytes - part.argument_size_in_bytes == 2 * frozen
+  assert part.temp_size_in_bytes <= full.temp_size_in_bytes
