@@ -10,6 +10,7 @@ Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import optax
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import data as data_lib
+from retnet_jax import flops
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
 from retnet_jax import optim
@@ -372,11 +374,16 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
   stop_at = total if max_steps is None else min(total, start + max_steps)
   skip_nonfinite = config.checkpoint.get('on_nonfinite', 'stop') == 'skip'
   step_fn = make_train_step(run)
+  flops_per_token = flops.train_flops_per_token(run.setup.model_config, config.seq_len)
+  peak, peak_source = flops.peak_flops(run.mesh.devices.flat)
+  logging.info('MFU: %.3e model FLOPs per token (retnet_jax/flops.py) against a peak of %.3e '
+               'FLOP/s (%s).', flops_per_token, peak, peak_source)
   writer = metrics_lib.MetricWriter(workdir)
   last, skipped = {}, 0
   tokens_per_step = config.batch_size * config.seq_len
   sums, t_window, steps_in_window = None, time.perf_counter(), 0
   t_start = time.perf_counter()
+  clock = metrics_lib.Goodput()
   step = start
 
   def check_finite():
@@ -397,8 +404,10 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
   with preemption.StopOnSignal(config.checkpoint.get('save_on_sigterm', True)) as stop, \
        sharding.use_rules(run.mesh, run.rules):
     while step < stop_at and not stop.requested:
-      batch = sharding.to_global(next(run.train_iter), run.batch_sh, BATCH_KEYS)
-      state, stats = step_fn(state, batch)
+      with clock.timing('data'):
+        batch = sharding.to_global(next(run.train_iter), run.batch_sh, BATCH_KEYS)
+      with clock.timing('compile') if step == start else contextlib.nullcontext():
+        state, stats = step_fn(state, batch)
       step += 1
       steps_in_window += 1
       sums = accumulate(sums, stats)
@@ -411,6 +420,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         metrics['grad_norm'] = float(sums['grad_norm']) / steps_in_window
         metrics['tokens_per_second'] = tokens_per_step * steps_in_window / elapsed
         metrics['steps_per_second'] = steps_in_window / elapsed
+        metrics['model_flops_per_second'] = flops_per_token * metrics['tokens_per_second']
+        metrics['mfu'] = metrics['model_flops_per_second'] / peak
+        metrics.update(clock.fractions())
         if skip_nonfinite:
           metrics['skipped_updates'] = skipped
         eta = (total - step) / metrics['steps_per_second']
@@ -420,7 +432,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         sums, t_window, steps_in_window = None, time.perf_counter(), 0
       if step % config.eval_every == 0 or step == total:
         t_eval = time.perf_counter()
-        metrics = run.evaluate(state['params'])
+        with clock.timing('eval'):
+          metrics = run.evaluate(state['params'])
         logging.info('%s', metrics_lib.eval_line(step, metrics, time.perf_counter() - t_eval))
         writer.write(step, 'eval', metrics)
         last['eval'] = metrics
@@ -428,7 +441,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
       if step % config.checkpoint_every == 0 or step in (total, stop_at):
         if sums is not None:
           check_finite()
-        run.save(state)
+        with clock.timing('checkpoint'):
+          run.save(state)
         saved = step
     if stop.requested and step < stop_at:
       if step != saved:  # A signal during the step just saved (its eval or save) saves nothing.

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retnet_jax import aot
 from retnet_jax import config_lib
+from retnet_jax import flops
 from tests import util
 
 needs_libtpu = pytest.mark.skipif(
@@ -83,10 +84,10 @@ def test_forward_flops_formula_matches_the_compiler(kind, form):
   tokens = jnp.zeros((2, T), jnp.int32)
   counted = jax.jit(fwd).lower(params, tokens).compile().cost_analysis()
   counted = (counted[0] if isinstance(counted, (list, tuple)) else counted)['flops']
-  formula = aot.forward_flops_per_token(cfg, T) * 2 * T
+  formula = flops.forward_flops_per_token(cfg, T) * 2 * T
   # The compiler also counts elementwise work (norms, softmax, rotary): a few per cent more.
   assert formula <= counted <= 1.08 * formula, (formula, counted)
-  assert aot.train_flops_per_step(cfg, 2, T) == 3 * formula
+  assert flops.train_flops_per_step(cfg, 2, T) == 3 * formula
 
 
 # ------------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_sharded_train_step_compiles_with_the_kernel(mesh, tmp_path):
   assert per['alias_bytes'] > 0.9 * state  # The state is donated.
   assert per['fits'] and report['fits'] and per['hbm_bytes'] == 16 * 2**30
   cfg = config_lib.model_config(c)
-  assert report['flops_per_step']['model'] == aot.train_flops_per_step(cfg, 8, 128)
+  assert report['flops_per_step']['model'] == flops.train_flops_per_step(cfg, 8, 128)
   assert report['step_seconds_lower_bound'] == pytest.approx(
       report['flops_per_step']['model'] / (4 * 197e12))
   assert report['compile_seconds'] > 0

@@ -16,7 +16,7 @@ from retnet_jax import model as model_lib
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from tests import util
-from tests.convert_fla_test import build_fla, fla, fla_config, hf_tokenizer_meta, import_cli  # noqa: F401
+from tests.convert_fla_test import build_fla, fla, fla_config, hf_tokenizer_meta, import_cli  # noqa: F401 (fla: a fixture)
 from tests.convert_util import numpy_params
 
 # How a model runs is the run's choice, not the checkpoint's.
@@ -45,10 +45,10 @@ def cross_entropy(logits_BTV, batch):
   return float(((logz - target) * mask).sum() / mask.sum())
 
 
-def test_fla_checkpoint_trains_from_its_own_loss_and_resumes_without_it(fla, tmp_path):
+def test_fla_checkpoint_trains_from_its_own_loss_and_resumes_without_it(request, tmp_path):
   """fla's RetNet -> the converter -> init_from: the first logged loss is the converted model's loss
   on that batch; the run improves; its resume restores its own checkpoint, never init_from."""
-  _, cfg = import_cli(build_fla(fla, fla_config()), tmp_path)
+  _, cfg = import_cli(build_fla(request.getfixturevalue('fla'), fla_config()), tmp_path)
   converted = str(tmp_path / 'ours')
   workdir = str(tmp_path / 'run')
   config = config_for(cfg, init_from=converted, total_steps=8, log_every=1, eval_every=100,
