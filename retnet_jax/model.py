@@ -477,7 +477,8 @@ class Model(nnx.Module):
     return STATES[cfg.kind](offset=jnp.zeros((), jnp.int32),
                             segment=jnp.zeros((batch,), jnp.int32), layers=layers)
 
-  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None):
+  def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None,
+               head: bool = True):
     """Logits [B, T, vocab] float32 and the state after the last token.
 
     tokens [B, T] int. state: None (empty) or this model's decoding state (`init_state`).
@@ -485,6 +486,8 @@ class Model(nnx.Module):
     segment_ids [B, T] int: document ids; the state resets (attention is masked) where the id
       changes, also against the last id of the carried state. Left-padded prompts use 0 for padding.
     rng: a PRNG key for dropout (None: deterministic).
+    head: False returns the final-norm features [B, T, D] instead of the logits (the loss applies
+      `head_weights()` itself, chunk by chunk: retnet_jax/loss.py).
     """
     cfg, tokens_BT = self.cfg, tokens
     form = cfg.form if form is None else form
@@ -514,10 +517,15 @@ class Model(nnx.Module):
     x_BTD, layers = self._run_blocks(x_BTD, layer_states, ctx, keys[1])
 
     x_BTD = self.final_norm(x_BTD)
-    head = self.embed[...].T if self.head is None else self.head[...]
-    logits_BTV = dense(x_BTD, head, x_BTD.dtype, out_dtype=F32)
     new_state = STATES[cfg.kind](offset=offset + T, segment=last_B, layers=layers)
+    if not head:
+      return x_BTD, new_state
+    logits_BTV = dense(x_BTD, self.head_weights(), x_BTD.dtype, out_dtype=F32)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
+
+  def head_weights(self) -> jax.Array:
+    """The LM head [D, vocab]: its own matrix, or the embedding's transpose when tied."""
+    return self.embed[...].T if self.head is None else self.head[...]
 
   def _run_blocks(self, x_BTD, layer_states, ctx, rng):
     """Applies the stacked blocks, as a lax.scan over layers or a Python loop."""

@@ -26,6 +26,7 @@ from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import data as data_lib
 from retnet_jax import flops
+from retnet_jax import loss as loss_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
 from retnet_jax import optim
@@ -48,21 +49,20 @@ def build_setup(config, tok=None) -> model_lib.Setup:
                               token_bytes=getattr(tok, 'token_bytes', None))
 
 
-def loss_fn(params, setup: model_lib.Setup, batch, rng):
-  segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
-  stats = metrics_lib.batch_statistics(setup, logits, batch)
+def loss_fn(params, setup: model_lib.Setup, batch, rng, loss_chunk: int = 0):
+  stats = loss_lib.statistics(setup, params, batch, chunk_size=loss_chunk, rng=rng)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
 
 def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_steps: int, base_key,
-               trainable=None):
+               trainable=None, loss_chunk: int = 0):
   """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches.
 
   trainable: a tree of bools like the parameters (optim.trainable_mask); the gradients of the
-  others are dropped at once, so the compiler never computes them."""
+  others are dropped at once, so the compiler never computes them. loss_chunk: positions per
+  chunk of the loss (loss.statistics; 0: the whole logits at once)."""
   rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
-  value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk), has_aux=True)
 
   def grad_fn(*args):
     (loss, stats), grads = value_and_grad(*args)
@@ -113,10 +113,8 @@ def accumulate(sums, stats):
   return out
 
 
-def eval_step(params, batch, *, setup: model_lib.Setup):
-  segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments)
-  return metrics_lib.batch_statistics(setup, logits, batch)
+def eval_step(params, batch, *, setup: model_lib.Setup, loss_chunk: int = 0):
+  return loss_lib.statistics(setup, params, batch, chunk_size=loss_chunk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +182,11 @@ class Run:
     self._key = key
     self.compiler_options = platform.step_compiler_options(
         cfg, self.mesh.devices.flat[0].platform)
-    self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
+    self.loss_chunk = config.get('loss_chunk_size', 0) or 0
+    if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+      raise ValueError(f'config.loss_chunk_size must be an integer >= 0 (0: the whole logits at '
+                       f'once); got {self.loss_chunk!r}.')
+    self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup, loss_chunk=self.loss_chunk),
                            in_shardings=(self.state_sh['params'], self.batch_sh),
                            compiler_options=self.compiler_options)
 
@@ -330,7 +332,7 @@ def make_train_step(run: Run, **overrides) -> Callable:
   """
   kwargs = dict(setup=run.setup, tx=run.tx, schedule=run.schedule,
                 accum_steps=run.config.optim.get('grad_accum_steps', 1),
-                base_key=jax.random.key(run.config.seed + 1))
+                base_key=jax.random.key(run.config.seed + 1), loss_chunk=run.loss_chunk)
   if run.config.optim.get('trainable'):
     kwargs['trainable'] = optim.trainable_mask(run.config.optim.trainable,
                                                run.abstract_state['params'])
