@@ -200,11 +200,14 @@ class Run:
     source = self.config.get('init_from') or ''
     if not source:
       return {}
-    mgr = checkpoint.open_read_only(source)
-    step = checkpoint.choose_step(mgr, self.config.get('init_from_step'))
-    if step is None:
-      raise ValueError(f'config.init_from: no checkpoint in {mgr.directory}.')
-    meta = checkpoint.read_meta(mgr, step)
+    try:
+      mgr = checkpoint.open_read_only(source)
+      step = checkpoint.choose_step(mgr, self.config.get('init_from_step'))
+      if step is None:
+        raise ValueError(f'no checkpoint in {mgr.directory}.')
+      meta = checkpoint.read_meta(mgr, step)
+    except ValueError as e:
+      raise ValueError(f'config.init_from: {e}') from e
     mgr.close()
     out = {'init_from': {'path': os.path.abspath(source), 'step': step}}
     if meta.get('tokenizer'):
