@@ -3,9 +3,11 @@
     state = {'step': int32 [], 'params': pure dict of arrays, 'opt_state': optax state}
 
 `train_and_evaluate(config, workdir)` builds the mesh, the data, the sharded state (restored from
-the latest checkpoint in `<workdir>/checkpoints` when there is one), then loops: train step, logs
-with throughput and ETA, evaluation, checkpoints; SIGTERM or Ctrl-C save a checkpoint and stop.
-Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard (`<workdir>/tb`).
+the latest checkpoint in `<workdir>/checkpoints` when there is one, else fresh with the parameters
+of config.init_from when it is set: docs/warm-start.md), then loops: train step, logs with
+throughput, MFU, goodput and ETA, evaluation, checkpoints; SIGTERM or Ctrl-C save a checkpoint and
+stop. Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard
+(`<workdir>/tb`).
 """
 
 from __future__ import annotations
@@ -280,8 +282,8 @@ class Run:
     return step
 
   def initial_state(self, step: int | None = None):
-    """The state of checkpoint `step` (default the latest), or a fresh one; a restore also moves
-    the data iterator."""
+    """The state of checkpoint `step` (default the latest), or a fresh one (with config.init_from's
+    parameters when set); a restore also moves the data iterator."""
     step = self.checkpoint_step(step)
     if step is None:
       with sharding.use_rules(self.mesh, self.rules):
