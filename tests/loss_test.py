@@ -78,3 +78,17 @@ def test_chunked_gradient_never_holds_the_whole_logits():
   whole, chunked = temp_bytes(0), temp_bytes(32)
   assert whole > logits_bytes
   assert chunked < logits_bytes < whole - chunked, (whole, chunked)
+
+
+@pytest.mark.slow
+def test_sharded_training_losses_equal_with_the_chunked_loss(tmp_path):
+  """Two steps on a (data 2, sequence 2, tensor 2) mesh: the same losses with 4 chunks as whole."""
+  from retnet_jax import train  # pylint: disable=g-import-not-at-top
+  common = dict(total_steps=2, log_every=1, eval_every=2, checkpoint_every=2, seq_len=32,
+                model__num_heads=4, mesh__data=2, mesh__sequence=2, mesh__tensor=2)
+  losses = {}
+  for chunk in (0, 8):
+    workdir = str(tmp_path / str(chunk))
+    train.train_and_evaluate(util.config(loss_chunk_size=chunk, **common), workdir)
+    losses[chunk] = util.train_losses(workdir)
+  np.testing.assert_allclose(losses[8], losses[0], rtol=1e-6)
