@@ -138,11 +138,6 @@ class Run:
     self.rules = config_lib.mesh_rules(config)
     self.for_training, self.read_data = for_training, read_data
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
-    self.ckpt = None
-    if read_data:
-      checkpoint.check_workdir(workdir)
-      self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
-                                     max_to_keep=config.checkpoint.max_to_keep)
     # What the run's own checkpoints carry on (tokenizer, warm start), else what init_from gives.
     self.carried_meta = self._carried_meta() if read_data else {}
     tokenizer_spec = data_lib.resolve_config(config.data)['tokenizer']
@@ -168,6 +163,7 @@ class Run:
       self.train_iter, self.eval_batches = data_lib.create_datasets(
           config.data, tokenizer=self.tokenizer, seq_len=config.seq_len,
           global_batch_size=config.batch_size, seed=config.seed)
+      checkpoint.check_workdir(workdir)
     self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
     self.params_axes = model_lib.param_logical_axes(cfg)
     key = jax.random.key(config.seed)
@@ -182,6 +178,10 @@ class Run:
     self.batch_sh = sharding.batch_sharding(self.mesh, self.rules)
     self._init = jax.jit(init_state, out_shardings=self.state_sh)
     self._key = key
+    self.ckpt = None
+    if read_data:
+      self.ckpt = checkpoint.manager(os.path.join(workdir, 'checkpoints'),
+                                     max_to_keep=config.checkpoint.max_to_keep)
     self.compiler_options = platform.step_compiler_options(
         cfg, self.mesh.devices.flat[0].platform)
     self.loss_chunk = config.get('loss_chunk_size', 0) or 0
@@ -196,9 +196,14 @@ class Run:
     """The tokenizer and warm-start record of the run's latest checkpoint; without one, those of
     config.init_from (its tokenizer, and {'init_from': {'path', 'step'}} until the warm start
     records what it loaded)."""
-    if self.ckpt.latest_step() is not None:
-      meta = checkpoint.read_meta(self.ckpt, self.ckpt.latest_step())
-      return {k: meta[k] for k in ('tokenizer', 'init_from') if k in meta}
+    own = os.path.join(self.workdir, 'checkpoints')
+    if os.path.isdir(own):  # Read before anything is created: a bad data config leaves no workdir.
+      mgr = checkpoint.manager(own, max_to_keep=None, read_only=True)
+      latest = mgr.latest_step()
+      meta = {} if latest is None else checkpoint.read_meta(mgr, latest)
+      mgr.close()
+      if latest is not None:
+        return {k: meta[k] for k in ('tokenizer', 'init_from') if k in meta}
     source = self.config.get('init_from') or ''
     if not source:
       return {}
