@@ -73,7 +73,16 @@ def base_config(args: dict):
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, schedule='cosine', end_lr_fraction=0.1, b1=0.9,
-      b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip=2.0, grad_accum_steps=1))
+      b2=0.98, eps=1e-8, weight_decay=0.05, grad_clip=2.0, grad_accum_steps=1,
+      trainable=''))  # a regex over parameter paths: only those train ('': all)
+
+  # Warm start (docs/warm-start.md): step 0 from the parameters of a converted checkpoint or a
+  # workdir, at init_from_step (default the latest).
+  c.init_from = ''
+  c.init_from_step = ml_collections.config_dict.placeholder(int)
+  c.init_from_strict = True
+  # The loss over chunks of this many positions per sequence (docs/throughput.md); 0: whole.
+  c.loss_chunk_size = 512
 
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1, fsdp=1, sequence=1, tensor=1,

@@ -23,7 +23,6 @@ head, loss and AdamW kept): its matmul FLOPs / its step time / peak.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from retnet_jax import config_lib
+from retnet_jax import flops
 from retnet_jax import model as model_lib
 from retnet_jax import platform
 from retnet_jax import sharding
@@ -105,33 +105,9 @@ TABLE_COLUMNS = (common.Column('model', 'model'), common.Column('form', 'form'),
                  common.Column('dense_mfu', 'dense MFU', '{:.1%}'))
 
 
-def matmul_peak_flops(sizes=(1024, 2048), repeats=5) -> float:
-  """The best float32 matmul rate of this machine (FLOP/s), measured now.
-
-  On CPU, the best of both dot libraries that the timed steps use (YNNPACK and Eigen).
-  """
-  best = 0.0
-  options = (None, platform.EIGEN_DOTS) if jax.default_backend() == 'cpu' else (None,)
-  for n, opts in itertools.product(sizes, options):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul, compiler_options=opts)
-    f(a, b).block_until_ready()
-    for _ in range(repeats):
-      t = time.perf_counter()
-      f(a, b).block_until_ready()
-      best = max(best, 2 * n**3 / (time.perf_counter() - t))
-  return best
-
-
 def model_flops_per_token(cfg: model_lib.ModelConfig, form: str, seq_len: int) -> tuple[float, float]:
-  """(total, dense) training FLOPs per token; see the module docstring."""
-  # Each mixer reports its projection weights and its operator's forward FLOPs (attention and the
-  # parallel form over the full masked T × T matrix: a row sees T / 2 tokens on average, the dense
-  # form computes all T).
-  D, L = cfg.embed_dim, cfg.num_layers
-  dense = cfg.mixer_matmul_params() + L * 3 * D * cfg.ffn_dim + D * cfg.vocab_size
-  return 6.0 * dense + 3.0 * cfg.mixing_flops(seq_len, form), 6.0 * dense
+  """(total, dense) training FLOPs per token (retnet_jax.flops); see the module docstring."""
+  return flops.train_flops_per_token(cfg, seq_len, form), 3.0 * flops.dense_flops_per_token(cfg)
 
 
 def _synthetic_batch(batch, seq_len, vocab, seed=0):
@@ -364,7 +340,7 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
         compile_layers=(2, 4, 8)) -> list[dict]:
   platform.tune_xla_cpu_flags()
   platform.tune_host_allocator()
-  peak = matmul_peak_flops()
+  peak = flops.measure_matmul_peak()
   logging.info('float32 matmul peak: %.1f GFLOP/s', peak / 1e9)
   rows, todo = [], [(f, T) for f in forms for T in seq_lens]
   t0 = time.perf_counter()

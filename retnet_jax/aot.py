@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from retnet_jax import flops
+
 GIB = 2**30
 
 
@@ -54,16 +56,16 @@ class Chip:
 
 
 CHIPS = {
-    'v4': Chip('v4', 32 * GIB, 275e12, 2, 3, 'megacore'),
-    'v5e': Chip('v5e', 16 * GIB, 197e12, 1, 2),
-    'v5p': Chip('v5p', 95 * GIB, 459e12, 2, 3, 'megacore'),
-    'v6e': Chip('v6e', 32 * GIB, 918e12, 1, 2),
+    'v4': Chip('v4', 32 * GIB, flops.PEAK_FLOPS['v4'], 2, 3, 'megacore'),
+    'v5e': Chip('v5e', 16 * GIB, flops.PEAK_FLOPS['v5e'], 1, 2),
+    'v5p': Chip('v5p', 95 * GIB, flops.PEAK_FLOPS['v5p'], 2, 3, 'megacore'),
+    'v6e': Chip('v6e', 32 * GIB, flops.PEAK_FLOPS['v6e'], 1, 2),
 }
 ALIASES = {'v5litepod': 'v5e', 'v5lite': 'v5e', 'v6litepod': 'v6e', 'v6lite': 'v6e'}
 
 # GPUs through jax's CUDA plugin, which compiles without a GPU given a target description
 # (XLA's GpuTargetConfigProto): 'h100-8' is one host of 8 H100 SXM (80 GB, 989 TFLOP/s dense bf16).
-GPUS = {'h100': Chip('h100', 79 * GIB, 989e12, 1, 1, platform='gpu')}
+GPUS = {'h100': Chip('h100', 79 * GIB, flops.PEAK_FLOPS['h100'], 1, 1, platform='gpu')}
 GPUS_PER_HOST = 8
 _H100_TARGET = """gpu_device_info {
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -240,30 +242,6 @@ def check_mesh(mesh_config, num_devices: int, topology_name: str) -> dict[str, i
 
 
 # ------------------------------------------------------------------------------------------------
-# FLOPs by formula.
-
-
-def forward_flops_per_token(model_cfg, seq_len: int) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one token's forward pass through `model_cfg`.
-
-  Per layer: its mixer's projections and operator as the mixer reports them
-  (`ModelConfig.mixer_matmul_params`, `mixing_flops`: retention's q, k, v, gate and out and its form;
-  attention's q, k, v, out and the [T, T] scores) and the gated FFN (3 × [D, F]); plus the output
-  head [D, vocab]. The embedding lookup and norms are not counted.
-  """
-  D, F, L = model_cfg.embed_dim, model_cfg.ffn_dim, model_cfg.num_layers
-  proj = 2 * model_cfg.mixer_matmul_params()
-  mixer = model_cfg.mixing_flops(seq_len, model_cfg.form)
-  return float(proj + mixer + L * 2 * 3 * D * F + 2 * D * model_cfg.vocab_size)
-
-
-def train_flops_per_step(model_cfg, batch_size: int, seq_len: int) -> float:
-  """Model FLOPs of one train step: 3 × the forward (the backward costs twice the forward); the
-  recomputation that remat adds is not counted (the convention of MFU)."""
-  return 3.0 * forward_flops_per_token(model_cfg, seq_len) * batch_size * seq_len
-
-
-# ------------------------------------------------------------------------------------------------
 # What the compiler reports.
 
 
@@ -302,7 +280,7 @@ def memory_per_device(compiled, hbm_bytes: int) -> dict[str, Any]:
 
 def compiler_flops(compiled) -> float | None:
   """FLOPs per device that `cost_analysis` reports. It counts a loop body once (the layer scan,
-  the accumulation scan), so it is not the step's total: see `train_flops_per_step`."""
+  the accumulation scan), so it is not the step's total: see `flops.train_flops_per_step`."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # Some backends do not report costs.
@@ -438,7 +416,7 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
     retention['impl'] = 'pallas'
     retention['reason'] += '; but the compiled step calls the retention kernel'
   tokens = config.batch_size * config.seq_len
-  model_flops = train_flops_per_step(cfg, config.batch_size, config.seq_len)
+  model_flops = flops.train_flops_per_step(cfg, config.batch_size, config.seq_len)
   peak = topology_.chip.peak_flops * len(devices)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract_state['params']))
   report = {
@@ -457,7 +435,7 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
           'compiler_per_device': compiler_flops(compiled),
           'compiler_note': 'cost_analysis counts each loop body once (layer scan, accumulation)',
           'model': model_flops,
-          'model_formula': 'aot.train_flops_per_step: 3 x forward matmul FLOPs, remat not counted',
+          'model_formula': 'flops.train_flops_per_step: 3 x forward matmul FLOPs, remat not counted',
       },
       'peak_flops_per_chip': topology_.chip.peak_flops,
       'step_seconds_lower_bound': model_flops / peak,

@@ -282,6 +282,15 @@ def save_params(directory: str, params, model_config, step: int = 0, extra_meta=
   mgr.close()
 
 
+def open_read_only(directory: str) -> ocp.CheckpointManager:
+  """A read-only manager of a workdir (its `checkpoints/`) or of a checkpoints directory."""
+  if os.path.isdir(os.path.join(directory, 'checkpoints')):
+    directory = os.path.join(directory, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise ValueError(f'checkpoint directory {directory!r} does not exist.')
+  return manager(directory, max_to_keep=None, read_only=True)
+
+
 def load_params(directory: str, step: int | None = None, shardings=None, *,
                 fallback: bool = False):
   """(params, ModelConfig, meta) from a checkpoint directory (training or converted).
@@ -289,14 +298,10 @@ def load_params(directory: str, step: int | None = None, shardings=None, *,
   `directory` may be a workdir (its `checkpoints/` is used) or a checkpoints directory. step: the
   step (default the latest); fallback: the newest intact step when the latest is damaged.
   """
-  if os.path.isdir(os.path.join(directory, 'checkpoints')):
-    directory = os.path.join(directory, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise ValueError(f'checkpoint directory {directory!r} does not exist.')
-  mgr = manager(directory, max_to_keep=None, read_only=True)
+  mgr = open_read_only(directory)
   step = choose_step(mgr, step, fallback=fallback)
   if step is None:
-    raise ValueError(f'no checkpoint in {directory}.')
+    raise ValueError(f'no checkpoint in {mgr.directory}.')
   meta = read_meta(mgr, step)
   cfg = model_config_from_dict(meta['model_config'])
   abstract = model_lib.abstract_params(cfg)
@@ -306,3 +311,50 @@ def load_params(directory: str, step: int | None = None, shardings=None, *,
   restored = restore(mgr, step, abstract_params=abstract, check=False)
   mgr.close()
   return restored['params'], cfg, restored['meta']
+
+
+def path_name(keys) -> str:
+  """A tree path as text: 'blocks/retention/wq'."""
+  return '/'.join(str(getattr(k, 'key', k)) for k in keys)
+
+
+def flat_paths(tree) -> dict:
+  """{'blocks/retention/wq': leaf, ...} of a pure-dict tree."""
+  return {path_name(keys): leaf for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def match_params(saved: dict, target: dict) -> tuple[list[str], list[str]]:
+  """Compares two parameter trees (ShapeDtypeStructs) by path and shape.
+
+  Returns (loadable paths, problems): a problem is a target path missing from `saved`, a path of
+  `saved` the target lacks, or a shape that differs ('path [saved] -> [target]')."""
+  saved, target = flat_paths(saved), flat_paths(target)
+  loadable, problems = [], []
+  for path, t in target.items():
+    if path not in saved:
+      problems.append(f'{path} missing')
+    elif tuple(saved[path].shape) != tuple(t.shape):
+      problems.append(f'{path} {list(saved[path].shape)} -> {list(t.shape)}')
+    else:
+      loadable.append(path)
+  problems += [f'{path} unexpected' for path in saved if path not in target]
+  return loadable, problems
+
+
+def restore_matching(mgr: ocp.CheckpointManager, step: int, saved_abstract: dict, target: dict,
+                     paths) -> dict:
+  """Restores the leaves at `paths` of step `step` straight into `target`'s shapes, dtypes (cast)
+  and shardings; other saved leaves are skipped. Returns {path: array}."""
+  wanted = flat_paths(target)
+  chosen = set(paths)
+
+  def spec(keys, leaf):
+    path = path_name(keys)
+    if path not in chosen:
+      return ocp.PLACEHOLDER
+    t = wanted[path]
+    return jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=getattr(t, 'sharding', None))
+
+  abstract = jax.tree_util.tree_map_with_path(spec, saved_abstract)
+  restored = restore(mgr, step, abstract_params=abstract, check=False)['params']
+  return {p: leaf for p, leaf in flat_paths(restored).items() if p in chosen}

@@ -24,9 +24,10 @@ from retnet_jax import sharding
 # Keys every config has, so that any run can be shortened or reseeded from the command line.
 REQUIRED = ('seed', 'total_steps', 'batch_size', 'seq_len', 'log_every', 'eval_every',
             'checkpoint_every', 'model', 'data', 'optim', 'mesh', 'checkpoint')
-TOP_LEVEL = REQUIRED + ('reset_at_doc_boundaries', 'generate', 'name')
+TOP_LEVEL = REQUIRED + ('reset_at_doc_boundaries', 'generate', 'name', 'init_from', 'init_from_step',
+                        'init_from_strict', 'loss_chunk_size')
 OPTIM = ('learning_rate', 'warmup_steps', 'schedule', 'end_lr_fraction', 'b1', 'b2', 'eps',
-         'weight_decay', 'grad_clip', 'grad_accum_steps')
+         'weight_decay', 'grad_clip', 'grad_accum_steps', 'trainable')
 MESH = ('data', 'fsdp', 'sequence', 'tensor', 'rules', 'coordinator_address', 'num_processes', 'process_id')
 CHECKPOINT = ('max_to_keep', 'save_on_sigterm', 'fallback_to_intact', 'on_nonfinite')
 # `--mode=generate` settings: the defaults here are the only ones (configs copy them; the main

@@ -3,9 +3,11 @@ a filter for library chatter in the absl log, and one way to print a duration.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 
 from absl import logging
 import jax
@@ -132,8 +134,36 @@ def summarize(sums: dict) -> dict:
 
 def train_line(step: int, total: int, metrics: dict, eta_seconds: float) -> str:
   bpb = f" | {metrics['bits_per_byte']:.3f} bits/byte" if 'bits_per_byte' in metrics else ''
+  mfu = f" | MFU {metrics['mfu']:.1%}" if 'mfu' in metrics else ''
+  good = f" | goodput {metrics['goodput']:.1%}" if 'goodput' in metrics else ''
   return (f"step {step}/{total} | loss {metrics['loss']:.4f}{bpb} | lr {metrics['learning_rate']:.2e}"
-          f" | {metrics['tokens_per_second']:.0f} tok/s | ETA {duration(eta_seconds)}")
+          f" | {metrics['tokens_per_second']:.0f} tok/s{mfu}{good} | ETA {duration(eta_seconds)}")
+
+
+class Goodput:
+  """Where a run's wall time goes since its start: the compile of the first step, waiting for
+  data, evaluation, checkpoints; the rest is training steps. `fractions()` gives goodput (the
+  steps' fraction) and one `<part>_fraction` per part; together they sum to 1."""
+
+  PARTS = ('compile', 'data', 'eval', 'checkpoint')
+
+  def __init__(self):
+    self.start = time.perf_counter()
+    self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+  @contextlib.contextmanager
+  def timing(self, part: str):
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[part] += time.perf_counter() - t
+
+  def fractions(self) -> dict:
+    wall = max(time.perf_counter() - self.start, 1e-9)
+    out = {f'{p}_fraction': s / wall for p, s in self.seconds.items()}
+    out['goodput'] = max(0.0, 1.0 - sum(out.values()))
+    return out
 
 
 def eval_line(step: int, metrics: dict, seconds: float) -> str:

@@ -684,12 +684,8 @@ class Model(nnx.Module):
     return DecodeState(offset=jnp.zeros((), jnp.int32), segment=jnp.zeros((batch,), jnp.int32),
                        layers=tuple(layers))
 
-  def _pattern_blocks(self) -> list:
-    """The (stacked) Block of each pattern position."""
-    return [self.blocks] if len(self.cfg.pattern) == 1 else list(self.blocks)
-
   def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None,
-               last_only: bool = False):
+               last_only: bool = False, head: bool = True):
     """Logits [B, T, vocab] float32 and the state after the last token.
 
     tokens [B, T] int. state: None (empty) or this model's decoding state (`init_state`).
@@ -699,6 +695,8 @@ class Model(nnx.Module):
     rng: a PRNG key for dropout (None: deterministic).
     last_only: logits of the last position only ([B, 1, vocab]; a prefill's), skipping what only
       the other positions' logits need.
+    head: False returns the final-norm features [B, T, D] instead of the logits (the loss applies
+      `head_weights()` itself, chunk by chunk: retnet_jax/loss.py).
     """
     cfg, tokens_BT = self.cfg, tokens
     form = cfg.form if form is None else form
@@ -730,10 +728,15 @@ class Model(nnx.Module):
       x_BTD = x_BTD[:, -1:]
 
     x_BTD = self.final_norm(x_BTD)
-    head = self.embed[...].T if self.head is None else self.head[...]
-    logits_BTV = dense(x_BTD, head, x_BTD.dtype, out_dtype=F32)
     new_state = DecodeState(offset=offset + T, segment=last_B, layers=layers)
+    if not head:
+      return x_BTD, new_state
+    logits_BTV = dense(x_BTD, self.head_weights(), x_BTD.dtype, out_dtype=F32)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
+
+  def head_weights(self) -> jax.Array:
+    """The LM head [D, vocab]: its own matrix, or the embedding's transpose when tied."""
+    return self.embed[...].T if self.head is None else self.head[...]
 
   def _run_blocks(self, x_BTD, layer_states, ctx, rng, last_only=False):
     """Applies the blocks, as a lax.scan over the pattern's repeats or a Python loop.

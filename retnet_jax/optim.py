@@ -1,6 +1,9 @@
-"""The optimiser: AdamW with global-norm clipping over a warmup-then-decay learning-rate schedule."""
+"""The optimiser: AdamW with global-norm clipping over a warmup-then-decay learning-rate schedule,
+over all parameters or only those whose path matches `optim.trainable`."""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import optax
@@ -30,11 +33,36 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def trainable_mask(pattern: str | None, params):
+  """True for each parameter whose path ('blocks/retention/wq', 'head', ...) `pattern` matches
+  (re.search); all True for an empty pattern. A pattern that matches nothing is an error."""
+  if not pattern:
+    return jax.tree.map(lambda _: True, params)
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'config.optim.trainable {pattern!r} is not a regular expression: {e}.') from e
+  name = lambda keys: '/'.join(str(getattr(k, 'key', k)) for k in keys)
+  mask = jax.tree_util.tree_map_with_path(lambda keys, _: bool(regex.search(name(keys))), params)
+  if not any(jax.tree.leaves(mask)):
+    paths = [name(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    raise ValueError(f'config.optim.trainable {pattern!r} matches no parameter; paths: {paths}.')
+  return mask
+
+
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping (the paper: β = (0.9, 0.98), weight decay 0.05, clip 2.0)."""
+  """AdamW with global-norm clipping (the paper: β = (0.9, 0.98), weight decay 0.05, clip 2.0).
+
+  With optim.trainable set, parameters it does not match get a zero update and no optimiser
+  state (optax.multi_transform); clipping sees the trainable gradients only."""
   schedule = learning_rate_schedule(optim, total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                   weight_decay=optim.weight_decay, mask=_decay_mask))
+  pattern = optim.get('trainable') or ''
+  if pattern:
+    labels = lambda params: jax.tree.map(lambda m: 'train' if m else 'frozen',
+                                         trainable_mask(pattern, params))
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
   return tx, schedule

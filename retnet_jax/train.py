@@ -3,13 +3,16 @@
     state = {'step': int32 [], 'params': pure dict of arrays, 'opt_state': optax state}
 
 `train_and_evaluate(config, workdir)` builds the mesh, the data, the sharded state (restored from
-the latest checkpoint in `<workdir>/checkpoints` when there is one), then loops: train step, logs
-with throughput and ETA, evaluation, checkpoints; SIGTERM or Ctrl-C save a checkpoint and stop.
-Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard (`<workdir>/tb`).
+the latest checkpoint in `<workdir>/checkpoints` when there is one, else fresh with the parameters
+of config.init_from when it is set: docs/warm-start.md), then loops: train step, logs with
+throughput, MFU, goodput and ETA, evaluation, checkpoints; SIGTERM or Ctrl-C save a checkpoint and
+stop. Metrics go to `<workdir>/metrics.jsonl` (one JSON object a line) and TensorBoard
+(`<workdir>/tb`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,12 +27,15 @@ import optax
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import data as data_lib
+from retnet_jax import flops
+from retnet_jax import loss as loss_lib
 from retnet_jax import metrics as metrics_lib
 from retnet_jax import model as model_lib
 from retnet_jax import optim
 from retnet_jax import platform
 from retnet_jax import preemption
 from retnet_jax import sharding
+from retnet_jax import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
 
@@ -38,17 +44,27 @@ BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
 # The model as pure functions of its parameters.
 
 
-def loss_fn(params, setup: model_lib.Setup, batch, rng):
-  segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments, rng=rng)
-  stats = metrics_lib.batch_statistics(setup, logits, batch)
+def loss_fn(params, setup: model_lib.Setup, batch, rng, loss_chunk: int = 0):
+  stats = loss_lib.statistics(setup, params, batch, chunk_size=loss_chunk, rng=rng)
   return stats['loss_sum'] / jnp.maximum(stats['tokens'], 1.0), stats
 
 
-def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_steps: int, base_key):
-  """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches."""
+def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_steps: int, base_key,
+               trainable=None, loss_chunk: int = 0):
+  """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches.
+
+  trainable: a tree of bools like the parameters (optim.trainable_mask); the gradients of the
+  others are dropped at once, so the compiler never computes them. loss_chunk: positions per
+  chunk of the loss (loss.statistics; 0: the whole logits at once)."""
   rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  value_and_grad = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk), has_aux=True)
+
+  def grad_fn(*args):
+    (loss, stats), grads = value_and_grad(*args)
+    if trainable is not None:
+      grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, trainable)
+    return (loss, stats), grads
+
   if accum_steps == 1:
     (_, stats), grads = grad_fn(state['params'], setup, batch, rng)
   else:
@@ -92,10 +108,8 @@ def accumulate(sums, stats):
   return out
 
 
-def eval_step(params, batch, *, setup: model_lib.Setup):
-  segments = batch['segment_ids'] if setup.use_segments else None
-  logits, _ = model_lib.apply_model(setup, params, batch['inputs'], segment_ids=segments)
-  return metrics_lib.batch_statistics(setup, logits, batch)
+def eval_step(params, batch, *, setup: model_lib.Setup, loss_chunk: int = 0):
+  return loss_lib.statistics(setup, params, batch, chunk_size=loss_chunk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +131,12 @@ class Run:
     self.rules = config_lib.mesh_rules(config)
     self.for_training, self.read_data = for_training, read_data
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
-    if read_data or data_lib.resolve_config(config.data)['tokenizer'] == 'byte':
+    # What the run's own checkpoints carry on (tokenizer, warm start), else what init_from gives.
+    self.carried_meta = self._carried_meta() if read_data else {}
+    tokenizer_spec = data_lib.resolve_config(config.data)['tokenizer']
+    if self.carried_meta.get('tokenizer') and tokenizer_spec == 'byte':
+      self.tokenizer = _meta_tokenizer(self.carried_meta['tokenizer'])
+    elif read_data or tokenizer_spec == 'byte':
       self.tokenizer = data_lib.get_tokenizer(config.data, workdir)
     else:
       self.tokenizer = None  # A SentencePiece model would be trained on the data.
@@ -161,9 +180,76 @@ class Run:
                                      max_to_keep=config.checkpoint.max_to_keep)
     self.compiler_options = platform.step_compiler_options(
         cfg, self.mesh.devices.flat[0].platform)
-    self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup),
+    self.loss_chunk = config.get('loss_chunk_size', 0) or 0
+    if not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+      raise ValueError(f'config.loss_chunk_size must be an integer >= 0 (0: the whole logits at '
+                       f'once); got {self.loss_chunk!r}.')
+    self.eval_fn = jax.jit(functools.partial(eval_step, setup=self.setup, loss_chunk=self.loss_chunk),
                            in_shardings=(self.state_sh['params'], self.batch_sh),
                            compiler_options=self.compiler_options)
+
+  def _carried_meta(self) -> dict:
+    """The tokenizer and warm-start record of the run's latest checkpoint; without one, those of
+    config.init_from (its tokenizer, and {'init_from': {'path', 'step'}} until the warm start
+    records what it loaded)."""
+    own = os.path.join(self.workdir, 'checkpoints')
+    if os.path.isdir(own):  # Read before anything is created: a bad data config leaves no workdir.
+      mgr = checkpoint.manager(own, max_to_keep=None, read_only=True)
+      latest = mgr.latest_step()
+      meta = {} if latest is None else checkpoint.read_meta(mgr, latest)
+      mgr.close()
+      if latest is not None:
+        return {k: meta[k] for k in ('tokenizer', 'init_from') if k in meta}
+    source = self.config.get('init_from') or ''
+    if not source:
+      return {}
+    try:
+      mgr = checkpoint.open_read_only(source)
+      step = checkpoint.choose_step(mgr, self.config.get('init_from_step'))
+      if step is None:
+        raise ValueError(f'no checkpoint in {mgr.directory}.')
+      meta = checkpoint.read_meta(mgr, step)
+    except ValueError as e:
+      raise ValueError(f'config.init_from: {e}') from e
+    mgr.close()
+    out = {'init_from': {'path': os.path.abspath(source), 'step': step}}
+    if meta.get('tokenizer'):
+      out['tokenizer'] = meta['tokenizer']
+    return out
+
+  def warm_start_params(self, params):
+    """`params` (freshly initialised, in the run's shardings) with the leaves of config.init_from
+    put in their place, restored straight into the same shardings and dtypes. Raises ValueError
+    naming the first mismatches unless config.init_from_strict is False; records in
+    `carried_meta['init_from']` what was loaded and what stayed fresh."""
+    record = self.carried_meta['init_from']
+    strict = bool(self.config.get('init_from_strict', True))
+    mgr = checkpoint.open_read_only(record['path'])
+    saved_cfg = checkpoint.model_config_from_dict(
+        checkpoint.read_meta(mgr, record['step'])['model_config'])
+    saved = model_lib.abstract_params(saved_cfg)
+    target = self.abstract(self.abstract_state['params'], self.state_sh['params'])
+    loadable, problems = checkpoint.match_params(saved, target)
+    where = f"config.init_from {record['path']} (step {record['step']})"
+    if problems and strict:
+      more = f' and {len(problems) - 3} more' if len(problems) > 3 else ''
+      raise ValueError(f"{where} does not match the model: {'; '.join(problems[:3])}{more}. "
+                       'Set config.init_from_strict=False to load the matching part.')
+    if not loadable:
+      raise ValueError(f'{where} has no parameter of the model\'s names and shapes.')
+    differences = [d for d in checkpoint.model_differences(saved_cfg, self.setup.model_config)
+                   if not d.startswith('param_dtype ')]  # Cast on restore.
+    if differences:
+      logging.warning('%s was saved by a model with other settings: %s.', where,
+                      '; '.join(differences))
+    loaded = checkpoint.restore_matching(mgr, record['step'], saved, target, loadable)
+    mgr.close()
+    fresh = sorted(set(checkpoint.flat_paths(params)) - set(loaded))
+    record.update(strict=strict, loaded=sorted(loaded), fresh=fresh)
+    logging.info('Initialised from %s: %d parameters loaded%s.', where, len(loaded),
+                 f', fresh: {fresh}' if fresh else '')
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, x: loaded.get(checkpoint.path_name(keys), x), params)
 
   def abstract(self, tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
@@ -197,12 +283,15 @@ class Run:
     return step
 
   def initial_state(self, step: int | None = None):
-    """The state of checkpoint `step` (default the latest), or a fresh one; a restore also moves
-    the data iterator."""
+    """The state of checkpoint `step` (default the latest), or a fresh one (with config.init_from's
+    parameters when set); a restore also moves the data iterator."""
     step = self.checkpoint_step(step)
     if step is None:
       with sharding.use_rules(self.mesh, self.rules):
-        return self._init(self._key)
+        state = self._init(self._key)
+      if 'init_from' in self.carried_meta:
+        state['params'] = self.warm_start_params(state['params'])
+      return state
     restored = checkpoint.restore(
         self.ckpt, step,
         abstract_params=self.abstract(self.abstract_state['params'], self.state_sh['params']),
@@ -228,7 +317,17 @@ class Run:
       self.ckpt.delete(step)
     checkpoint.save(self.ckpt, step, params=state['params'],
                     opt_state=state['opt_state'], data_iterator=self.train_iter,
-                    model_config=self.setup.model_config)
+                    model_config=self.setup.model_config, extra_meta=self.carried_meta)
+
+
+def _meta_tokenizer(info: dict):
+  """The Hugging Face tokenizer a converted checkpoint's meta carries (convert.reading)."""
+  tok = (tokenizer_lib.HFTokenizer(info['json'], info.get('path')) if 'json' in info
+         else tokenizer_lib.HFTokenizer.load(info['path']))
+  for key, attr in (('eos_token_id', 'eos_id'), ('bos_token_id', 'bos_id'), ('pad_token_id', 'pad_id')):
+    if info.get(key) is not None:
+      setattr(tok, attr, int(info[key]))
+  return tok
 
 
 def make_train_step(run: Run, **overrides) -> Callable:
@@ -239,7 +338,10 @@ def make_train_step(run: Run, **overrides) -> Callable:
   """
   kwargs = dict(setup=run.setup, tx=run.tx, schedule=run.schedule,
                 accum_steps=run.config.optim.get('grad_accum_steps', 1),
-                base_key=jax.random.key(run.config.seed + 1))
+                base_key=jax.random.key(run.config.seed + 1), loss_chunk=run.loss_chunk)
+  if run.config.optim.get('trainable'):
+    kwargs['trainable'] = optim.trainable_mask(run.config.optim.trainable,
+                                               run.abstract_state['params'])
   kwargs.update(overrides)
   return jax.jit(functools.partial(train_step, **kwargs),
                  in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
@@ -276,11 +378,16 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
   stop_at = total if max_steps is None else min(total, start + max_steps)
   skip_nonfinite = config.checkpoint.get('on_nonfinite', 'stop') == 'skip'
   step_fn = make_train_step(run)
+  flops_per_token = flops.train_flops_per_token(run.setup.model_config, config.seq_len)
+  peak, peak_source = flops.peak_flops(run.mesh.devices.flat)
+  logging.info('MFU: %.3e model FLOPs per token (retnet_jax/flops.py) against a peak of %.3e '
+               'FLOP/s (%s).', flops_per_token, peak, peak_source)
   writer = metrics_lib.MetricWriter(workdir)
   last, skipped = {}, 0
   tokens_per_step = config.batch_size * config.seq_len
   sums, t_window, steps_in_window = None, time.perf_counter(), 0
   t_start = time.perf_counter()
+  clock = metrics_lib.Goodput()
   step = start
 
   def check_finite():
@@ -301,8 +408,10 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
   with preemption.StopOnSignal(config.checkpoint.get('save_on_sigterm', True)) as stop, \
        sharding.use_rules(run.mesh, run.rules):
     while step < stop_at and not stop.requested:
-      batch = sharding.to_global(next(run.train_iter), run.batch_sh, BATCH_KEYS)
-      state, stats = step_fn(state, batch)
+      with clock.timing('data'):
+        batch = sharding.to_global(next(run.train_iter), run.batch_sh, BATCH_KEYS)
+      with clock.timing('compile') if step == start else contextlib.nullcontext():
+        state, stats = step_fn(state, batch)
       step += 1
       steps_in_window += 1
       sums = accumulate(sums, stats)
@@ -315,6 +424,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         metrics['grad_norm'] = float(sums['grad_norm']) / steps_in_window
         metrics['tokens_per_second'] = tokens_per_step * steps_in_window / elapsed
         metrics['steps_per_second'] = steps_in_window / elapsed
+        metrics['model_flops_per_second'] = flops_per_token * metrics['tokens_per_second']
+        metrics['mfu'] = metrics['model_flops_per_second'] / peak
+        metrics.update(clock.fractions())
         if skip_nonfinite:
           metrics['skipped_updates'] = skipped
         eta = (total - step) / metrics['steps_per_second']
@@ -324,7 +436,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
         sums, t_window, steps_in_window = None, time.perf_counter(), 0
       if step % config.eval_every == 0 or step == total:
         t_eval = time.perf_counter()
-        metrics = run.evaluate(state['params'])
+        with clock.timing('eval'):
+          metrics = run.evaluate(state['params'])
         logging.info('%s', metrics_lib.eval_line(step, metrics, time.perf_counter() - t_eval))
         writer.write(step, 'eval', metrics)
         last['eval'] = metrics
@@ -332,7 +445,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None,
       if step % config.checkpoint_every == 0 or step in (total, stop_at):
         if sums is not None:
           check_finite()
-        run.save(state)
+        with clock.timing('checkpoint'):
+          run.save(state)
         saved = step
     if stop.requested and step < stop_at:
       if step != saved:  # A signal during the step just saved (its eval or save) saves nothing.

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retnet_jax import aot
 from retnet_jax import config_lib
+from retnet_jax import flops
 from retnet_jax import train
 from tests import util
 
@@ -86,13 +87,13 @@ def test_forward_flops_formula_matches_the_compiler(kind, form):
   tokens = jnp.zeros((2, T), jnp.int32)
   counted = jax.jit(fwd).lower(params, tokens).compile().cost_analysis()
   counted = (counted[0] if isinstance(counted, (list, tuple)) else counted)['flops']
-  formula = aot.forward_flops_per_token(cfg, T) * 2 * T
+  formula = flops.forward_flops_per_token(cfg, T) * 2 * T
   # The compiler also counts elementwise work (norms, softmax, rotary): a few per cent more.
   assert formula <= counted <= 1.08 * formula, (formula, counted)
 
 
 def test_train_flops_match_the_compiler_with_its_trip_counts():
-  """The train step (3 x forward, aot.train_flops_per_step) against XLA's count of the compiled step
+  """The train step (3 x forward, flops.train_flops_per_step) against XLA's count of the compiled step
   with the layers scanned and 2 accumulation steps: XLA counts each loop body once, so its count
   is the head plus one layer, on one micro-batch (plus the optimiser's elementwise update)."""
   T, B, A, L = 64, 4, 2, 3
@@ -105,8 +106,8 @@ def test_train_flops_match_the_compiler_with_its_trip_counts():
   compiled = train.make_train_step(run).lower(run.abstract_train_state(),
                                               run.abstract_batch()).compile()
   counted = aot.compiler_flops(compiled)
-  model = aot.train_flops_per_step(cfg, B, T)
-  one_layer = model - aot.train_flops_per_step(dataclasses.replace(cfg, num_layers=L - 1), B, T)
+  model = flops.train_flops_per_step(cfg, B, T)
+  one_layer = model - flops.train_flops_per_step(dataclasses.replace(cfg, num_layers=L - 1), B, T)
   head = model - L * one_layer
   body_once = (head + one_layer) / A  # The trip counts: A micro-batches, L layers.
   assert body_once <= counted <= 1.2 * body_once, (body_once, counted)
@@ -231,13 +232,13 @@ def test_sharded_train_step_compiles_with_the_kernel(mesh, tmp_path):
   assert per['fits'] and report['fits'] and per['hbm_bytes'] == 16 * 2**30
   # The compiler counts the scanned layer and accumulation bodies once, on one chip's quarter of
   # the batch, and nothing inside the kernels' custom calls (the retention itself).
-  flops = report['flops_per_step']
-  model = flops['model']
+  counts = report['flops_per_step']
+  model = counts['model']
   cfg = config_lib.model_config(c)
   L, A = cfg.num_layers, 2
-  one_layer = model - aot.train_flops_per_step(dataclasses.replace(cfg, num_layers=L - 1), 8, 128)
+  one_layer = model - flops.train_flops_per_step(dataclasses.replace(cfg, num_layers=L - 1), 8, 128)
   body_once = (model - (L - 1) * one_layer) / (A * 4)
-  assert 0.75 * body_once <= flops['compiler_per_device'] <= 1.25 * body_once, (body_once, flops)
+  assert 0.75 * body_once <= counts['compiler_per_device'] <= 1.25 * body_once, (body_once, counts)
   assert report['step_seconds_lower_bound'] == pytest.approx(model / (4 * 197e12))
   assert report['compile_seconds'] > 0
 
