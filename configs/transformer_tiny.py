@@ -18,6 +18,7 @@ from retnet_jax import config_lib
 def count_params(model_dict) -> int:
   """Parameters of the model a config.model dict describes (shapes only, nothing allocated)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   values = dict(model_dict)
   values['gamma_values'] = tuple(values.get('gamma_values') or ())

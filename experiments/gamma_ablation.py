@@ -32,11 +32,10 @@ from typing import Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
-
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
+import numpy as np
 
 from experiments import common
 from retnet_jax import checkpoint

@@ -40,11 +40,11 @@ import traceback
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # torch shares the GPU.
 
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import kernel_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -295,9 +295,10 @@ class Check:
   # model: logits in the three forms.
 
   def part_model(self, record):
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
     from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
     from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     T = self.sizes.model_len
     config = load_config(self.sizes.model)
     rng = np.random.default_rng(0)

@@ -45,6 +45,7 @@ from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import platform
 
+
 def define_flags() -> dict:
   """Flags, defined from `__main__` only (importing this module next to other experiments is safe)."""
   return dict(

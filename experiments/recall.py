@@ -61,8 +61,9 @@ MULTIPLES = (1, 2, 4, 8, 16)
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TASKS = recall.TASKS
 CHANCE = {'passkey': 1e-5, 'associative': 0.01}
-# 2 layers of width 128 at T = 128 (common.TINY_QUICK), batch 16, 500 steps, 90% recall rows.
-QUICK = common.TINY_QUICK + (
+# The config's `quick` preset (2 layers of width 128 at T = 128), then batch 16, 500 steps, 90%
+# recall rows.
+QUICK = (
     'batch_size=16', 'total_steps=500', 'eval_every=250', 'checkpoint_every=250',
     'optim.learning_rate=3e-3', 'data.recall_fraction=0.9', 'data.recall_num_pairs=8')
 # The quick models have 2 layers: their hybrid is one attention layer in two.
@@ -90,6 +91,7 @@ def available(name: str, overrides: Sequence[str],
   """(the architecture's variant, '') or (None, why it is skipped)."""
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   arch = {**ARCHITECTURES[name], **(QUICK_ARCHITECTURES.get(name, {}) if quick else {})}
+  config = common.config_with(CONFIG, 'quick' if quick else None)
   fields = {f.name for f in dataclasses.fields(model_lib.ModelConfig)}
   missing = [k for k in arch if k.startswith('model.') and k.split('.', 1)[1] not in fields]
   if missing:
@@ -97,9 +99,9 @@ def available(name: str, overrides: Sequence[str],
   own = tuple(f'{k}={v}' for k, v in arch.items())
   try:
     if arch.get('model.kind') == 'transformer':
-      base = common.build_config(common.Variant(name, CONFIG), overrides)
+      base = common.build_config(common.Variant(name, config), overrides)
       own += common.matched_transformer_overrides(base)
-    variant = common.Variant(name, CONFIG, own)
+    variant = common.Variant(name, config, own)
     common.build_config(variant, overrides)
   except (ValueError, KeyError) as e:
     return None, f'its config does not validate: {e}'
@@ -204,8 +206,9 @@ def gate_statistics(run_dir, cfg, params, examples) -> dict:
   del run_dir
   if cfg.gamma != 'gated':
     return {'skipped': f'model.gamma is {cfg.gamma!r}, not gated'}
-  import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   model = nnx.merge(model_lib.make_setup(cfg).graphdef, params)
   needle, fill = [], []
@@ -386,6 +389,7 @@ COLUMNS = (common.Column('model', 'model'), common.Column('task', 'task'),
 def write_outputs(output_dir, rows, records, settings, seeds, runs, variants, base, skipped,
                   overrides, *, quick):
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   cfgs = {v.name: config_lib.model_config(common.build_config(v, overrides)) for v in variants}

@@ -55,6 +55,7 @@ def size_overrides(dims) -> tuple[str, ...]:
 
 def param_count(config) -> int:
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   abstract = model_lib.abstract_model(config_lib.model_config(config))
   return model_lib.count_params(nnx.state(abstract, nnx.Param))

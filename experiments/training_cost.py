@@ -35,8 +35,8 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
 from experiments import common
 from retnet_jax import config_lib
@@ -45,6 +45,7 @@ from retnet_jax import model as model_lib
 from retnet_jax import platform
 from retnet_jax import sharding
 from retnet_jax import train
+
 
 def define_flags() -> dict:
   """Flags, defined from `__main__` only (importing this module next to other experiments is safe)."""

@@ -32,8 +32,9 @@ from typing import Any, Sequence
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from retnet_jax import flops
 

@@ -684,6 +684,10 @@ class Model(nnx.Module):
     return DecodeState(offset=jnp.zeros((), jnp.int32), segment=jnp.zeros((batch,), jnp.int32),
                        layers=tuple(layers))
 
+  def _pattern_blocks(self) -> list:
+    """The (stacked) Block of each pattern position."""
+    return [self.blocks] if len(self.cfg.pattern) == 1 else list(self.blocks)
+
   def __call__(self, tokens, state=None, *, form: str | None = None, segment_ids=None, rng=None,
                last_only: bool = False, head: bool = True):
     """Logits [B, T, vocab] float32 and the state after the last token.

@@ -55,11 +55,10 @@ import functools
 import jax
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from retnet_jax import retention
-
-from jax.experimental.pallas import tpu as pltpu
 
 # Pallas' Triton backend: deprecated since jax 0.11 and due to be removed. Where it is absent the
 # 'gpu' kernel is unavailable and `retention_ops.choose` falls back to XLA (`backend_unavailable`).

@@ -18,10 +18,10 @@ import collections
 import functools
 from typing import Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from retnet_jax import generate
 from retnet_jax import retention

@@ -14,10 +14,11 @@ import contextlib
 import logging
 from typing import Any, Mapping, Sequence
 
-import jax
-import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 AXES = ('data', 'fsdp', 'sequence', 'tensor')
 LOGICAL_AXES = ('batch', 'length', 'embed', 'heads', 'kv', 'mlp', 'vocab', 'layers')

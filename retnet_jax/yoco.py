@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from retnet_jax import attention as attention_lib
 from retnet_jax import model as model_lib

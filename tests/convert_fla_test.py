@@ -21,8 +21,14 @@ from retnet_jax import convert
 from retnet_jax import model as model_lib
 from retnet_jax.convert import fla as fla_format
 from tests import util
-from tests.convert_util import build, EXECUTION_DEFAULTS, jitted, numpy_params, our_logits, T, TOL
+from tests.convert_util import build
+from tests.convert_util import EXECUTION_DEFAULTS
+from tests.convert_util import jitted
+from tests.convert_util import numpy_params
+from tests.convert_util import our_logits
+from tests.convert_util import T
 from tests.convert_util import tokens
+from tests.convert_util import TOL
 
 FORMS = ('parallel', 'chunkwise', 'decode')
 
@@ -92,8 +98,9 @@ def import_cli(model, tmp_path):
 
 def test_retention_stand_in_matches_fla_naive(fla):
   """fla_torch.retention = fla's naive_retention, whole, and split in three with the state carried."""
-  import torch  # pylint: disable=g-import-not-at-top
   from fla.ops.retention.naive import naive_retention  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
   from tests import fla_torch  # pylint: disable=g-import-not-at-top
   g = torch.Generator().manual_seed(0)
   q, k = torch.randn(2, 29, 4, 8, generator=g), torch.randn(2, 29, 4, 8, generator=g)

@@ -20,7 +20,11 @@ from retnet_jax import convert
 from retnet_jax.convert import torchscale as torchscale_format
 from tests import timm_stub
 from tests import util
-from tests.convert_util import EXECUTION_DEFAULTS, numpy_params, our_logits, tokens, TOL
+from tests.convert_util import EXECUTION_DEFAULTS
+from tests.convert_util import numpy_params
+from tests.convert_util import our_logits
+from tests.convert_util import tokens
+from tests.convert_util import TOL
 
 
 def torchscale_variant(**overrides):

@@ -1,9 +1,9 @@
 """Helpers shared by the converter tests (tests/convert_*_test.py): our side of every comparison."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from retnet_jax import model as model_lib
 

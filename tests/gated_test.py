@@ -3,12 +3,11 @@ its analytic float64 gradients, extreme gates, long bfloat16 sequences and fla's
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from flax import nnx
 
 from retnet_jax import decay
 from retnet_jax import model as model_lib

@@ -1,19 +1,19 @@
 """Generation: greedy decoding is the parallel form's argmax, padding never leaks, sampling knobs, stop
 tokens, shape buckets compile once, the matched Transformer config, and the CLI."""
 
-import importlib.util
 import functools
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import transformer_tiny
 from retnet_jax import config_lib

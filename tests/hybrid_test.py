@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from retnet_jax import generate
 from retnet_jax import model as model_lib
@@ -199,6 +199,7 @@ def test_fla_hybrid_imports_at_logits_parity_and_exports_back(name, tmp_path):
   pytest.importorskip('torch')
   pytest.importorskip('fla.models')
   from fla import models
+
   from retnet_jax.convert import fla as fla_format
   from tests import convert_fla_test as fla_test
   from tests import convert_util

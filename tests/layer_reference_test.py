@@ -2,10 +2,10 @@
 retention layer under each Table 6 switch, the γ schedules from the paper's formulas, and the
 Transformer baseline's causal attention with segment masks."""
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from retnet_jax import decay
 from retnet_jax import model as model_lib

@@ -16,13 +16,14 @@ from tests import util
 
 util.require('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
 
+from flax import nnx  # pylint: disable=g-bad-import-order
+
 from retnet_jax import checkpoint  # pylint: disable=g-import-not-at-top
-from retnet_jax import model as model_lib
 from retnet_jax import lm_eval as rj_lm_eval
+from retnet_jax import model as model_lib
 from retnet_jax import scoring
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
-from flax import nnx  # pylint: disable=g-bad-import-order
 
 SEQ_LEN = 37  # configs.PRESETS['test']'s: the training length (max_length), which no chunk size divides.
 MAX_GEN = 10
@@ -271,7 +272,8 @@ def converted(tmp_path_factory):
   <root>/ckpt, and <root>/config.json with the training length, as the experiment runners write."""
   safetensors_numpy = util.require('safetensors.numpy')
   from retnet_jax import convert  # pylint: disable=g-import-not-at-top
-  from tests.convert_fla_test import fla_config, fla_state_dict  # pylint: disable=g-import-not-at-top
+  from tests.convert_fla_test import fla_config  # pylint: disable=g-import-not-at-top
+  from tests.convert_fla_test import fla_state_dict  # pylint: disable=g-import-not-at-top
   src, root = tmp_path_factory.mktemp('fla'), tmp_path_factory.mktemp('converted')
   c = fla_config(vocab_size=len(CONVERTED_WORDS), num_hidden_layers=1)
   safetensors_numpy.save_file({k: np.asarray(v, np.float32) for k, v in fla_state_dict(c).items()},

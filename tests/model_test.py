@@ -1,10 +1,10 @@
 """The model: its forms agree, state carries across calls, resets isolate documents, configs check."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from retnet_jax import model as model_lib
 from retnet_jax import optim

@@ -2,8 +2,8 @@
 
 import os
 
-import nbformat
 from nbclient import NotebookClient
+import nbformat
 import pytest
 
 from tests import util

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from retnet_jax import preprocess
 from retnet_jax import data as data_lib
+from retnet_jax import preprocess
 from retnet_jax import tokenizer as tokenizer_lib
 from tests import util
 

@@ -25,7 +25,8 @@ from retnet_jax import retention_pallas
 from retnet_jax import sharding
 from tests import reference
 from tests import util
-from tests.util import gammas, rel_err
+from tests.util import gammas
+from tests.util import rel_err
 
 F32 = jnp.float32
 

@@ -12,7 +12,8 @@ from retnet_jax import retention
 from retnet_jax import retention_ops
 from tests import reference
 from tests import util
-from tests.util import gammas, rel_err
+from tests.util import gammas
+from tests.util import rel_err
 
 K_DIM, V_DIM = 5, 6  # K ≠ V on purpose.
 inputs = functools.partial(util.retention_inputs, K=K_DIM, V=V_DIM)

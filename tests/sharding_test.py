@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from retnet_jax import config_lib
 from retnet_jax import sharding

@@ -16,7 +16,11 @@ from retnet_jax import model as model_lib
 from retnet_jax import tokenizer as tokenizer_lib
 from retnet_jax import train
 from tests import util
-from tests.convert_fla_test import build_fla, fla, fla_config, hf_tokenizer_meta, import_cli  # noqa: F401 (fla: a fixture)
+from tests.convert_fla_test import build_fla  # noqa: F401 (fla: a fixture)
+from tests.convert_fla_test import fla  # noqa: F401 (fla: a fixture)
+from tests.convert_fla_test import fla_config  # noqa: F401 (fla: a fixture)
+from tests.convert_fla_test import hf_tokenizer_meta  # noqa: F401 (fla: a fixture)
+from tests.convert_fla_test import import_cli  # noqa: F401 (fla: a fixture)
 from tests.convert_util import numpy_params
 
 # How a model runs is the run's choice, not the checkpoint's.

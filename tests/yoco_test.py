@@ -74,8 +74,9 @@ def toks(B=2, length=T, seed=0):
 def test_simple_gla_stand_in_matches_fla_naive(fla):
   """The stand-in against fla's own naive recurrence, whole and split with the state carried."""
   del fla
-  import torch  # pylint: disable=g-import-not-at-top
   from fla.ops.simple_gla.naive import naive_recurrent_simple_gla  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
   from tests import fla_yoco_torch  # pylint: disable=g-import-not-at-top
   g = torch.Generator().manual_seed(0)
   q, k = (torch.randn(2, 11, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -216,6 +217,7 @@ def test_yoco_tiny_trains_evaluates_and_generates(tmp_path):
   its train, eval and generate modes, with the scoring path of eval and the generation loop."""
   import io  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
   from retnet_jax import train  # pylint: disable=g-import-not-at-top
   config = config_lib.load(os.path.join(util.ROOT, 'configs', 'yoco_tiny.py') + ':test')
@@ -251,6 +253,7 @@ def test_train_step_and_decoding_compile_for_tpu(tmp_path):
   """--mode=compile and --mode=compile_generate of yoco_tiny:test on v5e-4 (batch over 4 chips):
   the decoding state per chip is the self-decoder's states and the one shared cache, split by batch."""
   import os  # pylint: disable=g-import-not-at-top
+
   from retnet_jax import aot  # pylint: disable=g-import-not-at-top
   from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load(os.path.join(util.ROOT, 'configs', 'yoco_tiny.py') + ':test',
