@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retnet_jax import flops as flops_lib
+
 F32 = jnp.float32
-# Dense bfloat16 peak per chip (spec sheets); large GEMMs reach about 0.8 of it on an H200.
-PEAK_BF16_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'TPU v5p': 459e12,
-                   'TPU v5 lite': 197e12, 'TPU v6 lite': 918e12, 'TPU v4': 275e12}
 FLA_A100_MS = {2048: 6.06, 8192: 23.95, 16384: 48.75}  # fla's README, chunk retention fwd+bwd.
 AGREEMENT_TOLERANCE = 3e-2  # bfloat16 outputs, max |x − y| / max |y|.
 
@@ -63,10 +62,10 @@ def timing_flops(impl: str, mode: str, B, H, T, D, C) -> float:
 
 
 def peak_flops(device_kind) -> float | None:
-  for name, flops in PEAK_BF16_FLOPS.items():
-    if name.lower() in str(device_kind or '').lower():
-      return flops
-  return None
+  """The chip's dense bfloat16 peak from the one table (retnet_jax.flops); None where it has none.
+  Large GEMMs reach about 0.8 of it on an H200."""
+  gen = flops_lib.chip_generation(device_kind)
+  return None if gen is None else flops_lib.PEAK_FLOPS[gen]
 
 
 def time_calls(run: Callable[[], object], warmup: int, repeats: int) -> dict:

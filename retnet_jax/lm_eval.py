@@ -88,15 +88,7 @@ def load_tokenizer(workdir: str, meta: dict, config=None, spec: str | None = Non
     return tokenizer_lib.from_spec(spec)
   info = meta.get('tokenizer')
   if info:
-    if 'json' in info:
-      tok = tokenizer_lib.HFTokenizer(info['json'], info.get('path'))
-    else:
-      tok = tokenizer_lib.HFTokenizer.load(info['path'])
-    for key, attr in (('eos_token_id', 'eos_id'), ('bos_token_id', 'bos_id'),
-                      ('pad_token_id', 'pad_id')):
-      if info.get(key) is not None:  # The converted model's own config knows best.
-        setattr(tok, attr, int(info[key]))
-    return tok
+    return tokenizer_lib.from_checkpoint_meta(info)
   if config is not None:
     return data_lib.get_tokenizer(config.data, workdir)
   sp_model = os.path.join(workdir, 'tokenizer.model')

@@ -305,3 +305,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> HFTokenizer:
 
 TRAINERS = {'sentencepiece': train_sentencepiece, 'bpe': train_bpe}
 MODEL_FILES = {'sentencepiece': 'tokenizer.model', 'hf': 'tokenizer.json'}
+
+
+def from_checkpoint_meta(info: dict) -> HFTokenizer:
+  """The Hugging Face tokenizer a converted checkpoint's metadata carries (convert.reading), with
+  the converted model's own special ids, which know best."""
+  tok = HFTokenizer(info['json'], info.get('path')) if 'json' in info else HFTokenizer.load(info['path'])
+  for key, attr in (('eos_token_id', 'eos_id'), ('bos_token_id', 'bos_id'), ('pad_token_id', 'pad_id')):
+    if info.get(key) is not None:
+      setattr(tok, attr, int(info[key]))
+  return tok

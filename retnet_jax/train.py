@@ -135,7 +135,7 @@ class Run:
     self.carried_meta = self._carried_meta() if read_data else {}
     tokenizer_spec = data_lib.resolve_config(config.data)['tokenizer']
     if self.carried_meta.get('tokenizer') and tokenizer_spec == 'byte':
-      self.tokenizer = _meta_tokenizer(self.carried_meta['tokenizer'])
+      self.tokenizer = tokenizer_lib.from_checkpoint_meta(self.carried_meta['tokenizer'])
     elif read_data or tokenizer_spec == 'byte':
       self.tokenizer = data_lib.get_tokenizer(config.data, workdir)
     else:
@@ -318,16 +318,6 @@ class Run:
     checkpoint.save(self.ckpt, step, params=state['params'],
                     opt_state=state['opt_state'], data_iterator=self.train_iter,
                     model_config=self.setup.model_config, extra_meta=self.carried_meta)
-
-
-def _meta_tokenizer(info: dict):
-  """The Hugging Face tokenizer a converted checkpoint's meta carries (convert.reading)."""
-  tok = (tokenizer_lib.HFTokenizer(info['json'], info.get('path')) if 'json' in info
-         else tokenizer_lib.HFTokenizer.load(info['path']))
-  for key, attr in (('eos_token_id', 'eos_id'), ('bos_token_id', 'bos_id'), ('pad_token_id', 'pad_id')):
-    if info.get(key) is not None:
-      setattr(tok, attr, int(info[key]))
-  return tok
 
 
 def make_train_step(run: Run, **overrides) -> Callable:
