@@ -143,11 +143,12 @@ PATCHES = {
 
 
 @contextlib.contextmanager
-def patch():
-  """Inside it, fla's RetNet runs on CPU with the torch stand-ins above; restored on exit."""
+def patch(patches=None):
+  """Inside it, fla's RetNet (or the model `patches` covers: {module: {attribute: stand-in}}) runs
+  on CPU with the torch stand-ins; restored on exit."""
   saved = []
   try:
-    for module_name, attrs in PATCHES.items():
+    for module_name, attrs in (PATCHES if patches is None else patches).items():
       module = importlib.import_module(module_name)
       for attr, fn in attrs.items():
         saved.append((module, attr, getattr(module, attr)))

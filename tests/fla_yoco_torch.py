@@ -16,9 +16,6 @@ applied before k_tᵀv_t is added), with an initial and a final state and packed
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-
 import torch
 
 from tests import fla_torch
@@ -104,17 +101,6 @@ PATCHES = {
 }
 
 
-@contextlib.contextmanager
 def patch():
   """Inside it, fla's YOCO runs on CPU with the torch stand-ins; restored on exit."""
-  saved = []
-  try:
-    for module_name, attrs in PATCHES.items():
-      module = importlib.import_module(module_name)
-      for attr, fn in attrs.items():
-        saved.append((module, attr, getattr(module, attr)))
-        setattr(module, attr, fn)
-    yield
-  finally:
-    for module, attr, original in reversed(saved):
-      setattr(module, attr, original)
+  return fla_torch.patch(PATCHES)

@@ -109,9 +109,16 @@ def test_gradients_match_parallel(schedule, target, block_v, T, with_reset):
   q, k, v, state = inputs(9, B, T, H)
   lg = log_gammas(gammas(schedule, H))
   reset = _resets(B, T) if with_reset else None
-  rng = np.random.default_rng(1)
-  w_o = jnp.asarray(rng.standard_normal((B, T, H, V_DIM)), jnp.float32)
-  w_s = jnp.asarray(rng.standard_normal((B, H, K_DIM, V_DIM)), jnp.float32)
+  _assert_kernel_gradients_match_parallel(1, q, k, v, lg, state, reset, target=target,
+                                          block_v=block_v)
+
+
+def _assert_kernel_gradients_match_parallel(seed, q, k, v, lg, state, reset, **kernel):
+  """d/d(q, k, v, log γ, state) of a random projection of (o, final state): the interpreted kernel
+  against the parallel form."""
+  rng = np.random.default_rng(seed)
+  w_o = jnp.asarray(rng.standard_normal(q.shape[:3] + v.shape[-1:]), jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal(state.shape), jnp.float32)
 
   def loss(fn, *args):
     o, s = fn(*args, reset=reset)
@@ -120,7 +127,7 @@ def test_gradients_match_parallel(schedule, target, block_v, T, with_reset):
   grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
   ref = grad(retention.parallel)(q, k, v, lg, state)
   got = grad(functools.partial(retention_pallas.chunkwise, chunk_size=CHUNK, interpret=True,
-                               target=target, block_v=block_v))(q, k, v, lg, state)
+                               **kernel))(q, k, v, lg, state)
   for name, x, r in zip('q k v log_gamma state'.split(), got, ref):
     assert x.shape == r.shape and x.dtype == r.dtype, name
     assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
@@ -317,21 +324,8 @@ def test_backward_in_key_blocks(with_reset):
   q, k, v, state = util.retention_inputs(5, B, T, H, K, V)
   lg = log_gammas(gammas('lm', H))
   reset = _resets(B, T) if with_reset else None
-  rng = np.random.default_rng(6)
-  w_o = jnp.asarray(rng.standard_normal((B, T, H, V)), jnp.float32)
-  w_s = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-
-  def loss(fn, *args):
-    o, s = fn(*args, reset=reset)
-    return jnp.sum(o * w_o) + jnp.sum(s * w_s)
-
-  grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2, 3, 4)))
-  ref = grad(retention.parallel)(q, k, v, lg, state)
-  got = grad(functools.partial(retention_pallas.chunkwise, chunk_size=CHUNK, interpret=True,
-                               target='gpu', block_v=16, block_k=16))(q, k, v, lg, state)
-  for name, x, r in zip('q k v log_gamma state'.split(), got, ref):
-    assert x.shape == r.shape and x.dtype == r.dtype, name
-    assert rel_err(x, r) <= 1e-4, (name, rel_err(x, r))
+  _assert_kernel_gradients_match_parallel(6, q, k, v, lg, state, reset, target='gpu', block_v=16,
+                                          block_k=16)
 
 
 @pytest.fixture(scope='module')
