@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import configs
 from experiments import common
 from experiments import inference_cost
 from retnet_jax import config_lib
@@ -65,7 +66,8 @@ SEED_COLUMNS = (common.Column('model', 'model'), common.Column('params', 'parame
 
 
 def shared_overrides(quick: bool, steps: int | None, overrides: Sequence[str] = ()) -> tuple:
-  return ((common.TINY_QUICK if quick else ()) + ('model.num_layers=4',)
+  quick_preset = tuple(f'{k}={v}' for k, v in configs.PRESETS['quick'].items()) if quick else ()
+  return (quick_preset + ('model.num_layers=4',)
           + ((f'total_steps={steps}',) if steps else ()) + tuple(overrides))
 
 

@@ -196,10 +196,14 @@ class Run:
     if os.path.isdir(own):  # Read before anything is created: a bad data config leaves no workdir.
       mgr = checkpoint.manager(own, max_to_keep=None, read_only=True)
       latest = mgr.latest_step()
-      meta = {} if latest is None else checkpoint.read_meta(mgr, latest)
-      mgr.close()
       if latest is not None:
+        # Every step of a run carries the same tokenizer and warm-start record: read the newest
+        # intact one (its checksums checked), and leave naming a damaged step to the restore.
+        intact = checkpoint.choose_step(mgr, None, fallback=True)
+        meta = {} if intact is None else checkpoint.read_meta(mgr, intact)
+        mgr.close()
         return {k: meta[k] for k in ('tokenizer', 'init_from') if k in meta}
+      mgr.close()
     source = self.config.get('init_from') or ''
     if not source:
       return {}

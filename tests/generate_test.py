@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs
 from configs import transformer_tiny
 from retnet_jax import config_lib
 from retnet_jax import generate
@@ -296,7 +297,7 @@ def test_temperature_sharpens_or_flattens_before_the_cut(temperature):
 
 def _trained_flags(**overrides):
   """--config.* flags that make retnet_tiny the fixture's config (util.config(**TRAINED))."""
-  keys = {**util.SHRINK, **{k.replace('__', '.'): v for k, v in {**TRAINED, **overrides}.items()}}
+  keys = {**configs.PRESETS['test'], **{k.replace('__', '.'): v for k, v in {**TRAINED, **overrides}.items()}}
   return [f'--config.{k}={v}' for k, v in keys.items()]
 
 
@@ -368,12 +369,12 @@ _needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None an
 def test_cli_compile_modes_on_a_tiny_config(tmp_path):
   """--mode=compile writes its report; --mode=compile_generate parses --decode_batch, --prompt_len
   and --max_new_tokens into the runs it compiles."""
-  flags = [f'--config.{k}={v}' for k, v in util.SHRINK.items()]
+  flags = [f'--config.{k}={v}' for k, v in configs.PRESETS['test'].items()]
   result = _main(f'--workdir={tmp_path / "train"}', '--mode=compile', '--topology=v5e-1', *flags)
   assert result.returncode == 0, result.stderr[-2000:]
   with open(tmp_path / 'train' / 'compile.json') as f:
     report = json.load(f)
-  assert report['num_devices'] == 1 and report['batch_size'] == util.SHRINK['batch_size']
+  assert report['num_devices'] == 1 and report['batch_size'] == configs.PRESETS['test']['batch_size']
   result = _main(f'--workdir={tmp_path / "gen"}', '--mode=compile_generate', '--topology=v5e-1',
                  '--decode_batch=2,4', '--prompt_len=20', '--max_new_tokens=5', *flags)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs
 from retnet_jax import generate
 from retnet_jax import model as model_lib
 from retnet_jax import scoring
@@ -170,7 +171,7 @@ def test_generate_with_a_hybrid_equals_greedy_argmax():
 
 @pytest.mark.slow
 def test_command_line_trains_evaluates_and_generates_a_hybrid(tmp_path):
-  shrink = [f'--config.{k}={v}' for k, v in util.SHRINK.items()]
+  shrink = [f'--config.{k}={v}' for k, v in configs.PRESETS['test'].items()]
   base = [sys.executable, '-m', 'retnet_jax.main', '--config=configs/retnet_tiny.py',
           f'--workdir={tmp_path}', '--config.model.layer_pattern=retention,attention',
           '--config.model.attention_window=8', *shrink]

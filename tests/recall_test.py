@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+import configs
 from retnet_jax import data
 from retnet_jax import recall
 from retnet_jax import tokenizer as tokenizer_lib
@@ -159,7 +160,7 @@ def test_lm_eval_task_folder_scores_a_trained_model(tiny_run, tmp_path, capsys):
 @pytest.mark.slow
 def test_experiment_quick_path(tmp_path, capsys):
   from experiments import recall as experiment  # pylint: disable=g-import-not-at-top
-  shrink = [f'{k}={v}' for k, v in util.SHRINK.items() if k not in ('total_steps', 'seq_len')]
+  shrink = [f'{k}={v}' for k, v in configs.PRESETS['test'].items() if k not in ('total_steps', 'seq_len')]
   shrink += ['seq_len=83', 'data.recall_num_pairs=3']  # The shortest passkey example: 68 tokens.
   rows = experiment.run(str(tmp_path), quick=True, steps=2, seeds='0,1', examples=1,
                         overrides=shrink, architectures=('retnet', 'hybrid', 'gated',
