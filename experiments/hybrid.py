@@ -43,7 +43,6 @@ import configs
 from experiments import common
 from experiments import inference_cost
 from retnet_jax import config_lib
-from retnet_jax import generate
 from retnet_jax import model as model_lib
 
 RETNET = 'configs/retnet_tiny.py'
@@ -93,27 +92,13 @@ def param_count(config) -> int:
 
 
 def decode_ms_per_token(config, context: int, key) -> float:
-  """Best of three: ms per token of the jitted decode loop (batch 1) after `context` tokens."""
+  """Best of three: ms per token of the jitted decode loop (batch 1) after `context` tokens, timed
+  as experiments.inference_cost times it."""
   setup = model_lib.make_setup(config_lib.model_config(config))
   params = model_lib.init_params(setup.model_config, key)
-  state = inference_cost.context_state(setup, 1, context, DECODE_TOKENS, key)
-  logits = jnp.zeros((1, setup.model_config.vocab_size), jnp.float32)
-  knobs = generate._knobs(0.0, 0, 1.0, 0, (), 0)  # pylint: disable=protected-access
-  done = jnp.zeros((1,), bool)
-  n = jnp.asarray(DECODE_TOKENS, jnp.int32)
-
-  def once():
-    out = generate.decode(setup.graphdef, params, jax.tree.map(jnp.copy, state), logits, done,
-                          jnp.asarray(0, jnp.int32), n, knobs, out_len=DECODE_TOKENS)
-    jax.block_until_ready(out)
-
-  once()  # Compile.
-  best = float('inf')
-  for _ in range(3):
-    t0 = time.perf_counter()
-    once()
-    best = min(best, time.perf_counter() - t0)
-  return 1000.0 * best / DECODE_TOKENS
+  case = inference_cost.Case('model', setup, params, context, 1, DECODE_TOKENS, {}, key)
+  case.run()  # The first call after compiling.
+  return 1e3 * min(case.run() for _ in range(3)) / DECODE_TOKENS
 
 
 def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
