@@ -45,6 +45,7 @@ from absl import logging
 import numpy as np
 
 from experiments import common
+from retnet_jax import decay
 from retnet_jax import recall
 
 CONFIG = 'configs/retnet_tiny.py'
@@ -313,7 +314,7 @@ def memory_table(records, variants, cfgs, base, seeds) -> str:
       lines.append(f'| {v.name} | – | – | {fails} |')
       continue
     g = cfg.gammas()
-    mem = common.effective_memory(g)
+    mem = decay.effective_memory(g)
     lines.append(f'| {v.name} | {", ".join(f"{x:.5f}" for x in g)} | '
                  f'{", ".join("inf" if math.isinf(x) else f"{x:.0f}" for x in mem)} | {fails} |')
     print(f'recall: {v.name}: 1/(1-gamma) per head {np.round(mem).tolist()}; passkey recall '

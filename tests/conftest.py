@@ -5,8 +5,10 @@ process's TPU compile fail). Set JAX_PLATFORMS to test on an accelerator.
 
 The test processes (xdist workers and the command-line runs they start) share one persistent
 compilation cache: most tests compile the same shrunk configs, and compiling is most of their time.
-XLA_FLAGS are part of the cache key, so the tests set the entrypoints' flags (platform.py) too: a
-command-line run then reuses what an in-process test compiled, and the other way round.
+The in-process tests set only the collective wait of the entrypoints' XLA flags (platform.py), not
+their dot-fusion flag, as the suite has long run: with both, a two-worker run here stalled in a
+sharded training test on 8 virtual devices (not reproduced alone; the cause is not established).
+Command-line runs add the full set themselves.
 
 In CI (CI=true) a missing optional extra fails the tests that need it (util.require).
 """
@@ -23,5 +25,5 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')  # Sm
 from retnet_jax import platform  # After the JAX_ variables: importing jax reads them.
 
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
-                                    '--xla_force_host_platform_device_count=8']).strip()
-platform.tune_xla_cpu_flags()  # What main.py and the experiments add (subprocesses inherit them).
+                                    '--xla_force_host_platform_device_count=8',
+                                    *platform.COLLECTIVE_WAIT_FLAGS]).strip()
