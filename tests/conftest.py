@@ -6,9 +6,13 @@ process's TPU compile fail). Set JAX_PLATFORMS to test on an accelerator.
 The test processes (xdist workers and the command-line runs they start) share one persistent
 compilation cache: most tests compile the same shrunk configs, and compiling is most of their time.
 The in-process tests set only the collective wait of the entrypoints' XLA flags (platform.py), not
-their dot-fusion flag, as the suite has long run: with both, a two-worker run here stalled in a
-sharded training test on 8 virtual devices (not reproduced alone; the cause is not established).
-Command-line runs add the full set themselves.
+their dot-fusion flag; command-line runs add the full set themselves. XLA:CPU sizes its thread
+pools to the larger of the core count and the device count, so on two cores the 8 virtual devices
+get 8 threads. A sharded training test has stalled in a collective here under two workers; the
+likely cause is that devices blocked in a collective hold those threads while the last device
+still needs one to arrive. PJRT_NPROC gives every pool twice the devices. A worker that dies ends
+the run at once (`--max-worker-restart=0` in pyproject.toml: xdist's file scheduling can wait
+forever for a replaced worker).
 
 In CI (CI=true) a missing optional extra fails the tests that need it (util.require).
 """
@@ -21,6 +25,8 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'retnet_jax_tests_compilation_cache'))
 
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')  # Small compiles add up.
+
+os.environ.setdefault('PJRT_NPROC', '16')  # Read when the CPU client starts; see above.
 
 from retnet_jax import platform  # After the JAX_ variables: importing jax reads them.
 
