@@ -11,6 +11,8 @@ its FFN widened to RetNet's parameter count):
   hybrid_1in2         layer_pattern=retention,attention
   hybrid_1in4_window  the same with attention_window = seq_len / 4
   hybrid_1in2_window
+  yoco                configs/yoco_tiny.py: gated retention in the first half of the layers, then
+                      cross-attention to one shared KV cache (value width D, so fewer parameters)
   transformer         attention in every layer
 
 Each is trained into `<workdir>/<name>` (resumable, `--only`, `--seeds` as in every runner here, see
@@ -47,9 +49,10 @@ from retnet_jax import model as model_lib
 
 RETNET = 'configs/retnet_tiny.py'
 TRANSFORMER = 'configs/transformer_tiny.py'
+YOCO = 'configs/yoco_tiny.py'
 PATTERNS = {'retnet': '', 'hybrid_1in4': 'retention,retention,retention,attention',
             'hybrid_1in2': 'retention,attention', 'hybrid_1in4_window': 'retention,retention,retention,attention',
-            'hybrid_1in2_window': 'retention,attention', 'transformer': ''}
+            'hybrid_1in2_window': 'retention,attention', 'yoco': '', 'transformer': ''}
 NAMES = tuple(PATTERNS)
 CONTEXTS = (1024, 8192, 16384)
 QUICK_CONTEXTS = (256, 1024)
@@ -79,6 +82,9 @@ def variants(names: Sequence[str], overrides: Sequence[str]) -> list[common.Vari
       raise ValueError(f'unknown model {name!r}; one of {NAMES}.')
     if name == 'transformer':
       out.append(common.Variant(name, TRANSFORMER, common.matched_transformer_overrides(base)))
+      continue
+    if name == 'yoco':  # The quick preset's value width is RetNet's 2·D; YOCO's is D.
+      out.append(common.Variant(name, YOCO, ('model.value_dim=None',)))
       continue
     own = (f'model.layer_pattern={PATTERNS[name]}',) if PATTERNS[name] else ()
     if name.endswith('_window'):

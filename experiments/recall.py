@@ -109,6 +109,15 @@ def available(name: str, overrides: Sequence[str],
   return variant, ''
 
 
+def param_count(variant: common.Variant, overrides: Sequence[str]) -> int:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.model_config(common.build_config(variant, overrides))
+  return model_lib.count_params(nnx.state(model_lib.abstract_model(cfg), nnx.Param))
+
+
 def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
         workdir: str | None = None, only: Sequence[str] | None = None,
         overrides: Sequence[str] = (), architectures: Sequence[str] = tuple(ARCHITECTURES),
@@ -202,32 +211,24 @@ def evaluate(run_dir: str, seq_len: int, settings: EvalSettings) -> list[dict]:
 
 
 def gate_statistics(run_dir, cfg, params, examples) -> dict:
-  """For gated retention: log γ_t on needle tokens vs filler tokens, from the `log_gamma`
-  intermediates a gated mixer sows ([..., B, T, H]). {'skipped': why} where there is none."""
+  """For gated retention: log γ_t on needle tokens vs filler tokens, every gated layer and head
+  (`Model.log_gammas`). {'skipped': why} for a fixed decay."""
   del run_dir
   if cfg.gamma != 'gated':
     return {'skipped': f'model.gamma is {cfg.gamma!r}, not gated'}
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
 
   from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   model = nnx.merge(model_lib.make_setup(cfg).graphdef, params)
   needle, fill = [], []
   for ex, (tokens, _) in examples:
-    model(np.asarray(tokens[None, :-1], np.int32), form='chunkwise')
-    found = [np.asarray(leaf, np.float64) for path, leaf in
-             jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.pop(model, nnx.Intermediate)))[0]
-             if any('log_gamma' in str(getattr(p, 'key', p)) for p in path)]
-    if not found:
-      return {'skipped': 'the gated mixer sows no log_gamma intermediate'}
-    is_needle = np.zeros(len(tokens) - 1, bool)
-    for start, (a, _) in zip(ex.needles, ex.spans):
-      length = ex.text.index('.', start + 1) + 1 - start
-      is_needle[start:start + length] = True
-    for g in found:  # [..., B=1, T, H] -> [T, layers·heads]
-      g = np.moveaxis(g.reshape(-1, *g.shape[-3:])[:, 0], 0, 1).reshape(g.shape[-2], -1)
-      needle.append(g[is_needle].ravel())
-      fill.append(g[~is_needle].ravel())
+    is_needle = np.zeros(len(tokens), bool)
+    for start in ex.needles:  # The needle runs to its closing '.'.
+      is_needle[start:ex.text.index('.', start + 1) + 1] = True
+    for g_BTH in model.log_gammas(np.asarray(tokens[None], np.int32)):
+      g_TH = np.asarray(g_BTH[0], np.float64)
+      needle.append(g_TH[is_needle].ravel())
+      fill.append(g_TH[~is_needle].ravel())
   stats = {}
   for label, values in (('needle', np.concatenate(needle)), ('filler', np.concatenate(fill))):
     q = np.quantile(values, [0.1, 0.5, 0.9])
@@ -389,10 +390,7 @@ COLUMNS = (common.Column('model', 'model'), common.Column('task', 'task'),
 
 def write_outputs(output_dir, rows, records, settings, seeds, runs, variants, base, skipped,
                   overrides, *, quick):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
   from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   cfgs = {v.name: config_lib.model_config(common.build_config(v, overrides)) for v in variants}
   m = base.model
   notes = [f'{CONFIG} with {"--quick" if quick else "the full settings"} on data.source=recall: '
@@ -403,8 +401,7 @@ def write_outputs(output_dir, rows, records, settings, seeds, runs, variants, ba
            f'mean ± sample std over seeds {",".join(map(str, seeds))}.']
   notes += [f'Skipped {n}: {why}.' for n, why in skipped.items()]
   notes.append('Parameters: ' + ', '.join(
-      f'{n} {model_lib.count_params(nnx.state(model_lib.abstract_model(c), nnx.Param)):,}'
-      for n, c in cfgs.items()) + '.')
+      f'{v.name} {param_count(v, overrides):,}' for v in variants) + '.')
   extra = grid_markdown(records, variants, settings, seeds, base.seq_len)
   extra += '\n' + memory_table(records, variants, cfgs, base, seeds)
   extra += '\n' + gates_markdown(runs, variants, seeds, settings)

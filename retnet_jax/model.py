@@ -738,6 +738,25 @@ class Model(nnx.Module):
     logits_BTV = dense(x_BTD, self.head_weights(), x_BTD.dtype, out_dtype=F32)
     return sharding.constrain(logits_BTV, ('batch', 'length', 'vocab')), new_state
 
+  def log_gammas(self, tokens) -> list[jax.Array]:
+    """Each retention layer's log γ float32 in layer order, for tokens [B, T] read as one document
+    from an empty state: [H] for a fixed decay, [B, T, H] for gamma='gated' (what its gates chose
+    per token). For inspection: the blocks run one at a time, as `_run_blocks` does without scan."""
+    cfg = self.cfg
+    B, T = tokens.shape
+    x_BTD = jnp.take(self.embed[...], jnp.asarray(tokens), axis=0).astype(jnp.dtype(cfg.dtype))
+    ctx = dict(positions=jnp.arange(T, dtype=jnp.int32), segment_ids=None,
+               prev_segment=jnp.zeros((B,), jnp.int32), form='chunkwise')
+    graphdef, params = nnx.split(self.blocks)
+    out = []
+    for r in range(cfg.repeats):
+      unit = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
+      for block in [unit] if len(cfg.pattern) == 1 else list(unit):
+        if isinstance(block.mixer, MultiScaleRetention):
+          out.append(block.mixer.log_gamma(block.mixer_norm(x_BTD)))
+        x_BTD, _ = block(x_BTD, None, ctx)
+    return out
+
   def head_weights(self) -> jax.Array:
     """The LM head [D, vocab]: its own matrix, or the embedding's transpose when tied."""
     return self.embed[...].T if self.head is None else self.head[...]

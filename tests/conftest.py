@@ -33,3 +33,17 @@ from retnet_jax import platform  # After the JAX_ variables: importing jax reads
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_force_host_platform_device_count=8',
                                     *platform.COLLECTIVE_WAIT_FLAGS]).strip()
+
+# The files that take longest on 2 CPU cores (a cold run's --durations), longest first. They are
+# collected first, so that `--dist loadfile` hands them out early and the two workers finish
+# together instead of one of them starting a long file near the end.
+LONG_FILES = ('hybrid_test.py', 'sharding_test.py', 'sequence_parallel_test.py',
+              'experiments_test.py', 'gpu_check_test.py', 'training_cost_test.py', 'recall_test.py',
+              'reliability_test.py', 'retention_pallas_test.py', 'lm_eval_test.py',
+              'notebooks_test.py', 'yoco_test.py', 'gated_test.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest keep order.

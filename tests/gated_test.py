@@ -327,3 +327,28 @@ def test_gamma_ablation_reports_the_gate_spread(tmp_path):
   with open(tmp_path / 'table.md') as f:
     md = f.read()
   assert 'gate γ_t per head' in md and 'gated (mean γ_t on held-out data' in md
+
+
+def test_log_gammas_reads_each_layer_gate():
+  """Model.log_gammas: layer 0's gates equal a float64 gate of its normed embedding; every later
+  layer's gates are causal in the tokens; a fixed decay gives its schedule."""
+  model, cfg, _ = _gated_model(model__gate_bias=True)
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 11))
+  gates = model.log_gammas(tokens)
+  assert len(gates) == cfg.num_layers
+  assert all(g.shape == (2, 11, cfg.num_heads) for g in gates)
+  state = nnx.to_pure_dict(nnx.state(model))
+  ret, norm = state['blocks']['retention'], state['blocks']['mixer_norm']
+  x = np.asarray(state['embed'], np.float64)[tokens]
+  x = x / np.sqrt((x**2).mean(-1, keepdims=True) + cfg.norm_eps) * np.asarray(norm['scale'][0])
+  logits = x @ np.asarray(ret['wgamma'][0], np.float64) + np.asarray(ret['bgamma'][0])
+  want = -np.logaddexp(0.0, -logits) / cfg.gate_temperature  # logsigmoid / τ
+  np.testing.assert_allclose(gates[0], want, rtol=1e-5, atol=1e-7)
+  changed = tokens.copy()
+  changed[:, 7] = (changed[:, 7] + 1) % cfg.vocab_size
+  for before, after in zip(gates, model.log_gammas(changed)):
+    np.testing.assert_array_equal(before[:, :7], after[:, :7])
+    assert np.abs(np.asarray(before[:, 7:]) - np.asarray(after[:, 7:])).max() > 0
+  fixed = model_lib.create(util.model_config(), seed=0)
+  for g in fixed.log_gammas(tokens):
+    np.testing.assert_allclose(g, np.log(fixed.cfg.gammas()), rtol=1e-6)
