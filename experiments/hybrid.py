@@ -7,12 +7,13 @@ Variants (configs/retnet_tiny.py with 4 layers; the Transformer is configs/trans
 its FFN widened to RetNet's parameter count):
 
   retnet              retention in every layer
+  gated               retention in every layer with gated decay (model.gamma=gated)
   hybrid_1in4         layer_pattern=retention,retention,retention,attention
   hybrid_1in2         layer_pattern=retention,attention
   hybrid_1in4_window  the same with attention_window = seq_len / 4
   hybrid_1in2_window
   yoco                configs/yoco_tiny.py: gated retention in the first half of the layers, then
-                      cross-attention to one shared KV cache (value width D, so fewer parameters)
+                      cross-attention to one shared KV cache (its FFN widened to RetNet's count)
   transformer         attention in every layer
 
 Each is trained into `<workdir>/<name>` (resumable, `--only`, `--seeds` as in every runner here, see
@@ -50,7 +51,7 @@ from retnet_jax import model as model_lib
 RETNET = 'configs/retnet_tiny.py'
 TRANSFORMER = 'configs/transformer_tiny.py'
 YOCO = 'configs/yoco_tiny.py'
-PATTERNS = {'retnet': '', 'hybrid_1in4': 'retention,retention,retention,attention',
+PATTERNS = {'retnet': '', 'gated': '', 'hybrid_1in4': 'retention,retention,retention,attention',
             'hybrid_1in2': 'retention,attention', 'hybrid_1in4_window': 'retention,retention,retention,attention',
             'hybrid_1in2_window': 'retention,attention', 'yoco': '', 'transformer': ''}
 NAMES = tuple(PATTERNS)
@@ -84,13 +85,27 @@ def variants(names: Sequence[str], overrides: Sequence[str]) -> list[common.Vari
       out.append(common.Variant(name, TRANSFORMER, common.matched_transformer_overrides(base)))
       continue
     if name == 'yoco':  # The quick preset's value width is RetNet's 2·D; YOCO's is D.
-      out.append(common.Variant(name, YOCO, ('model.value_dim=None',)))
+      own = ('model.value_dim=None',)
+      out.append(common.Variant(name, YOCO, own + matched_ffn(YOCO, own, base, overrides)))
       continue
     own = (f'model.layer_pattern={PATTERNS[name]}',) if PATTERNS[name] else ()
+    if name == 'gated':
+      own = ('model.gamma=gated',)
     if name.endswith('_window'):
       own += (f'model.attention_window={window}',)
     out.append(common.Variant(name, RETNET, own))
   return out
+
+
+def matched_ffn(config: str, own: tuple, target, overrides: Sequence[str]) -> tuple[str, ...]:
+  """The FFN width (a multiple of 8) that gives `config` with `own` the parameter count of the
+  built config `target`: the count is linear in the width, so two builds fix it."""
+  count = lambda ffn: param_count(common.build_config(
+      common.Variant('', config, own + (f'model.ffn_dim={ffn}',)), overrides))
+  lo, hi = 64, 128
+  per_unit = (count(hi) - count(lo)) / (hi - lo)
+  ffn = lo + (param_count(target) - count(lo)) / per_unit
+  return (f'model.ffn_dim={max(8, 8 * round(ffn / 8))}',)
 
 
 def param_count(config) -> int:

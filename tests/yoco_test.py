@@ -159,8 +159,48 @@ def test_export_to_fla_loads_and_matches(fla, tmp_path):
   assert util.rel_err(mine, theirs) <= TOL
 
 
+SWA = {'type': 'swa', 'num_heads': 4, 'num_v_heads': 2, 'window_size': 5}
+
+
+def test_fla_yoco_with_sliding_window_self_decoder_imports_and_exports(fla, tmp_path):
+  """A swa self-decoder (fla's Attention: half-split rotary, 2 kv heads, window 5 < T): logits in
+  both forms, prefill then single tokens against fla's cache; then exported back, fla's logits."""
+  model = build_fla(fla, seed=3, self_decoder_attn=SWA)
+  params, cfg = import_cli(model, tmp_path)
+  assert (cfg.self_decoder, cfg.attention_window, cfg.rotary) == ('swa', 5, 'interleaved')
+  x = toks(seed=3)
+  theirs, _ = fla_run(model, x)
+  ours = build(params, cfg)
+  errors = {form: util.rel_err(jitted(ours, form)(jnp.asarray(x), None)[0], theirs)
+            for form in ('parallel', 'chunkwise')}
+  cached, cache = fla_run(model, x[:, :9], use_cache=True)
+  pieces = [cached]
+  for t in range(9, T):
+    logits, cache = fla_run(model, x[:, t:t + 1], past_key_values=cache, use_cache=True)
+    pieces.append(logits)
+  state = ours.init_state(2, 16)
+  logits, state = jitted(ours, 'chunkwise')(jnp.asarray(x[:, :9]), state)
+  outs = [np.asarray(logits)]
+  for t in range(9, T):
+    logits, state = jitted(ours, 'recurrent')(jnp.asarray(x[:, t:t + 1]), state)
+    outs.append(np.asarray(logits))
+  errors['decode_vs_fla_cached'] = util.rel_err(np.concatenate(outs, 1), np.concatenate(pieces, 1))
+  print({k: f'{v:.1e}' for k, v in errors.items()})
+  assert max(errors.values()) <= TOL, errors
+  # Back to fla: H kv heads in the self-decoder, the same logits.
+  assert convert.main(['--to=fla', f'--input={tmp_path / "ours"}', f'--output={tmp_path / "back"}']) == 0
+  back = fla.YOCOForCausalLM.from_pretrained(str(tmp_path / 'back'), fuse_norm=False,
+                                             fuse_swiglu=False, fuse_cross_entropy=False).eval()
+  assert back.config.self_decoder_attn['window_size'] == 5
+  assert util.rel_err(fla_run(back, x)[0], theirs) <= TOL
+
+
 @pytest.mark.parametrize('override, named', [
-    ({'self_decoder_attn': {'type': 'swa', 'num_heads': 4, 'window_size': 8}}, "type='swa'"),
+    ({'self_decoder_attn': {'type': 'swa', 'num_heads': 4}}, 'swa without window_size'),
+    ({'self_decoder_attn': {**SWA, 'qkv_bias': True}}, 'self_decoder_attn.qkv_bias'),
+    ({'self_decoder_attn': SWA, 'cross_decoder_attn': {'num_heads': 4, 'rope_inv_freq': 'yoco'}},
+     "rope_inv_freq='yoco' with a swa"),
+    ({'self_decoder_attn': {'type': 'gated_deltanet', 'num_heads': 4}}, "type='gated_deltanet'"),
     ({'self_decoder_attn': {'type': 'gated_retention', 'num_heads': 2}}, 'num_heads=2'),
     ({'cross_decoder_attn': {'num_heads': 4, 'qk_norm': True}}, 'qk_norm'),
     ({'cross_decoder_attn': {'num_heads': 4, 'qkv_bias': True}}, 'qkv_bias'),

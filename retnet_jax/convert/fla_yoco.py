@@ -20,9 +20,25 @@ The variant: gated retention with log γ_t = logsigmoid(x W_γ) / gate_logit_nor
 RMSNorm without scale times swish(g), value width D; interleaved rotary everywhere, with
 rope_inv_freq 'fla' = rotary_freqs 'standard' (θ_i = base^(−2i/K)) and 'yoco' = 'torchscale'
 (base^(−linspace(0, 1, K/2))); embeddings times √D (the YOCO model does it always).
+
+A sliding-window self-decoder (self_decoder_attn type 'swa', fla's `Attention` with `window_size`)
+imports as self_decoder='swa' with attention_window = window_size (both attend to the last W
+positions, the token's own included):
+
+    model.self_layers.i.attn.{q,o}_proj.weight [D, D]      self_blocks.attention.w{q,o}
+    model.self_layers.i.attn.{k,v}_proj.weight [Gs·K, D]   self_blocks.attention.w{k,v} [L_s, D, H, K]
+
+fla rotates that layer's q and k in half-split pairs (j, j + K/2) at the standard frequencies, the
+rest of YOCO in interleaved pairs (2j, 2j + 1): the same rotation once q's and k's features are
+reordered j -> 2j, j + K/2 -> 2j + 1 in every head (q·k is unchanged by one reordering of both), so
+the import reorders them (`swa_order`) and the export reverses it. Its Gs kv heads are repeated to H
+heads on import (query head h reads kv head h // (H / Gs), as fla's attention does); the export
+writes H.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from retnet_jax import model as model_lib
 from retnet_jax import yoco
@@ -53,8 +69,18 @@ def settings(hf_config: dict) -> dict:
   x = {**CROSS_DEFAULTS, **(c['cross_decoder_attn'] or {})}
   x['num_kv_heads'] = x['num_heads'] if x['num_kv_heads'] is None else x['num_kv_heads']
   problems = []
-  if s['type'] != 'gated_retention':
-    problems.append(f"self_decoder_attn.type={s['type']!r} (imports: 'gated_retention')")
+  if s['type'] not in ('gated_retention', 'swa'):
+    problems.append(f"self_decoder_attn.type={s['type']!r} (imports: 'gated_retention', 'swa')")
+  if s['type'] == 'swa':
+    s['num_v_heads'] = s.get('num_v_heads') or s['num_heads']
+    if not s.get('window_size'):
+      problems.append('self_decoder_attn.type=swa without window_size (full attention)')
+    if s['qkv_bias']:
+      problems.append('self_decoder_attn.qkv_bias (biases on q, k, v)')
+    if x['rope_inv_freq'] != 'fla':  # fla's Attention rotates at the standard frequencies.
+      problems.append(f"cross_decoder_attn.rope_inv_freq={x['rope_inv_freq']!r} with a swa "
+                      "self-decoder (its attention rotates at 'fla' frequencies)")
+    s['rope_inv_freq'] = x['rope_inv_freq']  # fla's Attention has no such option.
   if int(s['num_heads']) != int(x['num_heads']):
     problems.append(f"self_decoder_attn.num_heads={s['num_heads']} != cross_decoder_attn.num_heads="
                     f"{x['num_heads']} (one head count here)")
@@ -77,6 +103,9 @@ def settings(hf_config: dict) -> dict:
   if problems:
     raise ConversionError('fla YOCO features this model does not have: ' + '; '.join(problems) + '.')
   D, H = int(c['hidden_size']), int(x['num_heads'])
+  if s['type'] == 'swa' and H % int(s['num_v_heads']):
+    raise ConversionError(f"config.json: self_decoder_attn.num_v_heads={s['num_v_heads']} must divide "
+                          f'num_heads={H}.')
   if D % H or H % int(x['num_kv_heads']):
     raise ConversionError(f"config.json: num_heads={H} must divide hidden_size={D} and be a multiple "
                           f"of num_kv_heads={x['num_kv_heads']}.")
@@ -98,9 +127,15 @@ def expected_shapes(c: dict) -> dict[str, tuple]:
          'model.shared_kv_builder.v_proj.weight': (Hkv * K, D)}
   mlp = {'attn_norm.weight': (D,), 'mlp_norm.weight': (D,), 'mlp.gate_proj.weight': (F, D),
          'mlp.up_proj.weight': (F, D), 'mlp.down_proj.weight': (D, F)}
+  s = c['self_decoder_attn']
   for i in range(Ls):
     p = f'model.self_layers.{i}.'
     out.update({p + k: v for k, v in mlp.items()})
+    if s['type'] == 'swa':
+      Gs = int(s['num_v_heads'])
+      out.update({p + 'attn.q_proj.weight': (D, D), p + 'attn.o_proj.weight': (D, D),
+                  p + 'attn.k_proj.weight': (Gs * K, D), p + 'attn.v_proj.weight': (Gs * K, D)})
+      continue
     out.update({p + f'attn.{n}_proj.weight': (D, D) for n in ('q', 'k', 'v', 'g', 'o')})
     out[p + 'attn.gk_proj.weight'] = (H, D)
   for i in range(L - Ls):
@@ -108,6 +143,11 @@ def expected_shapes(c: dict) -> dict[str, tuple]:
     out.update({p + k: v for k, v in mlp.items()})
     out.update({p + 'attn.q_proj.weight': (D, D), p + 'attn.o_proj.weight': (D, D)})
   return out
+
+
+def swa_order(K: int) -> np.ndarray:
+  """Feature j of a half-split rotary pair goes to 2j, feature j + K/2 to 2j + 1."""
+  return np.stack([np.arange(K // 2), np.arange(K // 2) + K // 2], -1).reshape(-1)
 
 
 def from_fla(state_dict: dict, hf_config: dict, param_dtype: str = 'float32'):
@@ -119,9 +159,10 @@ def from_fla(state_dict: dict, hf_config: dict, param_dtype: str = 'float32'):
   s, x = c['self_decoder_attn'], c['cross_decoder_attn']
   D, H, Hkv = int(c['hidden_size']), int(x['num_heads']), int(x['num_kv_heads'])
   Ls, L = int(c['num_self_decoder_layers']), int(c['num_hidden_layers'])
+  swa = s['type'] == 'swa'
   cfg = model_lib.ModelConfig(
-      kind='yoco', num_layers=L, num_self_decoder_layers=Ls, self_decoder='gated_retention',
-      num_kv_heads=Hkv, vocab_size=int(c['vocab_size']), embed_dim=D, num_heads=H, value_dim=D,
+      kind='yoco', num_layers=L, num_self_decoder_layers=Ls, self_decoder=s['type'],
+      attention_window=int(s['window_size']) if swa else None, num_kv_heads=Hkv, vocab_size=int(c['vocab_size']), embed_dim=D, num_heads=H, value_dim=D,
       ffn_dim=int(c['intermediate_size']), ffn_activation='swish', gamma='gated',
       gate_temperature=float(s['gate_logit_normalizer']), rotary='interleaved',
       rotary_freqs=ROTARY_FREQS[s['rope_inv_freq']], rotary_base=float(s['rope_theta']),
@@ -139,10 +180,20 @@ def from_fla(state_dict: dict, hf_config: dict, param_dtype: str = 'float32'):
 
   t_self, t_cross = 'model.self_layers.{}.', 'model.cross_layers.{}.'
   self_blocks = block(t_self, Ls)
-  self_blocks['retention'] = {
-      **{f'w{n}': layout.stack(sd, t_self + f'attn.{n}_proj.weight', Ls, heads) for n in 'qkvg'},
-      'wgamma': layout.stack(sd, t_self + 'attn.gk_proj.weight', Ls, layout.dense),
-      'wo': layout.stack(sd, t_self + 'attn.o_proj.weight', Ls, out_heads)}
+  if swa:
+    order, Gs = swa_order(D // H), int(s['num_v_heads'])
+    kv_heads = lambda w: layout.xp(w).repeat(layout.in_heads(w, Gs), H // Gs, axis=1)
+    rotated = lambda w: w[..., order]
+    self_blocks['attention'] = {
+        'wq': layout.stack(sd, t_self + 'attn.q_proj.weight', Ls, lambda w: rotated(heads(w))),
+        'wk': layout.stack(sd, t_self + 'attn.k_proj.weight', Ls, lambda w: rotated(kv_heads(w))),
+        'wv': layout.stack(sd, t_self + 'attn.v_proj.weight', Ls, kv_heads),
+        'wo': layout.stack(sd, t_self + 'attn.o_proj.weight', Ls, out_heads)}
+  else:
+    self_blocks['retention'] = {
+        **{f'w{n}': layout.stack(sd, t_self + f'attn.{n}_proj.weight', Ls, heads) for n in 'qkvg'},
+        'wgamma': layout.stack(sd, t_self + 'attn.gk_proj.weight', Ls, layout.dense),
+        'wo': layout.stack(sd, t_self + 'attn.o_proj.weight', Ls, out_heads)}
   cross_blocks = block(t_cross, L - Ls)
   cross_blocks['wq'] = layout.stack(sd, t_cross + 'attn.q_proj.weight', L - Ls, heads)
   cross_blocks['wo'] = layout.stack(sd, t_cross + 'attn.o_proj.weight', L - Ls, out_heads)
@@ -166,19 +217,21 @@ def from_fla(state_dict: dict, hf_config: dict, param_dtype: str = 'float32'):
 def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict, dict]:
   """(fla YOCOForCausalLM state dict of NumPy arrays, its config.json) of our YOCO's parameters."""
   problems = []
-  if cfg.self_decoder != 'gated_retention':
-    problems.append(f'self_decoder={cfg.self_decoder!r} (exports: gated_retention)')
-  if cfg.gamma != 'gated' or cfg.gate_floor is not None:
+  swa = cfg.self_decoder == 'swa'
+  if swa and cfg.rotary_freqs != 'standard':
+    problems.append(f"rotary_freqs={cfg.rotary_freqs!r} with a swa self-decoder (fla's attention "
+                    "rotates at the standard frequencies)")
+  if not swa and (cfg.gamma != 'gated' or cfg.gate_floor is not None):
     problems.append(f"gamma={cfg.gamma!r}, gate_floor={cfg.gate_floor} (fla: gated, no floor)")
   if cfg.rotary != 'interleaved' or cfg.rotary_freqs not in ROTARY_FREQS.values():
     problems.append(f'rotary={cfg.rotary!r} (fla YOCO: interleaved)')
-  if cfg.values != cfg.embed_dim or not (cfg.swish_gate and cfg.group_norm) or cfg.group_norm_affine:
+  if not swa and (cfg.values != cfg.embed_dim or not (cfg.swish_gate and cfg.group_norm)
+                  or cfg.group_norm_affine):
     problems.append('value_dim, swish_gate, group_norm (fla: value width D, gate and a norm without scale)')
-  if cfg.decay_row_norm or cfg.ffn_activation != 'swish':
+  if (not swa and cfg.decay_row_norm) or cfg.ffn_activation != 'swish':
     problems.append('decay_row_norm or a non-swish FFN')
   if problems:
     raise ConversionError('fla YOCO cannot express: ' + '; '.join(problems) + '.')
-  import numpy as np  # pylint: disable=g-import-not-at-top
   p = {k: v for k, v in params.items()}
   Ls, L = cfg.num_self_decoder_layers, cfg.num_layers
   sd = {'model.embeddings.weight': np.asarray(p['embed']),
@@ -197,13 +250,22 @@ def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict, dict]:
   sb, cb = p['self_blocks'], p['cross_blocks']
   block('model.self_layers.{}.', sb, Ls)
   block('model.cross_layers.{}.', cb, L - Ls)
-  r = sb['retention']
-  for i in range(Ls):
-    q = f'model.self_layers.{i}.attn.'
-    for n in 'qkvg':
-      sd[q + f'{n}_proj.weight'] = layout.from_in_heads(r[f'w{n}'][i])
-    sd[q + 'gk_proj.weight'] = layout.dense(np.asarray(r['wgamma'][i]))
-    sd[q + 'o_proj.weight'] = layout.from_out_heads(r['wo'][i])
+  if swa:
+    a, back = sb['attention'], np.argsort(swa_order(cfg.head_dim))
+    for i in range(Ls):
+      q = f'model.self_layers.{i}.attn.'
+      for n in 'qk':
+        sd[q + f'{n}_proj.weight'] = layout.from_in_heads(np.asarray(a[f'w{n}'][i])[..., back])
+      sd[q + 'v_proj.weight'] = layout.from_in_heads(a['wv'][i])
+      sd[q + 'o_proj.weight'] = layout.from_out_heads(a['wo'][i])
+  else:
+    r = sb['retention']
+    for i in range(Ls):
+      q = f'model.self_layers.{i}.attn.'
+      for n in 'qkvg':
+        sd[q + f'{n}_proj.weight'] = layout.from_in_heads(r[f'w{n}'][i])
+      sd[q + 'gk_proj.weight'] = layout.dense(np.asarray(r['wgamma'][i]))
+      sd[q + 'o_proj.weight'] = layout.from_out_heads(r['wo'][i])
   for i in range(L - Ls):
     q = f'model.cross_layers.{i}.attn.'
     sd[q + 'q_proj.weight'] = layout.from_in_heads(cb['wq'][i])
@@ -219,8 +281,11 @@ def to_fla(params, cfg: model_lib.ModelConfig) -> tuple[dict, dict]:
       'num_hidden_layers': L, 'num_self_decoder_layers': Ls, 'vocab_size': cfg.vocab_size,
       'intermediate_size': cfg.ffn_dim, 'hidden_act': 'swish', 'norm_eps': cfg.norm_eps,
       'tie_word_embeddings': cfg.tie_embeddings,
-      'self_decoder_attn': {'type': 'gated_retention', 'num_heads': cfg.num_heads,
-                            'gate_logit_normalizer': cfg.gate_temperature, **rope},
+      'self_decoder_attn': (
+          {'type': 'swa', 'num_heads': cfg.num_heads, 'num_v_heads': cfg.num_heads,
+           'window_size': cfg.attention_window, 'rope_theta': cfg.rotary_base, 'qkv_bias': False}
+          if swa else {'type': 'gated_retention', 'num_heads': cfg.num_heads,
+                       'gate_logit_normalizer': cfg.gate_temperature, **rope}),
       'cross_decoder_attn': {'num_heads': cfg.num_heads, 'num_kv_heads': yoco.kv_heads(cfg), **rope},
   }
   sd = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sd.items()}
