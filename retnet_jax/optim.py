@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import jax
+import numpy as np
 import optax
 
 
@@ -33,9 +34,14 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+STACKED = ('blocks', 'self_blocks', 'cross_blocks')  # Leaves with a leading [repeats] axis.
+
+
 def trainable_mask(pattern: str | None, params):
-  """True for each parameter whose path ('blocks/retention/wq', 'head', ...) `pattern` matches
-  (re.search); all True for an empty pattern. A pattern that matches nothing is an error."""
+  """Per parameter: True where `pattern` matches its path ('blocks/retention/wq', 'head', ...;
+  re.search), else for a stacked layer parameter (under `STACKED`) a bool array [R] of the repeats
+  whose path with the index appended ('blocks/retention/wq/23') it matches, else False. All True
+  for an empty pattern; a pattern that matches nothing is an error."""
   if not pattern:
     return jax.tree.map(lambda _: True, params)
   try:
@@ -43,11 +49,31 @@ def trainable_mask(pattern: str | None, params):
   except re.error as e:
     raise ValueError(f'config.optim.trainable {pattern!r} is not a regular expression: {e}.') from e
   name = lambda keys: '/'.join(str(getattr(k, 'key', k)) for k in keys)
-  mask = jax.tree_util.tree_map_with_path(lambda keys, _: bool(regex.search(name(keys))), params)
-  if not any(jax.tree.leaves(mask)):
+
+  def leaf(keys, x):
+    path = name(keys)
+    if regex.search(path):
+      return True
+    if name(keys[:1]) in STACKED:
+      rows = np.array([bool(regex.search(f'{path}/{r}')) for r in range(x.shape[0])])
+      return rows if rows.any() else False
+    return False
+
+  mask = jax.tree_util.tree_map_with_path(leaf, params)
+  if not any(m is True or isinstance(m, np.ndarray) for m in jax.tree.leaves(mask)):
     paths = [name(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     raise ValueError(f'config.optim.trainable {pattern!r} matches no parameter; paths: {paths}.')
   return mask
+
+
+def apply_mask(tree, mask):
+  """`tree` with what `mask` (trainable_mask's) freezes set to zero: whole leaves, or the frozen
+  repeats of a stacked leaf."""
+  def one(x, m):
+    if isinstance(m, np.ndarray):
+      return x * m.reshape((-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+    return x if m else jax.numpy.zeros_like(x)
+  return jax.tree.map(one, tree, mask)
 
 
 def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -62,7 +88,11 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
                   weight_decay=optim.weight_decay, mask=_decay_mask))
   pattern = optim.get('trainable') or ''
   if pattern:
-    labels = lambda params: jax.tree.map(lambda m: 'train' if m else 'frozen',
+    # A stacked leaf with some repeats trainable keeps its optimiser state; its frozen repeats get
+    # zero gradients (train.py) and, so that weight decay cannot move them, zero updates.
+    labels = lambda params: jax.tree.map(lambda m: 'frozen' if m is False else 'train',
                                          trainable_mask(pattern, params))
-    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)
+    freeze = optax.stateless(lambda updates, params: apply_mask(updates, trainable_mask(pattern, updates)))
+    tx = optax.multi_transform({'train': optax.chain(tx, freeze), 'frozen': optax.set_to_zero()},
+                               labels)
   return tx, schedule

@@ -53,8 +53,8 @@ def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_step
                trainable=None, loss_chunk: int = 0):
   """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches.
 
-  trainable: a tree of bools like the parameters (optim.trainable_mask); the gradients of the
-  others are dropped at once, so the compiler never computes them. loss_chunk: positions per
+  trainable: optim.trainable_mask's tree; frozen gradients (whole parameters, or the frozen
+  repeats of a stacked one) are dropped at once, so the compiler never computes them. loss_chunk: positions per
   chunk of the loss (loss.statistics; 0: the whole logits at once)."""
   rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
   value_and_grad = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk), has_aux=True)
@@ -62,7 +62,7 @@ def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_step
   def grad_fn(*args):
     (loss, stats), grads = value_and_grad(*args)
     if trainable is not None:
-      grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, trainable)
+      grads = optim.apply_mask(grads, trainable)
     return (loss, stats), grads
 
   if accum_steps == 1:

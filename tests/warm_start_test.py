@@ -171,3 +171,22 @@ def test_frozen_parameters_save_their_optimizer_state_in_the_compiled_step():
                checkpoint.flat_paths(run.abstract_state['params']).items() if 'retention' not in p)
   assert full.argument_size_in_bytes - part.argument_size_in_bytes == 2 * frozen
   assert part.temp_size_in_bytes <= full.temp_size_in_bytes
+
+
+def test_trainable_selects_single_layers_of_a_stacked_parameter(tmp_path):
+  """'blocks/retention/wq/1$' trains layer 1's wq only: layer 0's slice and every other parameter
+  stay as they were, weight decay included; the stacked wq keeps its optimiser state."""
+  config = util.config(optim__trainable='blocks/retention/wq/1$|final_norm', model__num_layers=3,
+                       total_steps=2, checkpoint_every=2, eval_every=2)
+  run = train.Run(config, None, read_data=False)
+  before = checkpoint.flat_paths(jax.device_get(run.initial_state()['params']))
+  moments = [x.size for x in jax.tree.leaves(run.abstract_state['opt_state']) if x.ndim > 0]
+  assert sorted(moments) == sorted(2 * [before[p].size for p in ('blocks/retention/wq', 'final_norm/scale')])
+  train.train_and_evaluate(config, str(tmp_path))
+  after = checkpoint.flat_paths(checkpoint.load_params(str(tmp_path))[0])
+  wq_before, wq_after = before['blocks/retention/wq'], np.asarray(after['blocks/retention/wq'])
+  np.testing.assert_array_equal(wq_after[[0, 2]], wq_before[[0, 2]])
+  assert not np.array_equal(wq_after[1], wq_before[1])
+  for path, value in after.items():
+    if path not in ('blocks/retention/wq', 'final_norm/scale'):
+      np.testing.assert_array_equal(np.asarray(value), before[path], err_msg=path)
