@@ -132,9 +132,10 @@ def prefill(graphdef, params, tokens_BP, segments_BP, *, form='chunkwise', max_l
   """
   TRACES['prefill'] += 1
   model = nnx.merge(graphdef, params)
-  state = model.init_state(tokens_BP.shape[0], max_len)
-  logits_BPV, state = model(tokens_BP, state, form=form, segment_ids=segments_BP, last_only=True)
-  return logits_BPV[:, -1], state
+  # From no state, so that attention runs within the prompt by the dispatcher's choice (a kernel on
+  # GPU / TPU) instead of over a [P, max_len] score matrix; then placed in the decoding shapes.
+  logits_BPV, own = model(tokens_BP, form=form, segment_ids=segments_BP, last_only=True)
+  return logits_BPV[:, -1], model.carried(own, max_len)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'out_len'), donate_argnames=('state',))

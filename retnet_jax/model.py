@@ -14,7 +14,8 @@ last segment id, and per pattern position that mixer's state stacked over the pa
 so that the logits of x[:n] and then of x[n:] with the carried state equal those of x.
 
 A mixer is a class in `MIXERS` with `init_state(batch, max_len)`, `mixer(x, state, *, positions,
-segment_ids, prev_segment, form) -> (y, state)`, and static answers about itself (`state_grows`,
+segment_ids, prev_segment, form) -> (y, state)`, `carry(cfg, empty, own)` (the state a run from no
+state returned, placed in init_state's shapes), and static answers about itself (`state_grows`,
 `state_bytes`, `matmul_params`, `mixing_flops`, `quadratic`) that `ModelConfig` sums over the layers
 for the trainer, generation, scoring and the cost models, which never branch on a kind.
 """
@@ -22,6 +23,7 @@ for the trainer, generation, scoring and the cost models, which never branch on 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -411,6 +413,12 @@ class MultiScaleRetention(nnx.Module):
       return -jnp.exp(self.decay_log_rate[...].astype(F32))
     return jnp.asarray(np.log(self.cfg.gammas()), F32)
 
+  @staticmethod
+  def carry(cfg: ModelConfig, empty, own):
+    """A run from no state returns the state itself [B, H, K, V]."""
+    del cfg, empty
+    return own
+
   def init_state(self, batch: int, max_len: int | None = None) -> jax.Array:
     """The empty retention state [B, H, K, V] float32 (it has no length: max_len is unused)."""
     cfg = self.cfg
@@ -496,6 +504,12 @@ class Attention(nnx.Module):
   @staticmethod
   def quadratic(cfg: ModelConfig, form: str) -> bool:
     return True
+
+  @staticmethod
+  def carry(cfg: ModelConfig, empty: KVCache, own: KVCache) -> KVCache:
+    """The keys and values of a run from no state (T positions from 0) written into an empty cache:
+    the first T slots of a full cache, or the last W tokens into a window's ring."""
+    return write_cache(empty, own, 0) if cfg.attention_window is None else write_ring(empty, own)
 
   def init_state(self, batch: int, max_len: int | None = None) -> KVCache:
     """An empty cache: a ring of `attention_window` slots, else max_len positions (required)."""
@@ -683,6 +697,15 @@ class Model(nnx.Module):
       layers.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (cfg.repeats,) + x.shape), one))
     return DecodeState(offset=jnp.zeros((), jnp.int32), segment=jnp.zeros((batch,), jnp.int32),
                        layers=tuple(layers))
+
+  def carried(self, own: DecodeState, max_len: int | None = None) -> DecodeState:
+    """The state `self(tokens)` returned (a prompt run from no state, so that attention attends
+    within it by the dispatcher's kernel, not over a [T, max_len] cache) in `init_state`'s shapes,
+    ready to decode: each mixer's `carry` of its part, per repeat."""
+    empty = self.init_state(own.segment.shape[0], max_len)
+    layers = tuple(jax.vmap(functools.partial(type(block.mixer).carry, self.cfg))(e, o)
+                   for block, e, o in zip(self._pattern_blocks(), empty.layers, own.layers))
+    return own._replace(layers=layers)
 
   def _pattern_blocks(self) -> list:
     """The (stacked) Block of each pattern position."""

@@ -207,6 +207,14 @@ class YOCO(model_lib.Model):
     return model_lib.DecodeState(offset=jnp.zeros((), jnp.int32),
                                  segment=jnp.zeros((batch,), jnp.int32), layers=(own, cache))
 
+  def carried(self, own: model_lib.DecodeState, max_len: int | None = None) -> model_lib.DecodeState:
+    """The state of a prompt run from no state, ready to decode: the self-decoder's states as they
+    are, the prompt's shared keys and values in the first slots of a max_len cache."""
+    empty = self.init_state(own.segment.shape[0], max_len)
+    mixer = type(self.self_blocks.mixer)
+    states = jax.vmap(lambda e, o: mixer.carry(self.cfg, e, o))(empty.layers[0], own.layers[0])
+    return own._replace(layers=(states, model_lib.write_cache(empty.layers[1], own.layers[1], 0)))
+
   def _run_blocks(self, x_BTD, layer_states, ctx, rng, last_only=False):
     """Self-decoder, KV builder, cross-decoder; returns (y, (self states, shared cache)).
 

@@ -156,17 +156,20 @@ def test_windowed_decoding_runs_past_the_window_in_constant_memory():
   assert util.rel_err(forms['decoded'], forms['parallel']) <= 1e-4
 
 
-def test_generate_with_a_hybrid_equals_greedy_argmax():
-  """generate()'s greedy tokens are the argmax of the parallel form over the growing sequence."""
-  cfg = _cfg(attention_window=None)
+@pytest.mark.parametrize('window', [None, 4])
+def test_generate_with_a_hybrid_equals_greedy_argmax(window):
+  """generate()'s greedy tokens (two left-padded prompts, the longer one past the window) are the
+  argmax of the parallel form over each growing sequence."""
+  cfg = _cfg(attention_window=window)
   setup, params = model_lib.make_setup(cfg), model_lib.init_params(cfg, jax.random.key(2))
-  prompt = [5, 17, 3, 9, 40, 2, 11]
-  out = generate.generate(setup, params, [prompt], max_new_tokens=6)[0]
-  seq = list(prompt)
-  for _ in range(6):
-    logits, _ = model_lib.apply_model(setup, params, jnp.asarray([seq]), form='parallel')
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  assert out == seq[len(prompt):]
+  prompts = [[5, 17, 3, 9, 40, 2, 11], [8, 1, 30]]
+  outs = generate.generate(setup, params, prompts, max_new_tokens=6)
+  for prompt, out in zip(prompts, outs):
+    seq = list(prompt)
+    for _ in range(6):
+      logits, _ = model_lib.apply_model(setup, params, jnp.asarray([seq]), form='parallel')
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    assert out == seq[len(prompt):]
 
 
 @pytest.mark.slow
