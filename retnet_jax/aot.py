@@ -296,16 +296,19 @@ _KERNEL_OP = re.compile(r'op_name="[^"]*?(retention_[a-z_]+?)_?\)*/pallas_call"'
 _KERNEL_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?(splash_[a-z_]+?)(?:\.\d+)? = ')  # Named by the kernel.
 
 
-_KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"')
+_KERNEL_TARGETS = ('custom_call_target="tpu_custom_call"', 'custom_call_target="__gpu$xla.gpu.triton"',
+                   'custom_call_target="__cudnn$fmha')
+_CUDNN_TARGET = re.compile(r'custom_call_target="__(cudnn\$fmha[A-Za-z]*)"')  # cuDNN attention.
 
 
 def kernels_in(compiled) -> dict[str, int]:
-  """The Pallas kernels (Mosaic or Triton) of the compiled program: {kernel name: custom calls}."""
+  """The kernels of the compiled program, Pallas (Mosaic or Triton) and cuDNN's fused attention:
+  {kernel name: custom calls}."""
   counts: dict[str, int] = {}
   for line in compiled.as_text().splitlines():
     if not any(t in line for t in _KERNEL_TARGETS):
       continue
-    m = _KERNEL_OP.search(line) or _KERNEL_INSTRUCTION.search(line)
+    m = _CUDNN_TARGET.search(line) or _KERNEL_OP.search(line) or _KERNEL_INSTRUCTION.search(line)
     name = m.group(1) if m else 'other'
     counts[name] = counts.get(name, 0) + 1
   return counts
@@ -408,7 +411,8 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
   mem = memory_per_device(compiled, topology_.chip.hbm_bytes)
   kernels = kernels_in(compiled)
   retention['kernel_calls_in_step'] = kernels
-  attention['kernel_calls_in_step'] = {k: n for k, n in kernels.items() if k.startswith('splash_')}
+  attention['kernel_calls_in_step'] = {k: n for k, n in kernels.items()
+                                       if k.startswith(('splash_', 'cudnn'))}
   ran_kernel = any(k.startswith('retention_') for k in kernels)
   if retention['impl'] == 'pallas' and not ran_kernel:
     retention['impl'] = 'xla'
@@ -457,8 +461,9 @@ def compile_train(config, workdir: str, topology: str) -> dict[str, Any]:
       f'  model FLOPs per step {model_flops:.3e}; at the peak of {len(devices)} chips '
       f'({topology_.chip.peak_flops / 1e12:.0f} TFLOP/s each) a step takes at least '
       f'{report["step_seconds_lower_bound"]:.2f} s (a bound, not a measurement)',
-      f'  retention: {retention["kernel"]}: {retention["reason"]}; kernel calls {kernels or "none"}',
+      f'  retention: {retention["kernel"]}: {retention["reason"]}',
       f'  attention: {attention["kernel"]}: {attention["reason"]}',
+      f'  kernel calls in the step: {kernels or "none"}',
       f'  lowered in {t1 - t0:.1f} s, compiled in {t2 - t1:.1f} s',
   ])
   _write(workdir, 'compile', report, summary)

@@ -297,3 +297,19 @@ def test_train_step_compiles_for_h100_with_the_triton_kernel(tmp_path):
   assert set(impl['kernel_calls_in_step']) >= {'retention_forward_chunk', 'retention_dq_chunk',
                                                'retention_dkv_chunk'}
   assert report['fits']
+
+
+def test_kernels_in_names_cudnn_attention_calls():
+  """cuDNN's fused attention custom calls (as an H100 compile of the Transformer writes them) count
+  under their target's name; other custom calls do not count."""
+  text = '\n'.join([
+      '  %custom-call.1 = (bf16[4,4,256,64]{3,2,1,0}, f32[4,4,256]{2,1,0}, u8[0]{0}) custom-call(%a, %b), '
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmax", backend_config={}',
+      '  %custom-call.2 = (bf16[4,4,256,64]{3,2,1,0}) custom-call(%c), '
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward"',
+      '  %custom-call.3 = f32[8]{0} custom-call(%d), custom_call_target="__cublas$gemm"',
+      '  %custom-call.4 = (bf16[4,4,256,64]{3,2,1,0}) custom-call(%e), '
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmax"'])
+  compiled = type('Compiled', (), {'as_text': lambda self: text})()
+  assert aot.kernels_in(compiled) == {'cudnn$fmhaScaleBiasSoftmax': 2,
+                                      'cudnn$fmhaScaleBiasSoftmaxBackward': 1}
