@@ -643,6 +643,14 @@ def create_datasets(data_config, *, tokenizer, seq_len: int, global_batch_size: 
   return iter(train), eval_batches_fn
 
 
+def carried_tokenizer(data_config, meta: dict):
+  """The tokenizer a checkpoint's metadata carries (a converted model's, or that of a run
+  warm-started from one), unless the data config names one other than 'byte'; else None."""
+  if meta.get('tokenizer') and resolve_config(data_config)['tokenizer'] == 'byte':
+    return tokenizer_lib.from_checkpoint_meta(meta['tokenizer'])
+  return None
+
+
 def get_tokenizer(data_config, workdir: str | None = None):
   """The tokenizer the data config names (see the module docstring).
 

@@ -394,8 +394,9 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
 
   Defaults come from `config.generate` (config_lib.GENERATE); step: the checkpoint step (default
   the latest); fallback: the newest intact step when that one is damaged (default
-  config.checkpoint.fallback_to_intact). The model is the checkpoint's own ModelConfig, the tokenizer
-  `config.data`'s. Prompts run one after another (each streamed as it is produced). Returns the texts.
+  config.checkpoint.fallback_to_intact). The model is the checkpoint's own ModelConfig; the tokenizer
+  is the one the checkpoint carries (a converted or warm-started model's) unless `config.data` names
+  one other than 'byte', else `config.data`'s. Prompts run one after another (each streamed as it is produced). Returns the texts.
   """
   metrics_lib.quiet_library_logs()
   out = sys.stdout if out is None else out
@@ -412,7 +413,7 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   if fallback is None:
     fallback = bool(config.checkpoint.get('fallback_to_intact', False))
   params, cfg, meta = checkpoint.load_params(workdir, step=step, fallback=fallback)
-  tok = data_lib.get_tokenizer(config.data, workdir)
+  tok = data_lib.carried_tokenizer(config.data, meta) or data_lib.get_tokenizer(config.data, workdir)
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f'the tokenizer has {tok.vocab_size} ids but the checkpoint\'s model only '
                      f'{cfg.vocab_size}.')

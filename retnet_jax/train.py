@@ -35,7 +35,6 @@ from retnet_jax import optim
 from retnet_jax import platform
 from retnet_jax import preemption
 from retnet_jax import sharding
-from retnet_jax import tokenizer as tokenizer_lib
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'loss_mask')
 
@@ -133,10 +132,10 @@ class Run:
     self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.AXES}, devices)
     # What the run's own checkpoints carry on (tokenizer, warm start), else what init_from gives.
     self.carried_meta = self._carried_meta() if read_data else {}
-    tokenizer_spec = data_lib.resolve_config(config.data)['tokenizer']
-    if self.carried_meta.get('tokenizer') and tokenizer_spec == 'byte':
-      self.tokenizer = tokenizer_lib.from_checkpoint_meta(self.carried_meta['tokenizer'])
-    elif read_data or tokenizer_spec == 'byte':
+    carried = data_lib.carried_tokenizer(config.data, self.carried_meta)
+    if carried is not None:
+      self.tokenizer = carried
+    elif read_data or data_lib.resolve_config(config.data)['tokenizer'] == 'byte':
       self.tokenizer = data_lib.get_tokenizer(config.data, workdir)
     else:
       self.tokenizer = None  # A SentencePiece model would be trained on the data.

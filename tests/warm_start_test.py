@@ -134,6 +134,27 @@ def test_converted_tokenizer_is_used_and_must_fit_the_vocabulary(tmp_path):
     train.Run(util.config(init_from=str(tmp_path / 'too_big')), str(tmp_path / 'b'))
 
 
+def test_generate_uses_the_carried_tokenizer(tmp_path):
+  """--mode=generate on a converted checkpoint (or a run warm-started from one) encodes and decodes
+  with its tokenizer: a WordLevel tokenizer of words w3..w299 continues a prompt with such words;
+  one of 500 ids does not fit the 384-id model."""
+  import io  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+
+  from retnet_jax import generate  # pylint: disable=g-import-not-at-top
+  source = util.model_config()
+  for name, vocab in (('fits', 300), ('too_big', 500)):
+    checkpoint.save_params(str(tmp_path / name), numpy_params(source), source,
+                           extra_meta=hf_tokenizer_meta(vocab))
+  config = util.config()
+  texts = generate.generate_text(config, str(tmp_path / 'fits'), ['w5 w7 w9'], max_new_tokens=4,
+                                 temperature=0.0, out=io.StringIO())
+  assert re.fullmatch(r'( ?w\d+)+', texts[0].strip()), texts
+  with pytest.raises(ValueError, match="the tokenizer has 500 ids but the checkpoint's model only 384"):
+    generate.generate_text(config, str(tmp_path / 'too_big'), ['w5'], max_new_tokens=2,
+                           out=io.StringIO())
+
+
 # ------------------------------------------------------------------------------------------------
 # optim.trainable
 
