@@ -32,6 +32,7 @@ from configs import transformer_tiny
 from retnet_jax import checkpoint
 from retnet_jax import config_lib
 from retnet_jax import metrics as metrics_lib
+from retnet_jax import model as model_lib
 from retnet_jax import platform
 from retnet_jax import train
 
@@ -56,6 +57,11 @@ def config_with(config: str, *items: str | None) -> str:
   path, _, arg = config.partition(':')
   items = [i for i in (arg, *items) if i]
   return f"{path}:{','.join(items)}" if items else path
+
+
+def param_count(config) -> int:
+  """The parameters of a built config's model (abstract: nothing is allocated)."""
+  return model_lib.count_params(model_lib.abstract_params(config_lib.model_config(config)))
 
 
 def build_config(variant: Variant, overrides: Sequence[str] = ()):

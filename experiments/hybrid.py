@@ -100,16 +100,12 @@ def variants(names: Sequence[str], overrides: Sequence[str]) -> list[common.Vari
 def matched_ffn(config: str, own: tuple, target, overrides: Sequence[str]) -> tuple[str, ...]:
   """The FFN width (a multiple of 8) that gives `config` with `own` the parameter count of the
   built config `target`: the count is linear in the width, so two builds fix it."""
-  count = lambda ffn: param_count(common.build_config(
+  count = lambda ffn: common.param_count(common.build_config(
       common.Variant('', config, own + (f'model.ffn_dim={ffn}',)), overrides))
   lo, hi = 64, 128
   per_unit = (count(hi) - count(lo)) / (hi - lo)
-  ffn = lo + (param_count(target) - count(lo)) / per_unit
+  ffn = lo + (common.param_count(target) - count(lo)) / per_unit
   return (f'model.ffn_dim={max(8, 8 * round(ffn / 8))}',)
-
-
-def param_count(config) -> int:
-  return model_lib.count_params(model_lib.abstract_params(config_lib.model_config(config)))
 
 
 def decode_ms_per_token(config, context: int, key) -> float:
@@ -132,7 +128,7 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   runs = common.runs_dir(output_dir, workdir)
   seeds = common.parse_seeds(seeds)
   configs = {v.name: common.build_config(v, overrides) for v in todo}
-  params = {n: param_count(c) for n, c in configs.items()}
+  params = {n: common.param_count(c) for n, c in configs.items()}
   results = common.run_variants(common.with_seeds(todo, seeds), runs, overrides=overrides,
                                 only=common.seeded_names(only, [v.name for v in todo], seeds))
   grouped = common.by_seed(results, [v.name for v in todo], seeds)

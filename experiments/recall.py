@@ -109,15 +109,6 @@ def available(name: str, overrides: Sequence[str],
   return variant, ''
 
 
-def param_count(variant: common.Variant, overrides: Sequence[str]) -> int:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.model_config(common.build_config(variant, overrides))
-  return model_lib.count_params(nnx.state(model_lib.abstract_model(cfg), nnx.Param))
-
-
 def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
         workdir: str | None = None, only: Sequence[str] | None = None,
         overrides: Sequence[str] = (), architectures: Sequence[str] = tuple(ARCHITECTURES),
@@ -391,7 +382,8 @@ COLUMNS = (common.Column('model', 'model'), common.Column('task', 'task'),
 def write_outputs(output_dir, rows, records, settings, seeds, runs, variants, base, skipped,
                   overrides, *, quick):
   from retnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  cfgs = {v.name: config_lib.model_config(common.build_config(v, overrides)) for v in variants}
+  built = {v.name: common.build_config(v, overrides) for v in variants}
+  cfgs = {n: config_lib.model_config(c) for n, c in built.items()}
   m = base.model
   notes = [f'{CONFIG} with {"--quick" if quick else "the full settings"} on data.source=recall: '
            f'{m.num_layers} layers, width {m.embed_dim}, {m.num_heads} heads, training length '
@@ -401,7 +393,7 @@ def write_outputs(output_dir, rows, records, settings, seeds, runs, variants, ba
            f'mean ± sample std over seeds {",".join(map(str, seeds))}.']
   notes += [f'Skipped {n}: {why}.' for n, why in skipped.items()]
   notes.append('Parameters: ' + ', '.join(
-      f'{v.name} {param_count(v, overrides):,}' for v in variants) + '.')
+      f'{n} {common.param_count(c):,}' for n, c in built.items()) + '.')
   extra = grid_markdown(records, variants, settings, seeds, base.seq_len)
   extra += '\n' + memory_table(records, variants, cfgs, base, seeds)
   extra += '\n' + gates_markdown(runs, variants, seeds, settings)

@@ -28,7 +28,6 @@ from absl import flags
 from absl import logging
 
 from experiments import common
-from retnet_jax import config_lib
 
 CONFIGS = {'retnet': 'configs/retnet_tiny.py', 'transformer': 'configs/transformer_tiny.py'}
 # size name -> (embed_dim D, num_layers L, num_heads H): about 1M, 4M and 12M RetNet parameters.
@@ -51,14 +50,6 @@ def size_overrides(dims) -> tuple[str, ...]:
   D, L, H = dims
   return (f'model.embed_dim={D}', f'model.num_layers={L}', f'model.num_heads={H}',
           f'model.value_dim={2 * D}', f'model.ffn_dim={2 * D}')
-
-
-def param_count(config) -> int:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from retnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
-  abstract = model_lib.abstract_model(config_lib.model_config(config))
-  return model_lib.count_params(nnx.state(abstract, nnx.Param))
 
 
 def variants(sizes: dict, overrides: Sequence[str], quick: bool = False) -> list[common.Variant]:
@@ -97,7 +88,7 @@ def run(output_dir: str, *, quick: bool = False, steps: int | None = None,
   rows = []
   for name in grouped:
     kind, size = name.split('_', 1)
-    row = {'size': size, 'model': kind, 'params': param_count(configs[name]),
+    row = {'size': size, 'model': kind, 'params': common.param_count(configs[name]),
            'loss_mean': loss[name]['mean'], 'loss_std': loss[name]['std'],
            'bpb_mean': bpb[name]['mean'], 'seeds': loss[name]['seeds'],
            'values': loss[name]['values'], 'delta_mean': None, 'delta_std': None}

@@ -396,7 +396,8 @@ def generate_text(config, workdir: str, prompts: Sequence[str], *, max_new_token
   the latest); fallback: the newest intact step when that one is damaged (default
   config.checkpoint.fallback_to_intact). The model is the checkpoint's own ModelConfig; the tokenizer
   is the one the checkpoint carries (a converted or warm-started model's) unless `config.data` names
-  one other than 'byte', else `config.data`'s. Prompts run one after another (each streamed as it is produced). Returns the texts.
+  one other than 'byte', else `config.data`'s. Prompts run one after another (each streamed as it
+  is produced). Returns the texts.
   """
   metrics_lib.quiet_library_logs()
   out = sys.stdout if out is None else out

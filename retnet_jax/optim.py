@@ -92,7 +92,8 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     # zero gradients (train.py) and, so that weight decay cannot move them, zero updates.
     labels = lambda params: jax.tree.map(lambda m: 'frozen' if m is False else 'train',
                                          trainable_mask(pattern, params))
-    freeze = optax.stateless(lambda updates, params: apply_mask(updates, trainable_mask(pattern, updates)))
+    freeze = optax.stateless(
+        lambda updates, params: apply_mask(updates, trainable_mask(pattern, updates)))
     tx = optax.multi_transform({'train': optax.chain(tx, freeze), 'frozen': optax.set_to_zero()},
                                labels)
   return tx, schedule

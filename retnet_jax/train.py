@@ -53,8 +53,8 @@ def train_step(state, batch, *, setup: model_lib.Setup, tx, schedule, accum_step
   """One optimiser update over the whole batch, accumulated over `accum_steps` micro-batches.
 
   trainable: optim.trainable_mask's tree; frozen gradients (whole parameters, or the frozen
-  repeats of a stacked one) are dropped at once, so the compiler never computes them. loss_chunk: positions per
-  chunk of the loss (loss.statistics; 0: the whole logits at once)."""
+  repeats of a stacked one) are dropped at once, so the compiler never computes them.
+  loss_chunk: positions per chunk of the loss (loss.statistics; 0: the whole logits at once)."""
   rng = jax.random.fold_in(base_key, state['step']) if setup.model_config.dropout > 0 else None
   value_and_grad = jax.value_and_grad(functools.partial(loss_fn, loss_chunk=loss_chunk), has_aux=True)
 

@@ -187,13 +187,14 @@ def test_experiment_quick_path(tmp_path, capsys):
 def test_every_architecture_builds_at_the_quick_settings():
   """The entries not trained above (the lm schedule, the hybrid, the Transformer) validate, the
   Transformer parameter-matched to RetNet."""
+  from experiments import common  # pylint: disable=g-import-not-at-top
   from experiments import recall as experiment  # pylint: disable=g-import-not-at-top
   overrides = experiment.SHARED + experiment.QUICK
   counts = {}
   for name in experiment.ARCHITECTURES:
     variant, why = experiment.available(name, overrides, quick=True)
     assert variant is not None, (name, why)
-    counts[name] = experiment.param_count(variant, overrides)
+    counts[name] = common.param_count(common.build_config(variant, overrides))
   assert abs(counts['transformer'] / counts['retnet'] - 1) < 0.01, counts
 
 

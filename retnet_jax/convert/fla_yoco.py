@@ -162,7 +162,8 @@ def from_fla(state_dict: dict, hf_config: dict, param_dtype: str = 'float32'):
   swa = s['type'] == 'swa'
   cfg = model_lib.ModelConfig(
       kind='yoco', num_layers=L, num_self_decoder_layers=Ls, self_decoder=s['type'],
-      attention_window=int(s['window_size']) if swa else None, num_kv_heads=Hkv, vocab_size=int(c['vocab_size']), embed_dim=D, num_heads=H, value_dim=D,
+      attention_window=int(s['window_size']) if swa else None, num_kv_heads=Hkv,
+      vocab_size=int(c['vocab_size']), embed_dim=D, num_heads=H, value_dim=D,
       ffn_dim=int(c['intermediate_size']), ffn_activation='swish', gamma='gated',
       gate_temperature=float(s['gate_logit_normalizer']), rotary='interleaved',
       rotary_freqs=ROTARY_FREQS[s['rope_inv_freq']], rotary_base=float(s['rope_theta']),
