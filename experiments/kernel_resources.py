@@ -8,8 +8,9 @@ jax-cuda12-pjrt==<jax>`, or cuda13). Registers and spills need ptxas: $PTXAS, pt
 `nvidia-cuda-nvcc-cu12` package on the path (XLA then also assembles its own kernels: slower), or
 ptxas on PATH; without it they are not reported. Every case compiles the forward and the backward at
 B = 2, T = 256, H = 2, chunk 64; XLA's dump gives each Triton kernel's PTX, threads and shared
-memory, and `ptxas -v` for sm_90a gives its registers and spills. Writes resources.json and
-table.md.
+memory, and `ptxas -v` for sm_90a gives its registers and spills. Cases: K = V = 64 and 128,
+bfloat16 and float32, with and without resets, a fixed γ per head; and the bfloat16 ones with a
+per-token (gated) decay. Writes resources.json and table.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-posi
 
 H100_SHARED_BYTES = 227 * 1024  # Most shared memory one H100 block may use.
 H100_REGISTERS = 255  # Per thread; beyond them values spill to local memory.
-CASES = tuple(itertools.product((64, 128), ('bfloat16', 'float32'), (False, True)))
+CASES = (tuple(itertools.product((64, 128), ('bfloat16', 'float32'), (False, True), (False,)))
+         + tuple(itertools.product((64, 128), ('bfloat16',), (False, True), (True,))))
 
 
 def ptxas() -> str | None:
@@ -49,12 +51,13 @@ def ptxas() -> str | None:
   return shutil.which('ptxas')
 
 
-def _compile(dim: int, dtype: str, resets: bool, devices) -> None:
+def _compile(dim: int, dtype: str, resets: bool, gated: bool, devices) -> None:
   from retnet_jax import retention_pallas  # pylint: disable=g-import-not-at-top
   B, T, H = 2, 256, 2
   dt = jnp.dtype(dtype)
   spec = lambda *shape, dtype=dt: jax.ShapeDtypeStruct(shape, dtype)
-  args = [spec(B, T, H, dim), spec(B, T, H, dim), spec(B, T, H, dim), spec(H, dtype=jnp.float32),
+  log_gamma = spec(B, T, H, dtype=jnp.float32) if gated else spec(H, dtype=jnp.float32)
+  args = [spec(B, T, H, dim), spec(B, T, H, dim), spec(B, T, H, dim), log_gamma,
           spec(B, H, dim, dim, dtype=jnp.float32)]
   if resets:
     args.append(spec(B, T, dtype=jnp.bool_))
@@ -98,39 +101,41 @@ def _kernels(files: list[str], tool: str | None) -> list[dict]:
 
 
 def measure(cases=CASES) -> dict:
-  """{'ptxas': path or None, 'rows': [{K, V, dtype, resets, kernel, threads, shared_bytes,
+  """{'ptxas': path or None, 'rows': [{K, V, dtype, resets, gated, kernel, threads, shared_bytes,
   registers, spill_store_bytes, ...}]} for each case's forward and backward kernels."""
   from retnet_jax import aot  # pylint: disable=g-import-not-at-top
   devices = aot.topology_devices(aot.parse_topology('h100-1'))
   tool = ptxas()
   rows = []
-  for dim, dtype, resets in cases:
+  for dim, dtype, resets, gated in cases:
+    case = {'K': dim, 'V': dim, 'dtype': dtype, 'resets': resets, 'gated': gated, 'chunk': 64}
     before = set(glob.glob(os.path.join(_DUMP, '*')))
     try:
-      _compile(dim, dtype, resets, devices)
+      _compile(dim, dtype, resets, gated, devices)
     except Exception as e:  # pylint: disable=broad-except
-      rows.append({'K': dim, 'V': dim, 'dtype': dtype, 'resets': resets, 'chunk': 64,
-                   'kernel': 'retention_(compile)', 'error': str(e).strip().splitlines()[0]})
+      rows.append({**case, 'kernel': 'retention_(compile)',
+                   'error': str(e).strip().splitlines()[0]})
       continue
     files = sorted(set(glob.glob(os.path.join(_DUMP, '*'))) - before)
     for row in [r for r in _kernels(files, tool) if r['kernel'].startswith('retention_')]:
-      rows.append({'K': dim, 'V': dim, 'dtype': dtype, 'resets': resets, 'chunk': 64, **row})
+      rows.append({**case, **row})
   return {'ptxas': tool, 'device': str(devices[0].device_kind), 'rows': rows}
 
 
 def table(results: dict) -> str:
   lines = [f'{results["device"]}, sm_90a, chunk 64; registers and spills from '
            f'{"ptxas -v" if results["ptxas"] else "(no ptxas: not reported)"}.', '',
-           '| K = V | dtype | resets | kernel | threads | registers | spill stores (B) | '
-           'shared memory (KiB) |', '|---:|---|---|---|---:|---:|---:|---:|']
+           '| K = V | dtype | resets | decay | kernel | threads | registers | spill stores (B) '
+           '| shared memory (KiB) |', '|---:|---|---|---|---|---:|---:|---:|---:|']
   for r in [r for r in results['rows'] if r['kernel'].startswith('retention_')]:
     lines.append(f'| {r["K"]} | {r["dtype"]} | {"yes" if r["resets"] else "no"} | '
+                 f'{"per token" if r["gated"] else "per head"} | '
                  f'{r["kernel"]} | {r.get("threads", "–")} | {r.get("registers", "–")} | '
                  f'{r.get("spill_store_bytes", "–")} | '
                  f'{r.get("shared_bytes", 0) / 1024:.0f} |')
   errors = [r for r in results['rows'] if 'error' in r]
-  lines += [''] + [f'K = V = {r["K"]} {r["dtype"]} resets {r["resets"]}: {r["error"]}'
-                   for r in errors]
+  lines += [''] + [f'K = V = {r["K"]} {r["dtype"]} resets {r["resets"]} gated {r["gated"]}: '
+                   f'{r["error"]}' for r in errors]
   return '\n'.join(lines) + '\n'
 
 

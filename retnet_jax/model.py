@@ -162,8 +162,6 @@ class ModelConfig:
     if 'retention' in self.pattern and self.gamma == decay.GATED:
       need(not self.decay_row_norm, "decay_row_norm needs a fixed γ per head; gamma='gated' "
            'decays per token (its per-head norm cancels the scale anyway).')
-      need(self.retention_impl != 'pallas',
-           "retention_impl='pallas': the kernel takes one γ per head, not gamma='gated'.")
     elif 'retention' in self.pattern:
       self.gammas()  # Raises on an unknown or impossible schedule.
 

@@ -49,11 +49,10 @@ class Choice(NamedTuple):
 
 
 def choose(q_shape, v_shape, dtype, *, form='chunkwise', chunk_size=64, impl='auto',
-           platform=None, per_token_decay=False) -> Choice:
+           platform=None) -> Choice:
   """The implementation of a retention call with q [B, T, H, K], v [B, T, H, V] of `dtype`.
 
   platform: that of the devices the call is placed on; by default `sharding.platform()`.
-  per_token_decay: log_gamma is [B, T, H] (gated), which the kernel does not take.
   """
   if form not in ref.FORMS:
     raise ValueError(f'Unknown retention form {form!r}; expected one of {sorted(ref.FORMS)}.')
@@ -67,11 +66,6 @@ def choose(q_shape, v_shape, dtype, *, form='chunkwise', chunk_size=64, impl='au
     return Choice('xla', None, 'impl="xla" asked for')
   if form != 'chunkwise':
     return Choice('xla', None, f'form {form!r} has no kernel')
-  if per_token_decay:
-    why = retention_pallas.unsupported(0, 0, 0, chunk_size, dtype, 'gpu', per_token_decay=True)
-    if impl == 'pallas':
-      raise ValueError(f'impl="pallas" cannot run {why}.')
-    return Choice('xla', None, f'the kernel does not support {why}')
   platform = platform or sharding.platform()
   on_accelerator = platform in retention_pallas.TARGETS
   target = platform if on_accelerator else 'gpu'
@@ -95,7 +89,7 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
   """Retention in `form` by the implementation `choose` picks; (o [B, T, H, V], state [B, H, K, V]).
 
   Shapes as in `retention`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] or [B, T, H] (per
-  token; always the XLA forms); state f32 or None
+  token); state f32 or None
   (zero); reset [B, T] bool or None. exchange: how blocks pass states under a sequence axis,
   'scan' or 'all_gather' (see above).
   """
@@ -103,8 +97,7 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
     raise ValueError(f'Unknown sequence exchange {exchange!r}; expected one of '
                      f'{sorted(EXCHANGE_FNS)}.')
   B, T, H, K, V = ref.check_shapes(q, k, v, log_gamma, state, reset)
-  choice = choose(q.shape, v.shape, v.dtype, form=form, chunk_size=chunk_size, impl=impl,
-                  per_token_decay=ref.per_token(log_gamma))
+  choice = choose(q.shape, v.shape, v.dtype, form=form, chunk_size=chunk_size, impl=impl)
   if choice.impl == 'skip':
     return v, (ref.zero_state(B, H, K, V) if state is None else state)
   axis, n = sharding.sequence_axis()
@@ -124,7 +117,8 @@ def retention(q, k, v, log_gamma, state=None, *, reset=None, form='chunkwise', c
     state = ref.zero_state(B, H, K, V)
   bthk, bhkv = ('batch', None, 'heads', None), ('batch', 'heads', None, None)
   resets = () if reset is None else (reset,)  # shard_map takes arrays, not None.
-  in_axes = (bthk, bthk, bthk, ('heads',), bhkv) + (('batch', None),) * len(resets)
+  gamma_axes = ('batch', None, 'heads') if ref.per_token(log_gamma) else ('heads',)
+  in_axes = (bthk, bthk, bthk, gamma_axes, bhkv) + (('batch', None),) * len(resets)
   run = sharding.per_shard(_local(choice, chunk_size), in_axes, (bthk, bhkv))
   return run(q, k, v, log_gamma, state, *resets)
 

@@ -1,7 +1,8 @@
 """Fused chunkwise retention (eq. 7) as Pallas kernels, forward and backward, for GPU and TPU.
 
-Same contract as `retention.chunkwise`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H]; state
-[B, H, K, V] float32; returns (o [B, T, H, V] in the input dtype, final state [B, H, K, V] float32).
+Same contract as `retention.chunkwise`: q, k [B, T, H, K]; v [B, T, H, V]; log_gamma [H] (one γ
+per head) or [B, T, H] (per token, gated retention); state [B, H, K, V] float32; returns
+(o [B, T, H, V] in the input dtype, final state [B, H, K, V] float32).
 
 Per (batch, head, block of BV value columns) the kernels run one linear recurrence over the N chunks
 of C tokens, carrying a [K, BV] float32 state. With S_n the state before chunk n (S_0 = S_in),
@@ -22,6 +23,13 @@ dQ and dK sum over the value blocks: each block writes a float32 partial that a 
 
 A ragged T is zero-padded at the END to a multiple of C; the kernels know the true length, so the
 last chunk decays the state by γ^{L}, not γ^C: nothing is ever divided by a power of γ.
+
+A per-token decay replaces the powers of γ by within-chunk cumulative sums c_i = Σ_{u≤i} log γ_u
+(computed outside the kernel; a [B, H, T, 1] float32 input): D_ij = exp(c_i − c_j), ξ_i = exp(c_i),
+ζ_j = exp(c_{C−1} − c_j) and the carry exp(c_{C−1}). Padded tokens get log γ = 0, so the last chunk
+needs no length. With log γ ≤ 0 no exponent is positive (a positive log γ grows the state, as γ > 1
+would, and can overflow). d log γ_s is the sum of ∂L/∂c_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at
+the last token) over the tokens t ≥ s of s's segment, zero at a reset (its γ meets a zero state).
 
 Resets (document boundaries) only mask these factors, chunk by chunk, in both passes: D_ij keeps
 tokens i, j of one segment, ξ_i tokens before the chunk's first reset, ζ_j tokens of the chunk's
@@ -120,11 +128,8 @@ def default_block_k(K, target, dtype=jnp.bfloat16):
   return min(K, _gpu_max_block(dtype)) if target == 'gpu' else K
 
 
-def unsupported(H, K, V, chunk_size, dtype, target, block_v=None, per_token_decay=False
-                ) -> str | None:
+def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
   """Why the kernel cannot run this shape on `target` ('gpu' | 'tpu'); None when it can."""
-  if per_token_decay:
-    return 'a per-token decay log_gamma [B, T, H] (the kernel takes one γ per head)'
   bv = block_v or default_block_v(V, target, K, dtype)
   if jnp.dtype(dtype) not in (jnp.dtype(F32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f'dtype {jnp.dtype(dtype)} (float32, bfloat16 or float16 only)'
@@ -187,16 +192,32 @@ def _decay_across(lam, C, length_n):
   return zeta_C1, carry_11
 
 
+def _as_row(x_C1):
+  """A [C, 1] column as a [1, C] row: a masked sum over the diagonal (exact, no matmul)."""
+  C = x_C1.shape[0]
+  diagonal_CC = (lax.broadcasted_iota(jnp.int32, (C, C), 0)
+                 == lax.broadcasted_iota(jnp.int32, (C, C), 1))
+  return jnp.sum(jnp.where(diagonal_CC, x_C1, 0.0), axis=0, keepdims=True)
+
+
+def _token_decay(c_C1):
+  """(D_CC, ξ_C1, ζ_C1, carry_11) of a chunk from its within-chunk cumulative log γ c_C1: D_ij =
+  exp(c_i − c_j) for i ≥ j, ξ_i = exp(c_i), ζ_j = exp(c_{C−1} − c_j), carry exp(c_{C−1})."""
+  C = c_C1.shape[0]
+  causal_CC = (lax.broadcasted_iota(jnp.int32, (C, C), 0)
+               >= lax.broadcasted_iota(jnp.int32, (C, C), 1))
+  # The exponent is masked before exp: above the diagonal c_i − c_j ≥ 0 could overflow.
+  decay_CC = jnp.where(causal_CC, jnp.exp(jnp.where(causal_CC, c_C1 - _as_row(c_C1), 0.0)), 0.0)
+  last_C1 = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  total_11 = jnp.sum(jnp.where(last_C1, c_C1, 0.0), axis=0, keepdims=True)
+  return decay_CC, jnp.exp(c_C1), jnp.exp(total_11 - c_C1), jnp.exp(total_11)
+
+
 def _mask_consts(consts, start_C1, open_C1, tail_C1):
   """The chunk's (D, ξ, ζ, γ^L) with its resets: see the module docstring."""
   decay_CC, xi_C1, zeta_C1, carry_11 = consts
-  C = start_C1.shape[0]
-  col_1C = lax.broadcasted_iota(jnp.int32, (1, C), 1).astype(F32)
-  # Tokens i, j share a segment when their segments start at the same position: the start column
-  # as a row (a masked sum over the diagonal: exact, no matmul), compared, then selected.
-  row_CC = lax.broadcasted_iota(jnp.int32, (C, C), 0).astype(F32)
-  start_1C = jnp.sum(jnp.where(row_CC == col_1C, start_C1, 0.0), axis=0, keepdims=True)
-  same_segment_CC = start_C1 == start_1C
+  # Tokens i, j share a segment when their segments start at the same position of the chunk.
+  same_segment_CC = start_C1 == _as_row(start_C1)
   return (jnp.where(same_segment_CC, decay_CC, 0.0), jnp.where(open_C1 > 0.5, xi_C1, 0.0),
           jnp.where(tail_C1 > 0.5, zeta_C1, 0.0),
           jnp.where(jnp.min(open_C1, axis=0, keepdims=True) > 0.5, carry_11, 0.0))
@@ -244,18 +265,24 @@ def _dkv_chunk(consts, ins, grad_KB):
 # per value block) and [NK, B, Tp, H·V] ('vp', one per key block).
 
 
-def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log_gamma_H, *,
+def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, decay, *,
                  dims, chunk, length, reverse, target, interpret, segments=()):
   """Runs `chunk_fn` over the chunks of every (b, h, value block); returns (*outs, state).
 
-  segments: () without resets, else the three [B, Tp, 1] inputs of `_segment_inputs`.
+  decay: log γ [H], or the within-chunk cumulative sums of a per-token log γ, [B, H, Tp, 1]
+  float32 (`_chunk_cumsum`). segments: () without resets, else the three [B, Tp, 1] inputs of
+  `_segment_inputs`.
   """
   B, Tp, H, K, V, BK, BV = dims
   C, NK, NV, N = chunk, K // BK, V // BV, Tp // chunk
   last_length = length - (N - 1) * C  # L of the last chunk; C when T divides evenly.
   tpu = target == 'tpu'
-  width = {'k': BK, 'v': BV, 'kp': BK, 'vp': BV, 's': 1}
+  width = {'k': BK, 'v': BV, 'kp': BK, 'vp': BV, 's': 1, 'c': 1}
   n_seg = len(segments)
+  per_token = decay.ndim == 4
+  if per_token:  # The cumulative sums enter as one more per-token input, one column per head.
+    ins, in_kinds = (*ins, decay), (*in_kinds, 'c')
+    decay = jnp.zeros(H, F32)  # The per-head γ the kernels read: unused.
   ins, in_kinds = (*ins, *segments), (*in_kinds, *('s',) * n_seg)
   rows = C if tpu else Tp  # Block length along time: one chunk (tpu) or the whole sequence (gpu).
 
@@ -267,10 +294,11 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
     """BlockSpec of an operand kind; chunk_index(grid ids) -> time-block index."""
     def index_map(b, h, jk, *i):
       n, (j, kb) = chunk_index(*i), blocks(jk)
-      return {'k': lambda: (b, n, h * NK + kb), 's': lambda: (b, n, 0),
+      return {'k': lambda: (b, n, h * NK + kb), 's': lambda: (b, n, 0), 'c': lambda: (b, h, n, 0),
               'v': lambda: (b, n, h * NV + j), 'kp': lambda: (j, b, n, h * NK + kb),
               'vp': lambda: (kb, b, n, h * NV + j)}[kind]()
-    shape = (None, None, rows, width[kind]) if kind in ('kp', 'vp') else (None, rows, width[kind])
+    shape = ((None, None, rows, width[kind]) if kind in ('kp', 'vp', 'c')
+             else (None, rows, width[kind]))
     return pl.BlockSpec(shape, index_map)
 
   shapes = {'k': (B, Tp, H * K), 'v': (B, Tp, H * V), 'kp': (NV, B, Tp, H * K),
@@ -284,14 +312,19 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 
   def consts(lam, n, invariant):
     """(D_CC, ξ_C1, ζ_C1, γ^L) of chunk n; only the last chunk of a ragged T has L < C."""
+    if per_token:
+      return None  # Built from the chunk's cumulative sums in `run_chunk`.
     length_n = C if last_length == C else jnp.minimum(C, length - n * C)
     return (*invariant, *_decay_across(lam, C, length_n))
 
   def run_chunk(consts_n, values, state_KB):
     """chunk_fn on the chunk's operands, its consts masked by its resets if there are any."""
     if n_seg:
-      consts_n = _mask_consts(consts_n, *values[-n_seg:])
-      values = values[:-n_seg]
+      values, seg_values = values[:-n_seg], values[-n_seg:]
+    if per_token:
+      values, consts_n = values[:-1], _token_decay(values[-1])
+    if n_seg:
+      consts_n = _mask_consts(consts_n, *seg_values)
     return chunk_fn(consts_n, values, state_KB)
 
   if not tpu:
@@ -299,7 +332,7 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
       in_refs, s0_ref = refs[:n_in], refs[n_in]
       out_refs, s_out_ref = refs[n_in + 1:n_in + 1 + n_out], refs[-1]
       lam = lam_ref[0]
-      invariant = _decay_in_chunk(lam, C)  # Built once per program, outside the loop.
+      invariant = None if per_token else _decay_in_chunk(lam, C)  # Once, outside the loop.
       hoisted = consts(lam, 0, invariant) if last_length == C else None
 
       def body(step, state_KB):
@@ -330,7 +363,7 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
         state_ref[...] = s0_ref[...].astype(F32)
 
       lam = lam_ref[pl.program_id(1)]
-      outs, state_KB = run_chunk(consts(lam, n, _decay_in_chunk(lam, C)),
+      outs, state_KB = run_chunk(consts(lam, n, None if per_token else _decay_in_chunk(lam, C)),
                                  tuple(r[...] for r in in_refs), state_ref[...])
       for r, x in zip(out_refs, outs):
         r[...] = x.astype(r.dtype)
@@ -357,7 +390,7 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
   _F32_DOT['precision'] = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if gpu_compiled
                            else lax.Precision.HIGHEST)
   try:
-    return call(log_gamma_H.astype(F32), *ins, state_BHKV)
+    return call(decay.astype(F32), *ins, state_BHKV)
   finally:
     _F32_DOT['precision'] = lax.Precision.HIGHEST
 
@@ -366,9 +399,9 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, log
 # The custom VJP over padded inputs (Tp = N·C ≥ length).
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static, interpret):
-  return _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _fused(q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, static, interpret):
+  return _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, static,
                     interpret)[0]
 
 
@@ -389,21 +422,44 @@ def _segment_inputs(reset_BT, Tp, C):
   return (column(start_BNC), column(seen_BNC == 0), column(seen_BNC == seen_BNC[..., -1:]))
 
 
-def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, static, interpret):
+def _chunk_cumsum(log_gamma, chunk):
+  """log γ [H] as it is, or a per-token log γ [B, Tp, H] as its within-chunk inclusive cumulative
+  sums, [B, H, Tp, 1] float32: the kernels' `decay` input."""
+  if log_gamma.ndim == 1:
+    return log_gamma
+  B, Tp, H = log_gamma.shape
+  c_BNCH = jnp.cumsum(log_gamma.astype(F32).reshape(B, Tp // chunk, chunk, H), axis=2)
+  return c_BNCH.reshape(B, Tp, H).transpose(0, 2, 1)[..., None]
+
+
+def _segment_sums_from_end(x_BTH, reset_BT):
+  """y_s = Σ x_t over the tokens t ≥ s of s's segment (up to the next reset), in float32."""
+  # Scanned from the end, a new segment starts after every reset: token s starts one when s + 1
+  # is a reset. A segmented sum is associative on (starts, x) pairs.
+  starts_BT = jnp.concatenate([reset_BT[:, 1:], jnp.zeros_like(reset_BT[:, :1])], axis=1) > 0.5
+  def combine(a, b):  # a precedes b in scan order (b nearer the start of the sequence).
+    return a[0] | b[0], jnp.where(b[0][..., None], b[1], a[1] + b[1])
+  _, y_BTH = lax.associative_scan(combine, (starts_BT, x_BTH), reverse=True, axis=1)
+  return y_BTH
+
+
+def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, static,
+               interpret):
   chunk, length, target, BV, _ = static
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
   o_BTV, final_BHKV = _scan_chunks(
       _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), ('v',),
-      (v_BTHV.dtype,), state_BHKV, log_gamma_H, dims=(B, Tp, H, K, V, K, BV), chunk=chunk,
-      length=length, reverse=False, target=target, interpret=interpret, segments=segments)
-  residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV)
+      (v_BTHV.dtype,), state_BHKV, _chunk_cumsum(log_gamma, chunk), dims=(B, Tp, H, K, V, K, BV),
+      chunk=chunk, length=length, reverse=False, target=target, interpret=interpret,
+      segments=segments)
+  residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, final_BHKV)
   return (o_BTV.reshape(B, Tp, H, V), final_BHKV), residuals
 
 
 def _fused_bwd(static, interpret, residuals, cotangents):
   chunk, length, target, BV, BK = static
-  q_BTHK, k_BTHK, v_BTHV, log_gamma_H, state_BHKV, segments, final_BHKV = residuals
+  q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, final_BHKV = residuals
   do_BTHV, dfinal_BHKV = cotangents
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
@@ -411,27 +467,39 @@ def _fused_bwd(static, interpret, residuals, cotangents):
   q, k, v, do = map(_flat, (q_BTHK, k_BTHK, v_BTHV, do_BTHV))
   common = dict(dims=(B, Tp, H, K, V, BK, BV), chunk=chunk, length=length, target=target,
                 interpret=interpret, segments=segments)
+  decay = _chunk_cumsum(log_gamma, chunk)
   dq_JBTK, _ = _scan_chunks(_dq_chunk, (k, v, do), ('k', 'v', 'v'), ('kp',), (F32,), state_BHKV,
-                            log_gamma_H, reverse=False, **common)
+                            decay, reverse=False, **common)
   # With K in blocks, dV sums over them (float32 partials); with one block it is written directly.
   dv_kind, dv_dtype = ('v', v_BTHV.dtype) if BK == K else ('vp', F32)
   dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
       _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', dv_kind), (F32, dv_dtype),
-      dfinal_BHKV.astype(F32), log_gamma_H, reverse=True, **common)
+      dfinal_BHKV.astype(F32), decay, reverse=True, **common)
   if dv_kind == 'vp':
     dv_BTV = dv_BTV.sum(0).astype(v_BTHV.dtype)
   dq_BTHK = dq_JBTK.sum(0).reshape(B, Tp, H, K)
   dk_BTHK = dk_JBTK.sum(0).reshape(B, Tp, H, K)
-  # d log γ from the other gradients: with a_t = (t+1) log γ, the operator only sees q_t e^{a_t},
-  # k_s e^{−a_s} and the final state's factor e^{a_{T−1}}, so ∂L/∂a_t = q_t·dq_t − k_t·dk_t (+
-  # ⟨dS_T, S_T⟩ at t = T−1) and d log γ = Σ_t (t+1) ∂L/∂a_t. Padded tokens have q = k = 0.
-  pos_T = jnp.arange(1, Tp + 1, dtype=F32)
-  qdq_BTH = jnp.sum(q_BTHK.astype(F32) * dq_BTHK, -1) - jnp.sum(k_BTHK.astype(F32) * dk_BTHK, -1)
-  dlog_gamma_H = (jnp.einsum('bth,t->h', qdq_BTH, pos_T)
-                  + length * jnp.sum(dfinal_BHKV.astype(F32) * final_BHKV, (0, 2, 3)))
+  # d log γ from the other gradients: with a_t = Σ_{u≤t} log γ_u, the operator only sees
+  # q_t e^{a_t}, k_s e^{−a_s} and the final state's factor e^{a_{T−1}} (the masks of resets do
+  # not depend on γ), so ∂L/∂a_t = q_t·dq_t − k_t·dk_t (+ ⟨dS_T, S_T⟩ at t = T−1). A fixed γ has
+  # a_t = (t+1) log γ; a per-token one sums ∂L/∂a_t from the end of each segment (module
+  # docstring). Padded tokens have q = k = 0.
+  da_BTH = jnp.sum(q_BTHK.astype(F32) * dq_BTHK, -1) - jnp.sum(k_BTHK.astype(F32) * dk_BTHK, -1)
+  dfinal_BH = jnp.sum(dfinal_BHKV.astype(F32) * final_BHKV, (2, 3))
+  if log_gamma.ndim == 1:
+    pos_T = jnp.arange(1, Tp + 1, dtype=F32)
+    dlog_gamma = jnp.einsum('bth,t->h', da_BTH, pos_T) + length * jnp.sum(dfinal_BH, 0)
+  else:
+    da_BTH = da_BTH.at[:, length - 1].add(dfinal_BH)
+    if reset_BT is None:
+      dlog_gamma = jnp.flip(jnp.cumsum(jnp.flip(da_BTH, 1), axis=1), 1)
+    else:  # A reset's γ multiplies a zero state: its gradient is exactly zero.
+      dlog_gamma = jnp.where(reset_BT[..., None] > 0.5, 0.0,
+                             _segment_sums_from_end(da_BTH, reset_BT))
   return (dq_BTHK.astype(q_BTHK.dtype), dk_BTHK.astype(k_BTHK.dtype),
-          dv_BTV.reshape(B, Tp, H, V), dlog_gamma_H.astype(log_gamma_H.dtype),
-          dstate_BHKV.astype(state_BHKV.dtype), tuple(jnp.zeros_like(x) for x in segments))
+          dv_BTV.reshape(B, Tp, H, V), dlog_gamma.astype(log_gamma.dtype),
+          dstate_BHKV.astype(state_BHKV.dtype), tuple(jnp.zeros_like(x) for x in segments),
+          None if reset_BT is None else jnp.zeros_like(reset_BT))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -452,7 +520,7 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   block_v: value columns per program (`default_block_v`: at most 64 on GPU, 32 in float32, 128 on
   TPU). block_k: key columns per program of the backward passes (`default_block_k`: at most 64 on
   GPU, 32 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must
-  be None. reset [B, T] bool, as in `retention`.
+  be None. log_gamma [H] or [B, T, H] and reset [B, T] bool, as in `retention`.
   """
   B, T, H, K, V = retention.check_shapes(q, k, v, log_gamma, state, reset)
   if chunk_size < 1:
@@ -481,7 +549,11 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+  log_gamma = log_gamma.astype(F32)
+  if retention.per_token(log_gamma) and pad:  # Padded tokens keep the state: log γ = 0.
+    log_gamma = jnp.pad(log_gamma, ((0, 0), (0, pad), (0, 0)))
   segments = () if reset is None else _segment_inputs(reset, T + pad, chunk_size)
-  o_BTHV, final_BHKV = _fused(q, k, v, log_gamma.astype(F32), state.astype(F32), segments,
+  reset_BT = None if reset is None else jnp.pad(reset.astype(F32), ((0, 0), (0, pad)))
+  o_BTHV, final_BHKV = _fused(q, k, v, log_gamma, state.astype(F32), segments, reset_BT,
                               (chunk_size, T, target, block_v, block_k), interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV

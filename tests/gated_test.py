@@ -13,6 +13,8 @@ from retnet_jax import decay
 from retnet_jax import model as model_lib
 from retnet_jax import retention
 from retnet_jax import retention_ops
+from retnet_jax import retention_pallas
+from retnet_jax import sharding
 from tests import util
 from tests.util import rel_err
 
@@ -226,13 +228,81 @@ def test_bad_log_gamma_shape_is_one_line_error():
     retention.step(q[:, 0], k[:, 0], v[:, 0], jnp.zeros((2, 5, 3)), jnp.zeros((2, 3, 5, 6)))
 
 
-def test_the_kernel_refuses_a_per_token_decay():
-  choice = retention_ops.choose((2, 64, 4, 128), (2, 64, 4, 128), jnp.bfloat16, platform='gpu',
-                                per_token_decay=True)
-  assert choice.impl == 'xla' and 'per-token' in choice.reason
-  with pytest.raises(ValueError, match='per-token'):
-    retention_ops.choose((2, 64, 4, 128), (2, 64, 4, 128), jnp.float32, impl='pallas',
-                         per_token_decay=True)
+# ------------------------------------------------------------------------------------------------
+# The Pallas kernels (interpreted here; both drivers) with a per-token decay.
+
+
+def kernel_form(target, chunk=16, **blocks):
+  return lambda *a: retention_pallas.chunkwise(*a[:5], reset=a[5], chunk_size=chunk, target=target,
+                                               interpret=True, **blocks)
+
+
+@pytest.mark.parametrize('target,T,blocks', [
+    ('gpu', 45, {}), ('gpu', 64, dict(block_v=2, block_k=1)), ('tpu', 77, {})])
+def test_kernel_matches_float64_recurrence_and_backward(target, T, blocks):
+  """Values and d/d(q, k, v, log γ, S_in), with resets on a chunk's first token and twice in a
+  row, a ragged last chunk (45, 77) and split key/value blocks (GPU driver)."""
+  args = inputs(20 + T, 3, T, 2, resets=RESETS)
+  rng = np.random.default_rng(T)
+  w_o = jnp.asarray(rng.standard_normal((3, T, 2, V_DIM)), jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal((3, 2, K_DIM, V_DIM)), jnp.float32)
+  o_ref, s_ref, ref_grads = reference(*args, w_o, w_s)
+  fn = kernel_form(target, **blocks)
+  o, s = jax.jit(fn)(*args)
+  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5, (rel_err(o, o_ref),
+                                                                    rel_err(s, s_ref))
+  for arg, x, r in zip('q k v log_gamma state'.split(), _loss_grads(fn, args, w_o, w_s),
+                       ref_grads):
+    assert x.shape == r.shape and rel_err(x, r) <= 1e-5, (arg, rel_err(x, r))
+  d_log_gamma = _loss_grads(fn, args, w_o, w_s)[3]
+  assert np.all(np.asarray(d_log_gamma)[np.asarray(args[5])] == 0)  # A reset's γ meets zero.
+
+
+@pytest.mark.parametrize('target', ['gpu', 'tpu'])
+def test_kernel_gate_of_minus_30_gives_zeros_not_nan(target):
+  """log γ = −30 on every token of 256-token chunks: exact zeros where the reference has them,
+  finite gradients, and equal to the reference."""
+  q, k, v, _, state, reset = inputs(1, 2, 300, 2)
+  args = (q, k, v, jnp.full(q.shape[:3], -30.0), state, reset)
+  rng = np.random.default_rng(1)
+  w_o = jnp.asarray(rng.standard_normal(v.shape), jnp.float32)
+  w_s = jnp.asarray(rng.standard_normal(state.shape), jnp.float32)
+  o_ref, s_ref, ref_grads = reference(*args, w_o, w_s)
+  fn = kernel_form(target, chunk=256)
+  o, s = jax.jit(fn)(*args)
+  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
+  for arg, x, r in zip('q k v log_gamma state'.split(), _loss_grads(fn, args, w_o, w_s),
+                       ref_grads):
+    assert np.all(np.isfinite(x)), arg
+    assert rel_err(x, r) <= 1e-5 or np.max(np.abs(r)) < 1e-12, (arg, rel_err(x, r))
+
+
+def test_kernel_bfloat16_and_gate_of_zero():
+  """bfloat16 inputs against the float64 recurrence; log γ = 0 equals the kernel's fixed γ = 1."""
+  args = inputs(3, 3, 100, 2, dtype=jnp.bfloat16, resets=RESETS)
+  o_ref, s_ref = reference(*args)
+  o, s = jax.jit(kernel_form('gpu'))(*args)
+  assert o.dtype == jnp.bfloat16 and rel_err(o, o_ref) <= 2e-2 and rel_err(s, s_ref) <= 2e-2
+  q, k, v, _, state, reset = inputs(2, 2, 70, 3, resets=RESETS)
+  o, s = jax.jit(kernel_form('tpu'))(q, k, v, jnp.zeros(q.shape[:3]), state, reset)
+  o1, s1 = jax.jit(kernel_form('tpu'))(q, k, v, jnp.zeros(3), state, reset)
+  assert rel_err(o, o1) <= 1e-6 and rel_err(s, s1) <= 1e-6
+
+
+def test_the_dispatcher_runs_the_kernel_for_a_per_token_decay():
+  """choose() takes the kernel for a gated call on GPU/TPU; under a mesh the per-shard kernel gets
+  its [B, T, H] slice of log γ (batch and heads sharded)."""
+  for platform in ('gpu', 'tpu'):
+    choice = retention_ops.choose((2, 64, 4, 128), (2, 64, 4, 128), jnp.bfloat16,
+                                  platform=platform)
+    assert (choice.impl, choice.target) == ('pallas', platform), choice
+  args = inputs(8, 4, 40, 2, resets=RESETS)
+  o_ref, s_ref = reference(*args)
+  rules = {'batch': 'data', 'heads': 'tensor', 'length': None}
+  with sharding.use_rules(sharding.make_mesh(dict(data=2, tensor=2)), rules):
+    o, s = jax.jit(lambda *a: retention_ops.retention(*a[:5], reset=a[5], chunk_size=16,
+                                                      impl='pallas'))(*args)
+  assert rel_err(o, o_ref) <= 1e-5 and rel_err(s, s_ref) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,7 +378,6 @@ def test_gated_layer_gradient_reaches_the_gate():
     ({'model__decay_row_norm': True}, 'decay_row_norm needs a fixed'),
     ({'model__gate_temperature': 0.0}, 'gate_temperature must be positive'),
     ({'model__gate_floor': 0.5}, 'gate_floor must be a log'),
-    ({'model__retention_impl': 'pallas'}, 'the kernel takes one γ per head'),
 ])
 def test_bad_gated_config_is_refused(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -81,10 +81,12 @@ def test_prefill_then_continue(mode):
     assert util.rel_err(jnp.concatenate([first, second], 1), ref) <= 1e-4, n
 
 
-def test_pallas_kernel_in_the_model_matches_xla():
-  """retention_impl='pallas' (interpreted on CPU) gives the XLA chunkwise logits and state."""
-  model, cfg = build(model__value_dim=96)  # K = 16, V = 32: shapes the kernel supports.
-  kernel, _ = build(model__value_dim=96, model__retention_impl='pallas')
+@pytest.mark.parametrize('gamma', ['retnet', 'gated'])
+def test_pallas_kernel_in_the_model_matches_xla(gamma):
+  """retention_impl='pallas' (interpreted on CPU) gives the XLA chunkwise logits and state, with a
+  fixed and with a per-token (gated) decay."""
+  model, cfg = build(model__value_dim=96, model__gamma=gamma)  # K = 16, V = 32: kernel shapes.
+  kernel, _ = build(model__value_dim=96, model__gamma=gamma, model__retention_impl='pallas')
   toks = tokens(cfg)
   ref, ref_state = jitted(model, form='chunkwise')(toks, None)
   out, state = jitted(kernel, form='chunkwise')(toks, None)

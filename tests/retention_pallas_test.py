@@ -231,16 +231,18 @@ def test_no_overflow_long_sequence_no_decay():
   assert rel_err(o[:, -1], expect) <= 1e-2
 
 
-@pytest.mark.parametrize('platform,target,T,with_reset', [
-    ('cuda', 'gpu', 16384, False), ('cuda', 'gpu', 1000, True), ('tpu', 'tpu', 16384, False),
-    ('tpu', 'tpu', 1000, True)])
-def test_lowers_to_triton_and_mosaic(platform, target, T, with_reset):
-  """Forward and backward at fla's benchmark shape (and a ragged T, with resets) pass Pallas'
-  Triton / Mosaic lowering, built for the target on this CPU host. Lowering only: compiling and
-  running them needs the GPU / TPU."""
+@pytest.mark.parametrize('platform,target,T,with_reset,gated', [
+    ('cuda', 'gpu', 16384, False, False), ('cuda', 'gpu', 1000, True, False),
+    ('cuda', 'gpu', 1000, True, True), ('tpu', 'tpu', 16384, False, False),
+    ('tpu', 'tpu', 1000, True, False), ('tpu', 'tpu', 1000, True, True)])
+def test_lowers_to_triton_and_mosaic(platform, target, T, with_reset, gated):
+  """Forward and backward at fla's benchmark shape (and a ragged T, with resets, with a fixed or a
+  per-token decay) pass Pallas' Triton / Mosaic lowering, built for the target on this CPU host.
+  Lowering only: compiling and running them needs the GPU / TPU."""
   B, H, K, V = 8, 32, 128, 128
   spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
-  args = (spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), spec(H, dtype=jnp.float32),
+  log_gamma = spec(B, T, H, dtype=jnp.float32) if gated else spec(H, dtype=jnp.float32)
+  args = (spec(B, T, H, K), spec(B, T, H, K), spec(B, T, H, V), log_gamma,
           spec(B, H, K, V, dtype=jnp.float32))
   if with_reset:
     args += (spec(B, T, dtype=jnp.bool_),)
@@ -331,8 +333,8 @@ def test_backward_in_key_blocks(with_reset):
 @pytest.fixture(scope='module')
 def h100_resources(tmp_path_factory):
   """experiments/kernel_resources.py's report: every model-size case (K = V = 64 and 128, bfloat16
-  and float32, with and without resets, chunk 64) compiled forward and backward for an H100 by
-  the CUDA plugin, without a GPU."""
+  and float32, with and without resets, chunk 64; bfloat16 also with a per-token decay) compiled
+  forward and backward for an H100 by the CUDA plugin, without a GPU."""
   from retnet_jax import aot  # pylint: disable=g-import-not-at-top
   # CI installs the plugin (and ptxas) into RETNET_JAX_CUDA_DIR, on the path of this run only.
   cuda_dir = os.environ.get('RETNET_JAX_CUDA_DIR')
@@ -360,10 +362,12 @@ def test_h100_compile_of_every_model_size_fits(h100_resources):
   rows = h100_resources['rows']
   assert not [r for r in rows if 'error' in r], [r for r in rows if 'error' in r]
   kernels = {'retention_forward_chunk', 'retention_dq_chunk', 'retention_dkv_chunk'}
-  for dim, dtype, resets in itertools.product((64, 128), ('bfloat16', 'float32'), (False, True)):
-    case = [r for r in rows if (r['K'], r['dtype'], r['resets']) == (dim, dtype, resets)]
-    assert {r['kernel'] for r in case} == kernels, (dim, dtype, resets)
-    for r in case:
+  cases = [(*c, False) for c in itertools.product((64, 128), ('bfloat16', 'float32'), (False, True))]
+  cases += [(dim, 'bfloat16', resets, True) for dim in (64, 128) for resets in (False, True)]
+  for case in cases:
+    found = [r for r in rows if (r['K'], r['dtype'], r['resets'], r['gated']) == case]
+    assert {r['kernel'] for r in found} == kernels, case
+    for r in found:
       assert r['shared_bytes'] <= 227 * 1024 and r['threads'] in (128, 256), r
   if h100_resources['ptxas'] is None:
     pytest.skip('no ptxas: registers and spills are not reported')

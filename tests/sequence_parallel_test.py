@@ -70,20 +70,22 @@ def test_retention_over_the_sequence_axis_equals_one_device(mesh, impl, exchange
   _assert_matches(got, ref, mesh, impl, exchange)
 
 
-@pytest.mark.parametrize('exchange', ['all_gather', 'scan'])
-@pytest.mark.parametrize('mesh', ['seq8', 'data2_seq4'])
-def test_per_token_decay_over_the_sequence_axis_equals_one_device(mesh, exchange):
+@pytest.mark.parametrize('mesh,exchange,impl', [
+    ('seq8', 'all_gather', 'xla'), ('seq8', 'scan', 'xla'), ('data2_seq4', 'all_gather', 'xla'),
+    ('data2_seq4', 'scan', 'xla'), ('data2_seq4', 'scan', 'pallas')])
+def test_per_token_decay_over_the_sequence_axis_equals_one_device(mesh, exchange, impl):
   """Gated retention: each block's decay is exp(Σ log γ_t over it); values and all gradients,
-  d/d log γ [B, T, H] included, with resets on and inside block boundaries."""
+  d/d log γ [B, T, H] included, with resets on and inside block boundaries; the blocks run the
+  XLA form or the (interpreted) kernel."""
   q, k, v, _, state, reset = _inputs()
   lg = -jnp.asarray(np.random.default_rng(4).exponential(0.1, q.shape[:3]), jnp.float32)
   args = q, k, v, lg, state, reset
   ref = _loss_and_grads(functools.partial(retention.chunkwise, chunk_size=8), *args)
   fn = functools.partial(retention_ops.retention, form='chunkwise', chunk_size=8,
-                         exchange=exchange)
+                         exchange=exchange, impl=impl)
   with sharding.use_rules(sharding.make_mesh(MESHES[mesh]), RULES):
     got = _loss_and_grads(fn, *args)
-  _assert_matches(got, ref, mesh, exchange)
+  _assert_matches(got, ref, mesh, exchange, impl)
 
 
 @pytest.mark.parametrize('n', [3, 5, 6])
