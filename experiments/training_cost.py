@@ -148,7 +148,7 @@ class _InRules:
 
 def time_train_step(config, batch, seq_len, steps) -> dict:
   """Compile time, peak bytes and the median step time of `steps` timed steps."""
-  step = _ours_stepper(config, batch, seq_len)
+  step = stepper(config, batch, seq_len)
   seconds = statistics.median(step() for _ in range(steps))
   if not np.isfinite(step.last_loss()):
     raise FloatingPointError(f'non-finite loss at T={seq_len}')
@@ -208,7 +208,7 @@ def _torchscale_stepper(config, batch, seq_len, chunk):
   return step
 
 
-def _ours_stepper(config, batch, seq_len):
+def stepper(config, batch, seq_len):
   """Our compiled train step at `config`: a callable that runs one step (after a warm-up step)
   and returns its seconds; it also carries compile_seconds, peak_bytes and last_loss()."""
   jitted, state, data = build_step(config, batch, seq_len)
@@ -397,7 +397,7 @@ def run(config, out_dir, *, seq_lens, forms, tokens_per_step, steps, max_quadrat
     # torchscale's fastest step by step, so that each pair sees the same machine, and take the
     # median. The first step after the other framework's is slower for both (cold caches and
     # heap), so each side runs one untimed step before its timed one.
-    ours_step = _ours_stepper(cmp_cfg, batch, compare_len)
+    ours_step = stepper(cmp_cfg, batch, compare_len)
     theirs_step = _torchscale_stepper(cmp_cfg, batch, compare_len, best['chunk_size'])
     second = lambda step: (step(), step())[1]
     pairs = []

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import configs
 from experiments import training_cost
 from retnet_jax import config_lib
 from tests import util
@@ -62,3 +63,17 @@ def test_torchscale_comparison_runs(tmp_path):
   assert len(ts[1]['pair_ratios']) == 3 and ts[1]['ratio'] == sorted(ts[1]['pair_ratios'])[1]
   table = (tmp_path / 'table.md').read_text()
   assert 'vs torchscale chunkwise' in table and 'C=32 ' in table and 'MFU' in table
+
+
+def test_gated_cost_times_both_decays_and_checks_the_targets(tmp_path):
+  """experiments/gated_cost.py at two tiny lengths: a row per (decay, T), the same tokens a step,
+  and the linear-in-length target read from those rows (2,048 was not measured: no ratio)."""
+  from experiments import gated_cost  # pylint: disable=g-import-not-at-top
+  shrink = [f'{k}={v}' for k, v in configs.PRESETS['test'].items()]
+  rows = gated_cost.measure((32, 64), tokens_per_step=128, repeats=2, overrides=shrink)
+  assert {(r['gamma'], r['seq_len']) for r in rows} == {
+      (g, T) for g in ('retnet', 'gated') for T in (32, 64)}
+  for r in rows:
+    assert r['batch'] * r['seq_len'] == 128 and len(r['seconds']) == 2 and r['tokens_per_second'] > 0
+  lines = gated_cost.targets(rows)
+  assert len(lines) == 1 and lines[0].startswith('- gated at T = 64 / at T = 32: ')
