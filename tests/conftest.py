@@ -8,11 +8,12 @@ compilation cache: most tests compile the same shrunk configs, and compiling is 
 The in-process tests set only the collective wait of the entrypoints' XLA flags (platform.py), not
 their dot-fusion flag; command-line runs add the full set themselves. XLA:CPU sizes its thread
 pools to the larger of the core count and the device count, so on two cores the 8 virtual devices
-get 8 threads. A sharded training test has stalled in a collective here under two workers; the
-likely cause is that devices blocked in a collective hold those threads while the last device
-still needs one to arrive. PJRT_NPROC gives every pool twice the devices. A worker that dies ends
-the run at once (`--max-worker-restart=0` in pyproject.toml: xdist's file scheduling can wait
-forever for a replaced worker).
+get 8 threads. With 8 threads the sharded training tests (tests/loss_test.py and
+sharding_test.py::test_losses_match_one_device, run together) stall in a collective until XLA
+ends the process after the 600-s wait: devices blocked in a collective hold the threads that the
+last device needs to arrive. PJRT_NPROC gives every pool twice the devices, and they pass. A
+worker that dies ends the run at once (`--max-worker-restart=0` in pyproject.toml: xdist's file
+scheduling can wait forever for a replaced worker).
 
 In CI (CI=true) a missing optional extra fails the tests that need it (util.require).
 """
