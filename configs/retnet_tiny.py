@@ -69,7 +69,7 @@ def base_config(args: dict):
       mqar_num_kv_pairs=8, mqar_vocab_size=256,
       # source='recall' (retnet_jax/recall.py): stdlib text mixed with synthetic recall rows.
       recall_fraction=0.75, recall_tasks='passkey,associative', recall_num_pairs=4,
-      recall_passkey_digits=5))
+      recall_passkey_digits=5, recall_loss='all'))  # 'answers': recall rows score their answers
 
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, schedule='cosine', end_lr_fraction=0.1, b1=0.9,

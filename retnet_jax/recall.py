@@ -12,7 +12,7 @@ passkey      filler sentences with one needle " The pass key is:48213." at chara
              "48213" and ".". The digits occur nowhere else in the text.
 associative  `num_pairs` key-value pairs " K37." (K an upper-case letter absent from the filler,
 recall       a two-digit value) spread over the whole filler (pair i at a random depth inside
-             [i/n, (i+1)/n)), then " Recall:" and every key queried once in a random order,
+             [i/n, (i+1)/n)), then " Recall." and every key queried once in a random order,
              " K37.", each value an answer.
 The token before each answer (':' of the passkey, the key letter) occurs once before it, in its
 needle: one induction step (find the earlier copy, read what follows) answers, as in Zoology's MQAR.
@@ -34,13 +34,14 @@ import numpy as np
 FILLER = ('The grass is green. The sky is blue. The sun is yellow. Here we go. '
           'There and back again. ')
 PASSKEY_QUESTION = ' What is the pass key? The pass key is:'
-RECALL_HEADER = ' Recall:'
+RECALL_HEADER = ' Recall.'
 # Keys: upper-case letters in none of the fixed texts, so that a key occurs only in its pair.
 KEYS = ''.join(c for c in 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
                if c not in FILLER + PASSKEY_QUESTION + RECALL_HEADER)
 TASKS = ('passkey', 'associative')
 DATA_DEFAULTS = dict(recall_fraction=0.75, recall_tasks='passkey,associative',
-                     recall_num_pairs=4, recall_passkey_digits=5)
+                     recall_num_pairs=4, recall_passkey_digits=5, recall_loss='all')
+RECALL_LOSSES = ('all', 'answers')
 _EVAL_SEED = 0  # The held-out rows do not depend on the run's seed, so runs compare.
 
 
@@ -148,6 +149,8 @@ def validate(cfg: dict) -> None:
   tasks = parse_tasks(cfg['recall_tasks'])
   if not 0.0 <= float(cfg['recall_fraction']) <= 1.0:
     raise ValueError(f"recall_fraction must be in [0, 1]; got {cfg['recall_fraction']!r}.")
+  if cfg.get('recall_loss', 'all') not in RECALL_LOSSES:
+    raise ValueError(f"recall_loss must be one of {RECALL_LOSSES}; got {cfg['recall_loss']!r}.")
   for key in ('recall_num_pairs', 'recall_passkey_digits'):
     if not isinstance(cfg[key], int) or cfg[key] < 1:
       raise ValueError(f'{key} must be an int >= 1; got {cfg[key]!r}.')
@@ -171,6 +174,7 @@ class MixedRows:
     self.text_rows, self.tokenizer, self.seq_len = text_rows, tokenizer, seq_len
     self.fraction, self.tasks = float(cfg['recall_fraction']), parse_tasks(cfg['recall_tasks'])
     self.num_pairs, self.digits = cfg['recall_num_pairs'], cfg['recall_passkey_digits']
+    self.answers_only = cfg.get('recall_loss', 'all') == 'answers'
     self.seed, self.split = seed, split
 
   def __call__(self, index) -> dict[str, np.ndarray]:
@@ -180,13 +184,19 @@ class MixedRows:
     task = self.tasks[int(rng.integers(len(self.tasks)))]
     ex = make(task, rng.integers(2**63), self.seq_len + 1, float(rng.random()),
               num_pairs=self.num_pairs, digits=self.digits)
-    tokens, _ = encode(ex, self.tokenizer)
+    tokens, spans = encode(ex, self.tokenizer)
     row = np.full(self.seq_len + 1, self.tokenizer.pad_id, np.int32)
     n = min(len(tokens), self.seq_len + 1)
     row[:n] = tokens[:n]
     position = np.arange(self.seq_len)
+    loss_mask = (position < n - 1).astype(np.float32)
+    if self.answers_only:  # Position p predicts token p + 1: an answer [a, b) is targets a−1..b−2.
+      answer = np.zeros(self.seq_len, bool)
+      for a, b in spans:
+        answer[max(a - 1, 0):b - 1] = True
+      loss_mask *= answer
     return dict(inputs=row[:-1], targets=row[1:], segment_ids=(position < n).astype(np.int32),
-                loss_mask=(position < n - 1).astype(np.float32))
+                loss_mask=loss_mask)
 
 
 def mixed_rows(cfg: dict, tokenizer, seq_len: int, seed: int, text_rows_fn):

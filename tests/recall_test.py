@@ -86,10 +86,11 @@ def test_encode_spans_match_characters_for_bytes():
   assert tok.decode(tokens) == ex.text
 
 
-def _rows(fraction, seed=0, seq_len=97):
+def _rows(fraction, seed=0, seq_len=97, **extra):
   tok = tokenizer_lib.ByteTokenizer()
   train_iter, eval_fn = data.create_datasets(
-      dict(source='recall', recall_fraction=fraction, num_eval_batches=1, prefetch_buffer_size=0),
+      dict(source='recall', recall_fraction=fraction, num_eval_batches=1, prefetch_buffer_size=0,
+           **extra),
       tokenizer=tok, seq_len=seq_len, global_batch_size=6, seed=seed, process_index=0,
       process_count=1)
   return tok, next(train_iter), next(iter(eval_fn()))
@@ -107,6 +108,23 @@ def test_recall_source_rows_are_synthetic_at_the_training_length():
   again = _rows(1.0)[1]
   np.testing.assert_array_equal(again['inputs'], batch['inputs'])  # Deterministic per seed.
   assert not np.array_equal(_rows(1.0, seed=1)[1]['inputs'], batch['inputs'])
+
+
+def test_recall_loss_on_answers_scores_exactly_the_answer_tokens():
+  """recall_loss='answers': a recall row's loss mask is 1 where the target is an answer token (the
+  passkey's digits, each queried value's digits) and 0 elsewhere; the same rows otherwise."""
+  tok, batch, _ = _rows(1.0, recall_loss='answers')
+  _, every = _rows(1.0)[:2]
+  np.testing.assert_array_equal(batch['inputs'], every['inputs'])
+  for row, target, mask in zip(batch['inputs'], batch['targets'], batch['loss_mask']):
+    text = tok.decode(np.append(row, target[-1]))
+    if 'pass key is:' in text:
+      expected = [text[-6:-1]]  # The 5 digits before the closing '.'.
+    else:
+      expected = [pair.strip()[1:3] for pair in text.split(recall.RECALL_HEADER)[1].split('.')[:-1]]
+    assert tok.decode(target[mask > 0]) == ''.join(expected), text
+  with pytest.raises(ValueError, match='recall_loss must be one of'):
+    _rows(1.0, recall_loss='needles')
 
 
 def test_recall_source_mixes_in_stdlib_text():
