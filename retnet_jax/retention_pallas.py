@@ -553,7 +553,9 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   if retention.per_token(log_gamma) and pad:  # Padded tokens keep the state: log γ = 0.
     log_gamma = jnp.pad(log_gamma, ((0, 0), (0, pad), (0, 0)))
   segments = () if reset is None else _segment_inputs(reset, T + pad, chunk_size)
-  reset_BT = None if reset is None else jnp.pad(reset.astype(F32), ((0, 0), (0, pad)))
+  # Only a per-token d log γ needs the resets themselves (the segmented sum in `_fused_bwd`).
+  reset_BT = (jnp.pad(reset.astype(F32), ((0, 0), (0, pad)))
+              if reset is not None and retention.per_token(log_gamma) else None)
   o_BTHV, final_BHKV = _fused(q, k, v, log_gamma, state.astype(F32), segments, reset_BT,
                               (chunk_size, T, target, block_v, block_k), interpret)
   return (o_BTHV[:, :T] if pad else o_BTHV), final_BHKV
