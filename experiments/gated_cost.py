@@ -44,13 +44,13 @@ def define_flags() -> dict:
 
 def measure(seq_lens, tokens_per_step: int, repeats: int, overrides=()) -> list[dict]:
   """One row per (γ, T): the median seconds of `repeats` round-robin steps, and tokens/s."""
-  steppers = {}
+  steppers, batches = {}, {T: max(1, tokens_per_step // T) for T in seq_lens}
   for gamma in GAMMAS:
     config = common.build_config(common.Variant(gamma, f'{CONFIG}:gamma={gamma}'),
                                  ('model.form=chunkwise', *overrides))
     for T in seq_lens:
       logging.info('compiling %s at T=%d', gamma, T)
-      steppers[gamma, T] = training_cost.stepper(config, max(1, tokens_per_step // T), T)
+      steppers[gamma, T] = training_cost.stepper(config, batches[T], T)
   times = {case: [] for case in steppers}
   for r in range(repeats):
     for case, step in steppers.items():
@@ -58,10 +58,9 @@ def measure(seq_lens, tokens_per_step: int, repeats: int, overrides=()) -> list[
     logging.info('round %d/%d done', r + 1, repeats)
   rows = []
   for (gamma, T), seconds in times.items():
-    batch = max(1, tokens_per_step // T)
     median = statistics.median(seconds)
-    rows.append(dict(gamma=gamma, seq_len=T, batch=batch, seconds_per_step=median,
-                     tokens_per_second=batch * T / median, seconds=seconds))
+    rows.append(dict(gamma=gamma, seq_len=T, batch=batches[T], seconds_per_step=median,
+                     tokens_per_second=batches[T] * T / median, seconds=seconds))
   return rows
 
 

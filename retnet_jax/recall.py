@@ -22,7 +22,9 @@ needle: one induction step (find the earlier copy, read what follows) answers, a
 The data source `recall` (data.py) trains on a mix: with probability `recall_fraction` a row is a
 synthetic example of exactly seq_len + 1 tokens (a task of `recall_tasks` chosen at random, a depth
 drawn uniformly), scored on every token (the repeated filler teaches copying, the answers
-recall); otherwise it is a row of the stdlib text (as source='stdlib' cuts it). Row i is drawn from np.random.default_rng((seed, split, i)).
+recall), or with recall_loss='answers' on its answer tokens only; otherwise it is a row of the
+stdlib text (as source='stdlib' cuts it). Row i is drawn from np.random.default_rng((seed, split,
+i)).
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def validate(cfg: dict) -> None:
   tasks = parse_tasks(cfg['recall_tasks'])
   if not 0.0 <= float(cfg['recall_fraction']) <= 1.0:
     raise ValueError(f"recall_fraction must be in [0, 1]; got {cfg['recall_fraction']!r}.")
-  if cfg.get('recall_loss', 'all') not in RECALL_LOSSES:
+  if cfg['recall_loss'] not in RECALL_LOSSES:
     raise ValueError(f"recall_loss must be one of {RECALL_LOSSES}; got {cfg['recall_loss']!r}.")
   for key in ('recall_num_pairs', 'recall_passkey_digits'):
     if not isinstance(cfg[key], int) or cfg[key] < 1:
@@ -174,7 +176,7 @@ class MixedRows:
     self.text_rows, self.tokenizer, self.seq_len = text_rows, tokenizer, seq_len
     self.fraction, self.tasks = float(cfg['recall_fraction']), parse_tasks(cfg['recall_tasks'])
     self.num_pairs, self.digits = cfg['recall_num_pairs'], cfg['recall_passkey_digits']
-    self.answers_only = cfg.get('recall_loss', 'all') == 'answers'
+    self.answers_only = cfg['recall_loss'] == 'answers'
     self.seed, self.split = seed, split
 
   def __call__(self, index) -> dict[str, np.ndarray]:
