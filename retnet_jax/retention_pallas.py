@@ -40,8 +40,11 @@ same position of the chunk (the start column compared with itself as a row), and
 Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk`):
 - 'gpu' (Pallas Triton): grid (B, H, V/BV · K/BK); each program holds its head's whole sequence
   as a ref and walks the chunks with an in-kernel `lax.fori_loop`, a [BK, BV] state in registers.
-  The forward takes the whole K; the backward splits K in blocks (every term above is a sum over
-  key blocks, so dQ and dK are written per key block and dV sums float32 partials over them).
+  The backward splits K in blocks (every term above is a sum over key blocks, so dQ and dK are
+  written per key block and dV sums float32 partials over them); the forward takes the whole K,
+  or in float32 or with resets the same key blocks, O summing float32 partials. In float32 dK and
+  dV are two passes, each with one [C, C] tile. Blocks, warps and stages are those with which an
+  H100 compile spills no register (docs/accelerators.md).
 - 'tpu' (Pallas Mosaic): grid (B, H, V/BV, N) with the chunk axis last and 'arbitrary'; the state
   lives in a VMEM scratch buffer across grid steps; blocks are [C, K] / [C, BV] tiles.
 Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
@@ -78,7 +81,7 @@ except ImportError:  # pragma: no cover
 F32 = jnp.float32
 TARGETS = ('gpu', 'tpu')
 GPU_MAX_BLOCK = 64  # K and V blocks on GPU: fla splits K and V into blocks of at most 64 too.
-GPU_MAX_BLOCK_F32 = 32  # float32 tiles take twice the registers and shared memory.
+GPU_MAX_BLOCK_F32 = 16  # float32 tiles take twice the registers, and TF32x3 dots three passes.
 GPU_FORWARD_STATE = 128 * 64  # Most float32 state values a forward program keeps in registers.
 TPU_BLOCK_V = 128
 
@@ -90,12 +93,16 @@ def backend_unavailable(target) -> str | None:
   return None
 
 
-def _compiler_params(target, state_size, wide):
-  """Triton warps: 4 for a state of at most 64 × 64 values, else 8, and 8 for a pass with more live
-  tiles (`wide`: the dK/dV pass, or reset masks); or Mosaic's grid semantics."""
+def _compiler_params(target, chunk_fn, state_size, dtype, resets):
+  """Triton warps and stages, chosen from H100 compiles without spills (docs/accelerators.md): 4
+  warps for a forward or dQ pass over at most 64 × 64 state values in bfloat16 without resets,
+  else 8; one pipeline stage for the fused dK/dV pass (two more [C, C] tiles than the others),
+  else 2. On TPU, Mosaic's grid semantics."""
   if target == 'gpu':
-    warps = 4 if state_size <= 64 * 64 and not wide else 8
-    return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+    narrow = (chunk_fn in (_forward_chunk, _dq_chunk) and state_size <= 64 * 64 and not resets
+              and (chunk_fn is _forward_chunk or jnp.dtype(dtype) != jnp.dtype(F32)))
+    return pl_triton.CompilerParams(num_warps=4 if narrow else 8,
+                                    num_stages=1 if chunk_fn is _dkv_chunk else 2)
   return pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL,) * 3 + (pltpu.ARBITRARY,))
 
 
@@ -126,6 +133,21 @@ def default_block_k(K, target, dtype=jnp.bfloat16):
   """The backward passes' key block: at most 64 on GPU (the state and the dK, dQ tiles of one
   program are [BK, BV] and [C, BK]); the whole K on TPU."""
   return min(K, _gpu_max_block(dtype)) if target == 'gpu' else K
+
+
+def forward_block_k(K, block_k, target, dtype, resets, per_token):
+  """The forward's key block: the whole K, except on GPU in float32, with resets or with a
+  per-token decay, where it takes the backward's `block_k` (whole-K tiles of Q and K beside the
+  masks or the decay's [C, C] exponential, or in float32, spill registers on H100); O then sums
+  float32 partials over the key blocks."""
+  f32 = jnp.dtype(dtype) == jnp.dtype(F32)
+  return block_k if target == 'gpu' and (f32 or resets or per_token) else K
+
+
+def split_dkv(target, dtype, per_token):
+  """Whether the backward computes dK and dV in two passes (each with one [C, C] tile) instead of
+  one: on GPU in float32 or with a per-token decay, where the fused pass spills registers on H100."""
+  return target == 'gpu' and (jnp.dtype(dtype) == jnp.dtype(F32) or per_token)
 
 
 def unsupported(H, K, V, chunk_size, dtype, target, block_v=None) -> str | None:
@@ -251,12 +273,36 @@ def _dkv_chunk(consts, ins, grad_KB):
   q_CK, k_CK, v_CB, do_CB = ins
   dt = v_CB.dtype
   grad_dt_KB = grad_KB.astype(dt)
+  # One [C, C] tile live at a time: the scores are used up before dP is formed.
   scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
+  dv_CB = _dot(scores_CC.astype(dt), do_CB, (0, 0)) + _dot((k_CK * zeta_C1).astype(dt), grad_dt_KB)
   dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
   dk_CK = _dot(dp_CC.astype(dt), q_CK, (0, 0)) + zeta_C1 * _dot(v_CB, grad_dt_KB, (1, 1))
-  dv_CB = _dot(scores_CC.astype(dt), do_CB, (0, 0)) + _dot((k_CK * zeta_C1).astype(dt), grad_dt_KB)
   grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
   return (dk_CK, dv_CB), grad_KB
+
+
+def _dk_chunk(consts, ins, grad_KB):
+  """dK_n alone (`_dkv_chunk` in two passes: one [C, C] tile where registers are short)."""
+  decay_CC, xi_C1, zeta_C1, carry_11 = consts
+  q_CK, v_CB, do_CB = ins
+  dt = v_CB.dtype
+  dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
+  dk_CK = _dot(dp_CC.astype(dt), q_CK, (0, 0)) + zeta_C1 * _dot(v_CB, grad_KB.astype(dt), (1, 1))
+  grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
+  return (dk_CK,), grad_KB
+
+
+def _dv_chunk(consts, ins, grad_KB):
+  """dV_n alone (the other pass of `_dk_chunk`)."""
+  decay_CC, xi_C1, zeta_C1, carry_11 = consts
+  q_CK, k_CK, do_CB = ins
+  dt = do_CB.dtype
+  scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
+  dv_CB = (_dot(scores_CC.astype(dt), do_CB, (0, 0))
+           + _dot((k_CK * zeta_C1).astype(dt), grad_KB.astype(dt)))
+  grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
+  return (dv_CB,), grad_KB
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +430,7 @@ def _scan_chunks(chunk_fn, ins, in_kinds, out_kinds, out_dtypes, state_BHKV, dec
       kernel, grid=grid, in_specs=in_specs + [state_spec], out_specs=out_specs + [state_spec],
       out_shape=out_shapes, scratch_shapes=scratch, interpret=interpret,
       compiler_params=None if interpret else _compiler_params(
-          target, BK * BV, wide=chunk_fn is _dkv_chunk or bool(n_seg)),
+          target, chunk_fn, BK * BV, ins[0].dtype, bool(n_seg)),
       name=f'retention_{chunk_fn.__name__.strip("_")}')
   gpu_compiled = target == 'gpu' and not interpret
   _F32_DOT['precision'] = (lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if gpu_compiled
@@ -445,14 +491,19 @@ def _segment_sums_from_end(x_BTH, reset_BT):
 
 def _fused_fwd(q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, static,
                interpret):
-  chunk, length, target, BV, _ = static
+  chunk, length, target, BV, BK = static
   B, Tp, H, K = q_BTHK.shape
   V = v_BTHV.shape[-1]
+  BKF = forward_block_k(K, BK, target, v_BTHV.dtype, bool(segments), log_gamma.ndim == 3)
+  # With K in blocks, O sums float32 partials over them; with one block it is written directly.
+  o_kind, o_dtype = ('v', v_BTHV.dtype) if BKF == K else ('vp', F32)
   o_BTV, final_BHKV = _scan_chunks(
-      _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), ('v',),
-      (v_BTHV.dtype,), state_BHKV, _chunk_cumsum(log_gamma, chunk), dims=(B, Tp, H, K, V, K, BV),
+      _forward_chunk, (_flat(q_BTHK), _flat(k_BTHK), _flat(v_BTHV)), ('k', 'k', 'v'), (o_kind,),
+      (o_dtype,), state_BHKV, _chunk_cumsum(log_gamma, chunk), dims=(B, Tp, H, K, V, BKF, BV),
       chunk=chunk, length=length, reverse=False, target=target, interpret=interpret,
       segments=segments)
+  if o_kind == 'vp':
+    o_BTV = o_BTV.sum(0).astype(v_BTHV.dtype)
   residuals = (q_BTHK, k_BTHK, v_BTHV, log_gamma, state_BHKV, segments, reset_BT, final_BHKV)
   return (o_BTV.reshape(B, Tp, H, V), final_BHKV), residuals
 
@@ -472,9 +523,16 @@ def _fused_bwd(static, interpret, residuals, cotangents):
                             decay, reverse=False, **common)
   # With K in blocks, dV sums over them (float32 partials); with one block it is written directly.
   dv_kind, dv_dtype = ('v', v_BTHV.dtype) if BK == K else ('vp', F32)
-  dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
-      _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', dv_kind), (F32, dv_dtype),
-      dfinal_BHKV.astype(F32), decay, reverse=True, **common)
+  if split_dkv(target, v_BTHV.dtype, log_gamma.ndim == 3):
+    dk_JBTK, _ = _scan_chunks(_dk_chunk, (q, v, do), ('k', 'v', 'v'), ('kp',), (F32,),
+                              dfinal_BHKV.astype(F32), decay, reverse=True, **common)
+    dv_BTV, dstate_BHKV = _scan_chunks(_dv_chunk, (q, k, do), ('k', 'k', 'v'), (dv_kind,),
+                                       (dv_dtype,), dfinal_BHKV.astype(F32), decay, reverse=True,
+                                       **common)
+  else:
+    dk_JBTK, dv_BTV, dstate_BHKV = _scan_chunks(
+        _dkv_chunk, (q, k, v, do), ('k', 'k', 'v', 'v'), ('kp', dv_kind), (F32, dv_dtype),
+        dfinal_BHKV.astype(F32), decay, reverse=True, **common)
   if dv_kind == 'vp':
     dv_BTV = dv_BTV.sum(0).astype(v_BTHV.dtype)
   dq_BTHK = dq_JBTK.sum(0).reshape(B, Tp, H, K)
@@ -517,9 +575,9 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   built for that target whether or not this process has its backend (e.g. compiled for TPU
   devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
   unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
-  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 32 in float32, 128 on
-  TPU). block_k: key columns per program of the backward passes (`default_block_k`: at most 64 on
-  GPU, 32 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must
+  block_v: value columns per program (`default_block_v`: at most 64 on GPU, 16 in float32, 128 on
+  TPU). block_k: key columns per program of the backward passes, and of the forward in float32
+  or with resets (`default_block_k`: at most 64 on GPU, 16 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must
   be None. log_gamma [H] or [B, T, H] and reset [B, T] bool, as in `retention`.
   """
   B, T, H, K, V = retention.check_shapes(q, k, v, log_gamma, state, reset)
