@@ -143,7 +143,6 @@ def _kernel_grad(cases, sh):
 
 
 @needs_libtpu
-@pytest.mark.slow
 @pytest.mark.parametrize('cases', [
     # (chunk, (B, T, H, K, V, dtype, resets)): the paper sizes' K = 256, V = 512 with resets and
     # a T that no chunk divides; K = 128 in float32 without resets.
@@ -201,7 +200,6 @@ def _tiny(**overrides):
 
 
 @needs_libtpu
-@pytest.mark.slow
 @pytest.mark.parametrize('mesh', [dict(data=2, fsdp=2, tensor=1), dict(data=2, fsdp=1, tensor=2)],
                          ids=['data2_fsdp2', 'data2_tensor2'])
 def test_sharded_train_step_compiles_with_the_kernel(mesh, tmp_path):
@@ -245,7 +243,6 @@ def test_sharded_train_step_compiles_with_the_kernel(mesh, tmp_path):
 
 
 @needs_libtpu
-@pytest.mark.slow
 def test_decoding_compiles_and_its_state_is_per_chip(tmp_path):
   c = _tiny(mesh__data=4, mesh__fsdp=1)
   report = aot.compile_generate(c, str(tmp_path), 'v5e-4', batch_sizes=(8,), prompt_len=100,
@@ -285,7 +282,6 @@ def test_cli_unknown_topology_is_one_line(tmp_path):
 # every jax start try CUDA; see docs/planning.md for installing it beside the environment).
 
 
-@pytest.mark.slow
 def test_train_step_compiles_for_h100_with_the_triton_kernel(tmp_path):
   if aot.cuda_plugin() is None:
     pytest.skip('the CUDA plugin (xla_cuda12 or xla_cuda13) is not on the path')

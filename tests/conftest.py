@@ -35,13 +35,14 @@ os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
                                     '--xla_force_host_platform_device_count=8',
                                     *platform.COLLECTIVE_WAIT_FLAGS]).strip()
 
-# The files that take longest on 2 CPU cores (a cold run's --durations), longest first. They are
-# collected first, so that `--dist loadfile` hands them out early and the two workers finish
-# together instead of one of them starting a long file near the end.
-LONG_FILES = ('hybrid_test.py', 'sharding_test.py', 'sequence_parallel_test.py',
-              'experiments_test.py', 'gpu_check_test.py', 'training_cost_test.py', 'recall_test.py',
-              'reliability_test.py', 'retention_pallas_test.py', 'lm_eval_test.py',
-              'notebooks_test.py', 'yoco_test.py', 'gated_test.py')
+# The files that take longest on 2 CPU cores (a cold run's --durations), longest first: those of
+# the default suite, then those of `-m slow`. They are collected first, so that `--dist loadfile`
+# hands them out early and the two workers finish together instead of one of them starting a long
+# file near the end.
+LONG_FILES = ('retention_pallas_test.py', 'sharding_test.py', 'hybrid_test.py', 'gpu_check_test.py',
+              'yoco_test.py', 'gated_test.py', 'aot_test.py', 'sequence_parallel_test.py',
+              'recall_test.py', 'reliability_test.py', 'experiments_test.py',
+              'training_cost_test.py', 'lm_eval_test.py', 'notebooks_test.py')
 
 
 def pytest_collection_modifyitems(config, items):

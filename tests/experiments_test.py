@@ -91,6 +91,7 @@ def test_interrupted_run_resumes(tmp_path):
   assert train_steps == [1, 2, 3]  # Resumed at step 3, not retrained from the start.
 
 
+@pytest.mark.slow
 def test_table6(tmp_path):
   rows = table6.run(str(tmp_path), quick=True, steps=2, ablations=('none', 'no_gate', 'small_head'),
                     overrides=TINY)
@@ -105,6 +106,7 @@ def test_table6(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, name)), name
 
 
+@pytest.mark.slow
 def test_mqar(tmp_path):
   rows = mqar.run(str(tmp_path), quick=True, steps=2, kv_pairs=(4, 8), widths=(32,),
                   overrides=('batch_size=4', 'data.num_eval_batches=1', 'mesh.data=1'))

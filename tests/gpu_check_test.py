@@ -190,7 +190,6 @@ def test_kernel_bench_quick_times_every_implementation_and_they_agree(tmp_path):
   assert '| 64 |' in (tmp_path / 'table.md').read_text()
 
 
-@pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path):
   pytest.importorskip('torch', reason='the dry run times fla torch references')
   env = {**os.environ, 'PYTHONPATH': util.ROOT}

@@ -4,12 +4,14 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import inference_cost
 from retnet_jax import generate
 from tests import util
 
 
+@pytest.mark.slow
 def test_tiny_sweep_writes_results(tmp_path):
   configs = {'retnet': util.config(),
              'transformer': util.config('transformer_tiny', model__value_dim=None)}

@@ -148,6 +148,7 @@ def tiny_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_lm_eval_task_folder_scores_a_trained_model(tiny_run, tmp_path, capsys):
   pytest.importorskip('lm_eval', reason='lm-eval is not installed (the `eval` extra)')
   from retnet_jax import lm_eval as rj_lm_eval  # pylint: disable=g-import-not-at-top

@@ -162,6 +162,7 @@ def _two_processes(workdir, total_steps):
   return outs[0]
 
 
+@pytest.mark.slow
 def test_two_processes_checkpoint_and_resume_exactly(tmp_path):
   """The command line on a (2, 2, 2) mesh over two processes: each reads its own data shard and
   saves its own iterator position, so a run resumed at step 2 gives the losses of one that never

@@ -13,6 +13,7 @@ from tests import util
 KEYS = ('model', 'form', 'seq_len', 'batch', 'tokens_per_second', 'peak_bytes', 'mfu')
 
 
+@pytest.mark.slow
 def test_tiny_sweep_writes_results(tmp_path):
   config = util.config()
   rows = training_cost.run(config, str(tmp_path), seq_lens=(32, 64), forms=('chunkwise', 'parallel',
@@ -49,6 +50,7 @@ def test_model_flops_count_the_form():
   assert par_long - dense == pytest.approx(32 * (par_short - dense))  # Quadratic mixer.
 
 
+@pytest.mark.slow
 def test_torchscale_comparison_runs(tmp_path):
   util.require('torch')
   util.require('torchscale')
@@ -65,6 +67,7 @@ def test_torchscale_comparison_runs(tmp_path):
   assert 'vs torchscale chunkwise' in table and 'C=32 ' in table and 'MFU' in table
 
 
+@pytest.mark.slow
 def test_gated_cost_times_both_decays_and_checks_the_targets(tmp_path):
   """experiments/gated_cost.py at two tiny lengths: a row per (decay, T), the same tokens a step,
   and the linear-in-length target read from those rows (2,048 was not measured: no ratio)."""
