@@ -37,14 +37,16 @@ last segment, and γ^L becomes 0 in a chunk with a reset. Three per-token [B, T,
 carry what the masks need (`_segment_inputs`); D's mask keeps i, j whose segments start at the
 same position of the chunk (the start column compared with itself as a row), and selects.
 
-Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk`):
+Two drivers run the same per-chunk maths (`_forward_chunk`, `_dq_chunk`, `_dkv_chunk` or
+`_dk_chunk` and `_dv_chunk`):
 - 'gpu' (Pallas Triton): grid (B, H, V/BV · K/BK); each program holds its head's whole sequence
   as a ref and walks the chunks with an in-kernel `lax.fori_loop`, a [BK, BV] state in registers.
   The backward splits K in blocks (every term above is a sum over key blocks, so dQ and dK are
   written per key block and dV sums float32 partials over them); the forward takes the whole K,
-  or in float32 or with resets the same key blocks, O summing float32 partials. In float32 dK and
-  dV are two passes, each with one [C, C] tile. Blocks, warps and stages are those with which an
-  H100 compile spills no register (docs/accelerators.md).
+  or, in float32, with resets or with a per-token decay, the same key blocks, O summing float32
+  partials. In float32 and with a per-token decay, dK and dV are two passes, each with one [C, C]
+  tile. Blocks, warps and stages are those with which an H100 compile spills no register
+  (docs/accelerators.md).
 - 'tpu' (Pallas Mosaic): grid (B, H, V/BV, N) with the chunk axis last and 'arbitrary'; the state
   lives in a VMEM scratch buffer across grid steps; blocks are [C, K] / [C, BV] tiles.
 Both read q, k, v as the free reshape [B, T, H·K] (no transposes). Matmul operands are in the input
@@ -95,8 +97,8 @@ def backend_unavailable(target) -> str | None:
 
 def _compiler_params(target, chunk_fn, state_size, dtype, resets):
   """Triton warps and stages, chosen from H100 compiles without spills (docs/accelerators.md): 4
-  warps for a forward or dQ pass over at most 64 × 64 state values in bfloat16 without resets,
-  else 8; one pipeline stage for the fused dK/dV pass (two more [C, C] tiles than the others),
+  warps for a forward pass, or a bfloat16 dQ pass, over at most 64 × 64 state values without
+  resets, else 8; one pipeline stage for the fused dK/dV pass (with two it spilled with resets),
   else 2. On TPU, Mosaic's grid semantics."""
   if target == 'gpu':
     narrow = (chunk_fn in (_forward_chunk, _dq_chunk) and state_size <= 64 * 64 and not resets
