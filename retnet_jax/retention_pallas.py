@@ -269,42 +269,48 @@ def _dq_chunk(consts, ins, state_KB):
   return (dq_CK,), state_KB
 
 
+def _dv_of(consts, q_CK, k_CK, do_CB, grad_KB):
+  """dV_n = (Q Kᵀ ⊙ D)ᵀ dO_n + (K ⊙ ζ) G_n (this key block's share)."""
+  decay_CC, _, zeta_C1, _ = consts
+  dt = do_CB.dtype
+  scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
+  return (_dot(scores_CC.astype(dt), do_CB, (0, 0))
+          + _dot((k_CK * zeta_C1).astype(dt), grad_KB.astype(dt)))
+
+
+def _dk_of(consts, q_CK, v_CB, do_CB, grad_KB):
+  """dK_n = (dO V_nᵀ ⊙ D)ᵀ Q_n + ζ ⊙ (V_n G_nᵀ) (this value block's share)."""
+  decay_CC, _, zeta_C1, _ = consts
+  dt = v_CB.dtype
+  dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
+  return _dot(dp_CC.astype(dt), q_CK, (0, 0)) + zeta_C1 * _dot(v_CB, grad_KB.astype(dt), (1, 1))
+
+
+def _grad_back(consts, q_CK, do_CB, grad_KB):
+  """G_{n−1} = γ^L G_n + (Q_n ⊙ ξ)ᵀ dO_n."""
+  _, xi_C1, _, carry_11 = consts
+  return carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(do_CB.dtype), do_CB, (0, 0))
+
+
 def _dkv_chunk(consts, ins, grad_KB):
   """dK_n (value block's share), dV_n from G_n = ∂L/∂S_{n+1};  G ← γ^L G + (Q ⊙ ξ)ᵀ dO."""
-  decay_CC, xi_C1, zeta_C1, carry_11 = consts
   q_CK, k_CK, v_CB, do_CB = ins
-  dt = v_CB.dtype
-  grad_dt_KB = grad_KB.astype(dt)
-  # One [C, C] tile live at a time: the scores are used up before dP is formed.
-  scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
-  dv_CB = _dot(scores_CC.astype(dt), do_CB, (0, 0)) + _dot((k_CK * zeta_C1).astype(dt), grad_dt_KB)
-  dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
-  dk_CK = _dot(dp_CC.astype(dt), q_CK, (0, 0)) + zeta_C1 * _dot(v_CB, grad_dt_KB, (1, 1))
-  grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
-  return (dk_CK, dv_CB), grad_KB
+  # One [C, C] tile live at a time: the scores are used up (in dV) before dP is formed.
+  dv_CB = _dv_of(consts, q_CK, k_CK, do_CB, grad_KB)
+  dk_CK = _dk_of(consts, q_CK, v_CB, do_CB, grad_KB)
+  return (dk_CK, dv_CB), _grad_back(consts, q_CK, do_CB, grad_KB)
 
 
 def _dk_chunk(consts, ins, grad_KB):
   """dK_n alone (`_dkv_chunk` in two passes: one [C, C] tile where registers are short)."""
-  decay_CC, xi_C1, zeta_C1, carry_11 = consts
   q_CK, v_CB, do_CB = ins
-  dt = v_CB.dtype
-  dp_CC = _dot(do_CB, v_CB, (1, 1)) * decay_CC
-  dk_CK = _dot(dp_CC.astype(dt), q_CK, (0, 0)) + zeta_C1 * _dot(v_CB, grad_KB.astype(dt), (1, 1))
-  grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
-  return (dk_CK,), grad_KB
+  return (_dk_of(consts, q_CK, v_CB, do_CB, grad_KB),), _grad_back(consts, q_CK, do_CB, grad_KB)
 
 
 def _dv_chunk(consts, ins, grad_KB):
   """dV_n alone (the other pass of `_dk_chunk`)."""
-  decay_CC, xi_C1, zeta_C1, carry_11 = consts
   q_CK, k_CK, do_CB = ins
-  dt = do_CB.dtype
-  scores_CC = _dot(q_CK, k_CK, (1, 1)) * decay_CC
-  dv_CB = (_dot(scores_CC.astype(dt), do_CB, (0, 0))
-           + _dot((k_CK * zeta_C1).astype(dt), grad_KB.astype(dt)))
-  grad_KB = carry_11 * grad_KB + _dot((q_CK * xi_C1).astype(dt), do_CB, (0, 0))
-  return (dv_CB,), grad_KB
+  return (_dv_of(consts, q_CK, k_CK, do_CB, grad_KB),), _grad_back(consts, q_CK, do_CB, grad_KB)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,9 +584,9 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   devices from a CPU host); None takes the default backend's and refuses without a GPU or TPU
   unless interpret. interpret: run the kernels in the Pallas interpreter (any platform; tests).
   block_v: value columns per program (`default_block_v`: at most 64 on GPU, 16 in float32, 128 on
-  TPU). block_k: key columns per program of the backward passes, and of the forward in float32
-  or with resets (`default_block_k`: at most 64 on GPU, 16 in float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must
-  be None. log_gamma [H] or [B, T, H] and reset [B, T] bool, as in `retention`.
+  TPU). block_k: key columns per program of the backward passes, and of the forward in float32,
+  with resets or per token (`forward_block_k`; `default_block_k`: at most 64 on GPU, 16 in
+  float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None. log_gamma [H] or [B, T, H] and reset [B, T] bool, as in `retention`.
   """
   B, T, H, K, V = retention.check_shapes(q, k, v, log_gamma, state, reset)
   if chunk_size < 1:
