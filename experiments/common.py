@@ -15,10 +15,12 @@ Plots use matplotlib's Agg canvas through `Figure` (no pyplot, no global backend
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -146,11 +148,16 @@ def train_one(variant: Variant, config, run_dir: str) -> dict:
 
 
 def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequence[str] = (),
-                 only: Sequence[str] | None = None) -> dict[str, dict]:
-  """Trains each variant into <workdir>/<name>, one after another, skipping finished runs.
+                 only: Sequence[str] | None = None, processes: int = 1,
+                 after: Callable[[str], object] | None = None) -> dict[str, dict]:
+  """Trains each variant into <workdir>/<name>, skipping finished runs.
 
-  only: train just these names (others are read if finished). Returns {name: result} for every
-  finished run, in the order of `variants`. Logs which run of how many, elapsed time and an ETA.
+  only: train just these names (others are read if finished). processes: how many runs train at
+  once, each in a process of its own (on a few CPU cores, two one-run processes do more than one
+  process with every core). after(run_dir): called on each run this call trains, in the process
+  that trained it (a runner's evaluation, so that it is shared out too). Returns {name: result} for
+  every finished run, in the order of `variants`. Logs which run of how many, elapsed time and an
+  ETA.
   """
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
@@ -158,6 +165,8 @@ def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequen
   unknown = sorted(set(only or ()) - set(names))
   if unknown:
     raise ValueError(f'--only names unknown runs {unknown}; runs are {names}.')
+  if processes < 1:
+    raise ValueError(f'processes must be >= 1; got {processes}.')
   configs = {v.name: build_config(v, overrides) for v in variants}  # All config errors up front.
   for v in variants:
     run_dir = os.path.join(workdir, v.name)
@@ -168,21 +177,34 @@ def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequen
   logging.info('%d runs in %s: %d finished, %d to train%s.', len(variants), workdir,
                sum(read_result(os.path.join(workdir, n)) is not None for n in names), len(todo),
                f' ({", ".join(v.name for v in todo)})' if todo else '')
-  t_start, took = time.perf_counter(), []
-  for i, v in enumerate(todo):
+  jobs = []
+  for v in todo:
     run_dir = os.path.join(workdir, v.name)
-    elapsed = time.perf_counter() - t_start
-    eta = metrics_lib.duration(np.mean(took) * (len(todo) - i)) if took else 'unknown'
-    logging.info('=== run %d/%d: %s (%s) | elapsed %s | ETA %s', i + 1, len(todo), v.name, v.config,
-                 metrics_lib.duration(elapsed), eta)
     check_config(run_dir, configs[v.name])
-    t0 = time.perf_counter()
-    result = train_one(v, configs[v.name], run_dir)
-    took.append(time.perf_counter() - t0)
-    logging.info('=== run %d/%d: %s done in %s: eval loss %.4f | elapsed %s | ETA %s', i + 1,
-                 len(todo), v.name, metrics_lib.duration(took[-1]), result['eval']['loss'],
-                 metrics_lib.duration(time.perf_counter() - t_start),
-                 metrics_lib.duration(np.mean(took) * (len(todo) - i - 1)))
+    jobs.append((v, configs[v.name], run_dir, after))
+  t_start = time.perf_counter()
+
+  def progress(i, name, what):
+    elapsed = time.perf_counter() - t_start
+    eta = metrics_lib.duration(elapsed / i * (len(jobs) - i)) if i else 'unknown'
+    logging.info('=== run %d/%d: %s %s | elapsed %s | ETA %s', i, len(jobs), name, what,
+                 metrics_lib.duration(elapsed), eta)
+
+  if processes > 1 and len(jobs) > 1:
+    context = multiprocessing.get_context('spawn')  # A fresh jax in each worker, never a fork.
+    with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context,
+                                                initializer=_start_worker) as pool:
+      logging.info('=== training %d runs, %d at a time, one process each', len(jobs),
+                   min(processes, len(jobs)))
+      futures = {pool.submit(_train_and_after, *job): job[0].name for job in jobs}
+      for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+        result = future.result()  # A worker's error (Interrupted included) stops the experiment.
+        progress(i, futures[future], f'done: eval loss {result["eval"]["loss"]:.4f}')
+  else:
+    for i, job in enumerate(jobs):
+      progress(i, job[0].name, f'({job[0].config})')
+      result = _train_and_after(*job)
+      progress(i + 1, job[0].name, f'done: eval loss {result["eval"]["loss"]:.4f}')
   results = {}
   for v in variants:
     result = read_result(os.path.join(workdir, v.name))
@@ -191,6 +213,18 @@ def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequen
     else:
       logging.warning('run %s has not finished: left out of the tables.', v.name)
   return results
+
+
+def _train_and_after(variant: Variant, config, run_dir: str, after) -> dict:
+  result = train_one(variant, config, run_dir)
+  if after is not None:
+    after(run_dir)
+  return result
+
+
+def _start_worker() -> None:
+  platform.start()
+  setup_logging()
 
 
 def check_finite(results: dict[str, dict], key: str = 'loss') -> None:

@@ -35,7 +35,7 @@ import numpy as np
 
 FILLER = ('The grass is green. The sky is blue. The sun is yellow. Here we go. '
           'There and back again. ')
-PASSKEY_QUESTION = ' What is the pass key? The pass key is:'
+PASSKEY_QUESTION = ' The pass key is:'
 RECALL_HEADER = ' Recall.'
 # Keys: upper-case letters in none of the fixed texts, so that a key occurs only in its pair.
 KEYS = ''.join(c for c in 'ABCDEFGHIJKLMNOPQRSTUVWXYZ'
