@@ -6,19 +6,23 @@ r"""Long-context recall: how far back each architecture reads, by context length
 Every architecture of `ARCHITECTURES` (plain config overrides of configs/retnet_tiny.py) is trained
 on the `recall` data source (retnet_jax/recall.py: stdlib text mixed with synthetic passkey and
 associative-recall rows at the training length T), then evaluated at 1×, 2×, 4×, 8×, 16× T on
-  passkey      a 5-digit number stated once in filler text at depth 0, ¼, ½, ¾, 1, asked for at
-               the end; exact match of all digits (chance 1e-5)
-  associative  key-value pairs (data.recall_num_pairs: 8 quick, 4 full) spread over the whole
-               context, every key queried at the end;
+  passkey      a number (data.recall_passkey_digits: 3 digits quick, 5 full) stated once in
+               filler text at depth 0, ¼, ½, ¾, 1, asked for at the end; exact match of all digits
+               (chance 1/900 for 3 digits)
+  associative  4 key-value pairs spread over the whole context, every key queried at the end;
                exact match of each 2-digit value (chance 0.01), binned by the pair's depth.
+Every run trains on 95% recall rows scored on their answers (data.recall_loss='answers') and 5%
+stdlib text.
 Exact match is the greedy answer: every answer token is the argmax given the prompt and the answer's
 earlier tokens (one teacher-forced pass, scoring.Scorer; the same as greedy decoding's exact match).
 An entry whose fields the installed model lacks (`model.layer_pattern` for the hybrid) or whose
 config does not validate (`model.gamma=gated` before gated retention exists) is skipped with its
 reason printed.
 
-Runs resume and skip like every runner here (experiments/common.py); each run's evaluation is kept in
-`<run>/recall_eval.json` (keyed by the evaluation settings), so a rerun only evaluates what is new.
+Runs resume and skip like every runner here (experiments/common.py); --processes (default 2) train
+that many at once, one process each, and each run is evaluated in the process that trained it. Its
+evaluation is kept in `<run>/recall_eval.json` (keyed by the evaluation settings), so a rerun only
+evaluates what is new.
 
 Writes into --output_dir:
   table.md, results.csv    accuracy per (architecture, task, length), mean ± std over seeds; the

@@ -112,16 +112,18 @@ def test_recall_source_rows_are_synthetic_at_the_training_length():
 
 def test_recall_loss_on_answers_scores_exactly_the_answer_tokens():
   """recall_loss='answers': a recall row's loss mask is 1 where the target is an answer token (the
-  passkey's digits, each queried value's digits) and 0 elsewhere; the same rows otherwise."""
+  passkey's digits, each queried value's digits) or the '.' that closes it, 0 elsewhere; the same
+  rows otherwise."""
   tok, batch, _ = _rows(1.0, recall_loss='answers')
   _, every = _rows(1.0)[:2]
   np.testing.assert_array_equal(batch['inputs'], every['inputs'])
   for row, target, mask in zip(batch['inputs'], batch['targets'], batch['loss_mask']):
     text = tok.decode(np.append(row, target[-1]))
     if 'pass key is:' in text:
-      expected = [text[-6:-1]]  # The 5 digits before the closing '.'.
+      expected = [text[-6:]]  # The 5 digits and the closing '.'.
     else:
-      expected = [pair.strip()[1:3] for pair in text.split(recall.RECALL_HEADER)[1].split('.')[:-1]]
+      expected = [pair.strip()[1:3] + '.'
+                  for pair in text.split(recall.RECALL_HEADER)[1].split('.')[:-1]]
     assert tok.decode(target[mask > 0]) == ''.join(expected), text
   with pytest.raises(ValueError, match='recall_loss must be one of'):
     _rows(1.0, recall_loss='needles')
@@ -180,10 +182,11 @@ def test_lm_eval_task_folder_scores_a_trained_model(tiny_run, tmp_path, capsys):
 def test_experiment_quick_path(tmp_path, capsys):
   from experiments import recall as experiment  # pylint: disable=g-import-not-at-top
   shrink = [f'{k}={v}' for k, v in configs.PRESETS['test'].items() if k not in ('total_steps', 'seq_len')]
-  shrink += ['seq_len=83', 'data.recall_num_pairs=3']  # The shortest passkey example: 68 tokens.
+  shrink += ['seq_len=47', 'data.recall_num_pairs=3']  # A 3-digit passkey example needs 42 tokens.
   kwargs = dict(quick=True, steps=2, seeds='0,1', examples=1, overrides=shrink,
                 architectures=('retnet', 'gated'))
-  rows = experiment.run(str(tmp_path), **kwargs)
+  # Two at a time: the runs train and are evaluated in worker processes.
+  rows = experiment.run(str(tmp_path), processes=2, **kwargs)
   printed = capsys.readouterr().out
   assert {r['model'] for r in rows} == {'retnet', 'gated'}
   for r in rows:
