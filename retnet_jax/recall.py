@@ -22,8 +22,7 @@ needle: one induction step (find the earlier copy, read what follows) answers, a
 The data source `recall` (data.py) trains on a mix: with probability `recall_fraction` a row is a
 synthetic example of exactly seq_len + 1 tokens (a task of `recall_tasks` chosen at random, a depth
 drawn uniformly), scored on every token (the repeated filler teaches copying, the answers
-recall), or with recall_loss='answers' on its answer tokens and the '.' closing each (what ends
-a generated answer) only; otherwise it is a row of the
+recall), or with recall_loss='answers' on its answer tokens only; otherwise it is a row of the
 stdlib text (as source='stdlib' cuts it). Row i is drawn from np.random.default_rng((seed, split,
 i)).
 """
@@ -193,10 +192,10 @@ class MixedRows:
     row[:n] = tokens[:n]
     position = np.arange(self.seq_len)
     loss_mask = (position < n - 1).astype(np.float32)
-    if self.answers_only:  # Position p predicts token p + 1: an answer [a, b) is targets a−1..b−2,
-      answer = np.zeros(self.seq_len, bool)  # and target b−1 the '.' that ends it (so it stops).
+    if self.answers_only:  # Position p predicts token p + 1: an answer [a, b) is targets a−1..b−2.
+      answer = np.zeros(self.seq_len, bool)
       for a, b in spans:
-        answer[max(a - 1, 0):b] = True
+        answer[max(a - 1, 0):b - 1] = True
       loss_mask *= answer
     return dict(inputs=row[:-1], targets=row[1:], segment_ids=(position < n).astype(np.int32),
                 loss_mask=loss_mask)

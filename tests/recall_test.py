@@ -112,18 +112,16 @@ def test_recall_source_rows_are_synthetic_at_the_training_length():
 
 def test_recall_loss_on_answers_scores_exactly_the_answer_tokens():
   """recall_loss='answers': a recall row's loss mask is 1 where the target is an answer token (the
-  passkey's digits, each queried value's digits) or the '.' that closes it, 0 elsewhere; the same
-  rows otherwise."""
+  passkey's digits, each queried value's digits) and 0 elsewhere; the same rows otherwise."""
   tok, batch, _ = _rows(1.0, recall_loss='answers')
   _, every = _rows(1.0)[:2]
   np.testing.assert_array_equal(batch['inputs'], every['inputs'])
   for row, target, mask in zip(batch['inputs'], batch['targets'], batch['loss_mask']):
     text = tok.decode(np.append(row, target[-1]))
     if 'pass key is:' in text:
-      expected = [text[-6:]]  # The 5 digits and the closing '.'.
+      expected = [text[-6:-1]]  # The 5 digits before the closing '.'.
     else:
-      expected = [pair.strip()[1:3] + '.'
-                  for pair in text.split(recall.RECALL_HEADER)[1].split('.')[:-1]]
+      expected = [pair.strip()[1:3] for pair in text.split(recall.RECALL_HEADER)[1].split('.')[:-1]]
     assert tok.decode(target[mask > 0]) == ''.join(expected), text
   with pytest.raises(ValueError, match='recall_loss must be one of'):
     _rows(1.0, recall_loss='needles')
