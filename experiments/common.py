@@ -153,10 +153,10 @@ def run_variants(variants: Sequence[Variant], workdir: str, *, overrides: Sequen
   """Trains each variant into <workdir>/<name>, skipping finished runs.
 
   only: train just these names (others are read if finished). processes: how many runs train at
-  once, each in a process of its own. after(run_dir): called on each run this call trains, in the process
-  that trained it (a runner's evaluation, so that it is shared out too). Returns {name: result} for
-  every finished run, in the order of `variants`. Logs which run of how many, elapsed time and an
-  ETA.
+  once, each in a process of its own. after(run_dir): called on each run this call trains, in the
+  process that trained it (a runner's evaluation, so that it is shared out too). Returns {name:
+  result} for every finished run, in the order of `variants`. Logs which run of how many, elapsed
+  time and an ETA.
   """
   names = [v.name for v in variants]
   if len(set(names)) != len(names):
