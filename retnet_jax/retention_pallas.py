@@ -586,7 +586,8 @@ def chunkwise(q, k, v, log_gamma, state=None, *, reset=None, chunk_size=64, targ
   block_v: value columns per program (`default_block_v`: at most 64 on GPU, 16 in float32, 128 on
   TPU). block_k: key columns per program of the backward passes, and of the forward in float32,
   with resets or per token (`forward_block_k`; `default_block_k`: at most 64 on GPU, 16 in
-  float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None. log_gamma [H] or [B, T, H] and reset [B, T] bool, as in `retention`.
+  float32, all of K on TPU). Interpret mode takes any shape; compiled, `unsupported` must be None.
+  log_gamma [H] or [B, T, H] and reset [B, T] bool, as in `retention`.
   """
   B, T, H, K, V = retention.check_shapes(q, k, v, log_gamma, state, reset)
   if chunk_size < 1:

@@ -290,7 +290,8 @@ def test_train_step_compiles_for_h100_with_the_triton_kernel(tmp_path):
   assert report['platform'] == 'gpu' and report['device_kind'] == 'NVIDIA H100 80GB HBM3'
   impl = report['retention_impl_in_step']
   assert impl['impl'] == 'pallas' and 'Triton' in impl['kernel']
-  assert set(impl['kernel_calls_in_step']) >= {'retention_forward_chunk', 'retention_dq_chunk',
+  # The tiny step compiles in bfloat16 for a GPU: one fused dK/dV pass.
+  assert set(impl['kernel_calls_in_step']) == {'retention_forward_chunk', 'retention_dq_chunk',
                                                'retention_dkv_chunk'}
   assert report['fits']
 
